@@ -1,0 +1,108 @@
+"""Checkpoints: atomic writes, validated loads, and the model they rebuild.
+
+A checkpoint is a dict {"format", "model_config", "model", ...training state}. When the
+text encoder is frozen and pretrained (the tiny preset), its weights are left out: they
+come from the installed package, which keeps the demo checkpoint small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glipv2.config import ModelConfig
+
+FORMAT = "glipv2-serve/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target:
+    a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _skips_text_encoder(cfg: ModelConfig) -> bool:
+    return cfg.freeze_text and cfg.text_encoder == "minilm"
+
+
+def model_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if _skips_text_encoder(cfg):
+        state = {k: v for k, v in state.items() if not k.startswith("language.")}
+    return state
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} is not a {FORMAT} checkpoint")
+    return ckpt
+
+
+def load_model_weights(model: torch.nn.Module, cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load that reports every missing / unexpected / mis-shaped key by name."""
+    expected = model_state(model, cfg)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[:2]})")
+        raise CheckpointError(f"{source} does not fit the {cfg.preset!r} model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=not _skips_text_encoder(cfg))
+
+
+def load_model(path: str | os.PathLike[str], preset: str | None = None, device: str = "cpu"):
+    """Rebuild the model a checkpoint was trained as. `preset`, when given, must match."""
+    from glipv2.modeling.glipv2 import build_model
+
+    ckpt = read_checkpoint(path)
+    try:
+        cfg = ModelConfig.from_dict(ckpt["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has an invalid model_config: {e}") from e
+    if preset is not None and cfg.preset != preset:
+        raise CheckpointError(f"checkpoint {path} is a {cfg.preset!r} model, not {preset!r}")
+    model = build_model(cfg)
+    load_model_weights(model, cfg, ckpt["model"], f"checkpoint {path}")
+    return model.to(device).eval(), ckpt
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

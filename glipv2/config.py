@@ -1,0 +1,185 @@
+"""Model presets.
+
+Frozen dataclasses, validated on construction, never read from the environment: the same
+config object travels inside every checkpoint and export manifest, so what was trained is
+exactly what is served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MAX_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str
+    # Input: images are letterboxed to this fixed (h, w); normalisation happens in the graph.
+    image_hw: tuple[int, int]
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    bgr: bool  # official GLIP weights expect BGR 0-255
+    # Visual backbone.
+    backbone: str  # "convnet" | "swin"
+    backbone_widths: tuple[int, ...]  # convnet: stem, stride 4, 8, 16, 32 widths
+    swin_embed_dim: int
+    swin_depths: tuple[int, ...]
+    swin_heads: tuple[int, ...]
+    fpn_channels: int
+    strides: tuple[int, ...]  # FPN levels; stride 8 is P3
+    anchor_scale: float  # anchor side = anchor_scale * stride
+    # Language encoder.
+    text_encoder: str  # "minilm" (pretrained, from the PyPI package) | "bert-base" (random init)
+    text_dim: int
+    freeze_text: bool
+    max_tokens: int
+    # Deep fusion and head.
+    fusion_layers: int
+    fusion_heads: int
+    fusion_dim: int
+    fusion_layer_scale: float
+    fusion_text_layer: bool  # a BERT-style self-attention layer on the text after each fusion
+    tower_groups: int  # GroupNorm groups in the conv tower
+    proj_dim: int  # region-token alignment dimension
+    prior_prob: float = 0.01
+    vocab_size: int = 30522
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"ModelConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+        need(self.backbone in ("convnet", "swin"), "backbone", "must be 'convnet' or 'swin'")
+        need(self.text_encoder in ("minilm", "bert-base"), "text_encoder", "must be 'minilm' or 'bert-base'")
+        need(len(self.image_hw) == 2 and all(s > 0 for s in self.image_hw), "image_hw", "must be two positive ints")
+        # Feature maps are ceil(size / stride) on every level (as anchor_grid assumes);
+        # multiples of 32 keep the backbone free of padding corner cases.
+        need(all(s % 32 == 0 for s in self.image_hw), "image_hw", "must be multiples of 32")
+        need(list(self.strides) == sorted(self.strides) and self.strides[0] == 8, "strides",
+             "must be increasing and start at 8 (P3)")
+        need(0 < self.max_tokens <= MAX_TOKENS, "max_tokens", f"must be in 1..{MAX_TOKENS}")
+        need(self.fusion_layers >= 0, "fusion_layers", "must be >= 0")
+        need(self.fusion_dim % self.fusion_heads == 0, "fusion_dim", "must be divisible by fusion_heads")
+        need(self.fpn_channels % self.tower_groups == 0, "fpn_channels", "must be divisible by tower_groups")
+        need(0.0 < self.prior_prob < 1.0, "prior_prob", "must be in (0, 1)")
+        need(len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean", "mean and std need 3 values")
+
+    @property
+    def bias0_init(self) -> float:
+        return -math.log((1 - self.prior_prob) / self.prior_prob)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
+        tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**tuples)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_IMAGENET_RGB_MEAN = (123.675, 116.28, 103.53)
+_IMAGENET_RGB_STD = (58.395, 57.12, 57.375)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Trains on a 2-core CPU in minutes: small conv backbone, frozen pretrained MiniLM.
+    "tiny": ModelConfig(
+        preset="tiny",
+        image_hw=(256, 256),
+        pixel_mean=_IMAGENET_RGB_MEAN,
+        pixel_std=_IMAGENET_RGB_STD,
+        bgr=False,
+        backbone="convnet",
+        backbone_widths=(16, 32, 64, 128, 256),
+        swin_embed_dim=96,
+        swin_depths=(2, 2, 6, 2),
+        swin_heads=(3, 6, 12, 24),
+        fpn_channels=64,
+        strides=(8, 16, 32),
+        anchor_scale=4.0,
+        text_encoder="minilm",
+        text_dim=384,
+        freeze_text=True,
+        max_tokens=MAX_TOKENS,
+        fusion_layers=2,
+        fusion_heads=1,  # one narrow head: fusion is most of a CPU training step
+        fusion_dim=64,
+        fusion_layer_scale=0.1,
+        fusion_text_layer=False,
+        tower_groups=16,
+        proj_dim=64,
+    ),
+    # The official GLIP-T shapes: Swin-T, FPN P3-P7 at 256, bert-base, 6 fusion layers.
+    "glip-t": ModelConfig(
+        preset="glip-t",
+        image_hw=(800, 1344),
+        pixel_mean=(103.53, 116.28, 123.675),
+        pixel_std=(57.375, 57.12, 58.395),
+        bgr=True,
+        backbone="swin",
+        backbone_widths=(),
+        swin_embed_dim=96,
+        swin_depths=(2, 2, 6, 2),
+        swin_heads=(3, 6, 12, 24),
+        fpn_channels=256,
+        strides=(8, 16, 32, 64, 128),
+        anchor_scale=8.0,
+        text_encoder="bert-base",
+        text_dim=768,
+        freeze_text=False,
+        max_tokens=MAX_TOKENS,
+        fusion_layers=6,
+        fusion_heads=8,
+        fusion_dim=2048,
+        fusion_layer_scale=1e-4,
+        fusion_text_layer=True,
+        tower_groups=16,
+        proj_dim=256,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the training losses; a weight of 0 switches that loss off."""
+
+    grounding: float = 1.0
+    box_giou: float = 2.0
+    centerness: float = 1.0
+    contrastive: float = 0.5  # GLIPv2 inter-image region-word loss
+    mlm: float = 0.1
+    mlm_fraction: float = 0.25  # share of prompts in a batch that get masked tokens
+    mlm_probability: float = 0.15
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    atss_topk: int = 9
+    contrastive_max_regions: int = 16  # positive regions per image sampled for the contrastive loss
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v < 0:
+                raise ValueError(f"LossConfig.{f.name} must be >= 0 (got {v})")
+        for name in ("mlm_fraction", "mlm_probability", "focal_alpha"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"LossConfig.{name} must be <= 1 (got {getattr(self, name)})")
+
+
+__all__ = ["MAX_TOKENS", "ModelConfig", "LossConfig", "PRESETS", "get_preset"]

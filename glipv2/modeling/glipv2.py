@@ -1,0 +1,124 @@
+"""GLIPv2: the one model definition used by training, export and serving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from glipv2.boxes import anchor_grid
+from glipv2.config import ModelConfig
+from glipv2.modeling import box_ops
+from glipv2.modeling.convnet import ConvBackbone
+from glipv2.modeling.fpn import FPN
+from glipv2.modeling.head import GroundingHead, HeadOutput
+from glipv2.modeling.language import TextEncoder
+from glipv2.modeling.mlm import MLMHead
+
+
+@dataclass
+class DetectorOutput:
+    boxes: torch.Tensor  # [B, A, 4] xyxy, model-input (letterboxed) pixels
+    logits: torch.Tensor  # [B, A, T] region-token alignment logits
+    centerness: torch.Tensor  # [B, A] logits
+    head: HeadOutput  # raw head tensors, for the losses
+
+
+class GLIPv2(nn.Module):
+    """image [B, 3, H, W] (RGB, 0-255, letterboxed to cfg.image_hw) + prompt tokens -> detections.
+
+    Parts can be passed in (tests build small ones); None builds them from the config.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        backbone: nn.Module | None = None,
+        text_encoder: TextEncoder | None = None,
+        pretrained_text: bool = True,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone if backbone is not None else _build_backbone(cfg)
+        extra = len(cfg.strides) - len(self.backbone.out_channels)
+        self.fpn = FPN(list(self.backbone.out_channels), cfg.fpn_channels, extra_levels=extra)
+        self.language = text_encoder if text_encoder is not None else TextEncoder(cfg.text_encoder, pretrained_text)
+        if self.language.dim != cfg.text_dim:
+            raise ValueError(f"text encoder width {self.language.dim} != ModelConfig.text_dim {cfg.text_dim}")
+        if cfg.freeze_text:
+            self.language.requires_grad_(False)
+        self.head = GroundingHead(cfg)
+        self.mlm_head = MLMHead(cfg.text_dim, self.language.word_embeddings)  # training only
+        anchors, _ = anchor_grid(cfg.image_hw, cfg.strides, cfg.anchor_scale)
+        self.register_buffer("anchors", torch.as_tensor(anchors, dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "GLIPv2":
+        super().train(mode)
+        if self.cfg.freeze_text:
+            self.language.eval()  # a frozen encoder keeps its dropout off
+        return self
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] ids + mask -> token features [B, T, Dt]; cacheable per prompt."""
+        if self.cfg.freeze_text:
+            with torch.no_grad():
+                return self.language(input_ids, attention_mask)
+        return self.language(input_ids, attention_mask)
+
+    def detect(self, images: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> DetectorOutput:
+        """images [B, 3, H, W] RGB 0-255 (any dtype) + token features -> per-anchor outputs."""
+        h, w = self.cfg.image_hw
+        torch._assert(images.shape[-2] == h and images.shape[-1] == w, "images must be letterboxed to cfg.image_hw")
+        x = images.to(self.pixel_mean.dtype)
+        if self.cfg.bgr:
+            x = x.flip(1)
+        x = (x - self.pixel_mean) / self.pixel_std
+        feats = self.fpn(self.backbone(x))
+        out = self.head(feats, text, text_mask)
+        boxes = box_ops.decode(self.anchors[None], out.box_deltas)
+        logits = self.head.align(out.regions, out.tokens, out.token_bias)
+        return DetectorOutput(boxes, logits, out.centerness, out)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        text_features: torch.Tensor | None = None,
+    ) -> DetectorOutput:
+        """text_features, when given (e.g. from a prompt cache), replace the text encoder."""
+        if text_features is None:
+            text_features = self.encode_text(input_ids, attention_mask)
+        return self.detect(images, text_features, attention_mask)
+
+    @staticmethod
+    def top_k(out: DetectorOutput, attention_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep the k anchors with the best token score, so only K x T leaves the graph.
+
+        Score = max over real tokens of sigmoid(logit) * sigmoid(centerness), an upper bound
+        of every phrase score the postprocess can compute from that anchor.
+        """
+        pad = attention_mask[:, None, :] == 0
+        best = out.logits.masked_fill(pad, -1e4).amax(-1).sigmoid() * out.centerness.sigmoid()  # [B, A]
+        k = min(k, best.shape[1])
+        idx = best.topk(k, dim=1).indices  # [B, K]
+        t = out.logits.shape[-1]
+        boxes = out.boxes.gather(1, idx[..., None].expand(-1, -1, 4))
+        logits = out.logits.gather(1, idx[..., None].expand(-1, -1, t))
+        ctr = out.centerness.gather(1, idx)
+        return boxes, logits, ctr
+
+
+def _build_backbone(cfg: ModelConfig) -> nn.Module:
+    if cfg.backbone == "convnet":
+        return ConvBackbone(cfg.backbone_widths)
+    from glipv2.modeling.swin import SwinTransformer
+
+    return SwinTransformer(embed_dim=cfg.swin_embed_dim, depths=cfg.swin_depths, num_heads=cfg.swin_heads)
+
+
+def build_model(cfg: ModelConfig, pretrained_text: bool = True) -> GLIPv2:
+    return GLIPv2(cfg, pretrained_text=pretrained_text)

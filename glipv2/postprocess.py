@@ -1,0 +1,154 @@
+"""Model outputs -> per-phrase detections in original-image pixels (numpy only).
+
+The detector graph already picked the top-K anchors per image (boxes decoded, in
+model-input pixels) with their region-token logits [K, T] and centerness [K]. Here,
+as in GLIP's ATSS post-processor: token probabilities -> phrase scores through the
+positive map, threshold, top-k, per-phrase NMS, cap, and map boxes back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from glipv2.boxes import Letterbox, batched_nms
+from glipv2.text import normalize_positive_map
+
+__all__ = ["PostprocessConfig", "Detections", "phrase_scores", "postprocess", "postprocess_batch"]
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Defaults are GLIP's test settings (pre-NMS threshold 0.05, top 1000, NMS 0.6,
+    100 detections per image)."""
+
+    score_threshold: float = 0.05
+    pre_nms_topk: int = 1000
+    nms_iou: float = 0.6
+    max_detections: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("score_threshold", "nms_iou"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+        for name in ("pre_nms_topk", "max_detections"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+@dataclass
+class Detections:
+    boxes: np.ndarray  # float32 [N, 4] xyxy, original-image pixels
+    scores: np.ndarray  # float32 [N], descending
+    phrase_ids: np.ndarray  # int64 [N], index into the prompt's phrases
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(
+            boxes=np.zeros((0, 4), np.float32),
+            scores=np.zeros(0, np.float32),
+            phrase_ids=np.zeros(0, np.int64),
+        )
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # tanh form: exact sigmoid without exp overflow warnings on large negative logits.
+    x = np.asarray(x, dtype=np.float32)
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+
+
+def _fit_tokens(pm: np.ndarray, num_tokens: int) -> np.ndarray:
+    """Zero-pad a positive map's token axis up to the logits' padded length. Padding is
+    at the end of the sequence, so an unpadded [P, T_i] map lines up with padded logits."""
+    pm = np.asarray(pm, dtype=np.float32)
+    t = pm.shape[-1]
+    if t == num_tokens:
+        return pm
+    if t > num_tokens:
+        raise ValueError(f"positive map has {t} tokens but the logits only {num_tokens}")
+    pad = [(0, 0)] * (pm.ndim - 1) + [(0, num_tokens - t)]
+    return np.pad(pm, pad)
+
+
+def phrase_scores(logits: np.ndarray, centerness: np.ndarray, positive_map: np.ndarray) -> np.ndarray:
+    """[K, P] scores, GLIP's way: the mean of sigmoid(token logits) over the phrase's
+    tokens (a matmul with the row-normalised positive map), times sigmoid(centerness),
+    then sqrt (a geometric mean, so the score stays on a probability-like scale).
+    Zero positive-map rows (padding phrases, and padding tokens' columns) give 0."""
+    logits = np.asarray(logits, dtype=np.float32)
+    pm = normalize_positive_map(_fit_tokens(positive_map, logits.shape[-1]))
+    probs = _sigmoid(logits) @ pm.T
+    scores = probs * _sigmoid(np.asarray(centerness).reshape(-1))[:, None]
+    return np.sqrt(np.clip(scores, 0.0, None)).astype(np.float32)
+
+
+def postprocess(
+    boxes: np.ndarray,
+    logits: np.ndarray,
+    centerness: np.ndarray,
+    positive_map: np.ndarray,
+    letterbox: Letterbox,
+    cfg: PostprocessConfig = PostprocessConfig(),
+) -> Detections:
+    """Detections for one image. boxes [K, 4] are in model-input pixels.
+
+    The threshold applies to the final (sqrt) score, so every returned score exceeds
+    cfg.score_threshold. (Official GLIP thresholds the token probability before the
+    centerness factor; at 0.05 both keep all useful low-score boxes for AP.)
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    scores = phrase_scores(logits, centerness, positive_map)  # [K, P]
+    if scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"{boxes.shape[0]} boxes but {scores.shape[0]} rows of logits")
+
+    anchor_idx, phrase_idx = np.nonzero(scores > cfg.score_threshold)
+    cand = scores[anchor_idx, phrase_idx]
+    if cand.size > cfg.pre_nms_topk:
+        top = np.argsort(-cand, kind="stable")[: cfg.pre_nms_topk]
+        anchor_idx, phrase_idx, cand = anchor_idx[top], phrase_idx[top], cand[top]
+    if cand.size == 0:
+        return Detections.empty()
+
+    # Map first: IoU is invariant to the uniform letterbox scale, and clipping to the
+    # original image here is GLIP's clip-to-image before NMS.
+    cand_boxes = letterbox.to_original(boxes[anchor_idx])
+    # Boxes entirely in the padding collapse to zero area after clipping: not objects.
+    valid = (cand_boxes[:, 2] > cand_boxes[:, 0]) & (cand_boxes[:, 3] > cand_boxes[:, 1])
+    cand_boxes, cand, phrase_idx = cand_boxes[valid], cand[valid], phrase_idx[valid]
+
+    keep = batched_nms(cand_boxes, cand, phrase_idx, cfg.nms_iou)[: cfg.max_detections]
+    return Detections(
+        boxes=cand_boxes[keep].astype(np.float32),
+        scores=cand[keep].astype(np.float32),
+        phrase_ids=phrase_idx[keep].astype(np.int64),
+    )
+
+
+def postprocess_batch(
+    boxes: np.ndarray,
+    logits: np.ndarray,
+    centerness: np.ndarray,
+    positive_maps: np.ndarray | Sequence[np.ndarray],
+    letterboxes: Sequence[Letterbox],
+    cfg: PostprocessConfig = PostprocessConfig(),
+) -> list[Detections]:
+    """postprocess for each image of a batch. positive_maps is the padded [B, Pmax, Tp]
+    (padding phrases have zero rows and produce nothing) or a list of per-image [P_i, T_i]
+    maps (T_i <= the logits' T; missing trailing columns count as padding tokens)."""
+    b = len(letterboxes)
+    if not (len(boxes) == len(logits) == len(centerness) == len(positive_maps) == b):
+        raise ValueError(
+            f"batch sizes differ: boxes {len(boxes)}, logits {len(logits)}, centerness "
+            f"{len(centerness)}, positive maps {len(positive_maps)}, letterboxes {b}"
+        )
+    return [
+        postprocess(boxes[i], logits[i], centerness[i], positive_maps[i], letterboxes[i], cfg)
+        for i in range(b)
+    ]

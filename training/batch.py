@@ -1,0 +1,135 @@
+"""Collate GroundingSamples of any prompts into one padded training batch."""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from glipv2.image import letterbox
+from glipv2.text import Tokenizer, pad_batch, prompt_from_spans, tokenize
+from training.data import GroundingSample
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 [B, 3, H, W] letterboxed RGB
+    input_ids: torch.Tensor  # [B, T] (with [MASK]s where MLM masked them)
+    attention_mask: torch.Tensor  # [B, T]
+    positive_map: torch.Tensor  # float [B, P, T] binary
+    phrase_keys: torch.Tensor  # int64 [B, P]: phrase text hash, 0 for padding phrases
+    boxes: list[torch.Tensor]  # per image [N, 4] xyxy model-input pixels
+    box_phrase: list[torch.Tensor]  # per image [N] phrase index
+    mlm_labels: torch.Tensor | None  # [B, T] original id where masked, -100 elsewhere
+    step_seed: int
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(
+            self.images.to(device), self.input_ids.to(device), self.attention_mask.to(device),
+            self.positive_map.to(device), self.phrase_keys.to(device),
+            [b.to(device) for b in self.boxes], [p.to(device) for p in self.box_phrase],
+            None if self.mlm_labels is None else self.mlm_labels.to(device), self.step_seed,
+        )
+
+
+def phrase_key(text: str) -> int:
+    """Stable across processes (unlike hash()), never 0 (0 marks padding)."""
+    return (zlib.crc32(" ".join(text.lower().split()).encode()) & 0x7FFFFFFF) or 1
+
+
+class Collator:
+    def __init__(self, tokenizer: Tokenizer, image_hw: tuple[int, int], mlm_fraction: float = 0.0,
+                 mlm_probability: float = 0.15) -> None:
+        self.tokenizer = tokenizer
+        self.image_hw = image_hw
+        self.mlm_fraction = mlm_fraction
+        self.mlm_probability = mlm_probability
+
+    def __call__(self, samples: Sequence[GroundingSample], step_seed: int = 0) -> Batch:
+        images, boxes, box_phrase, tokenized = [], [], [], []
+        for s in samples:
+            img, lb = letterbox(s.image, self.image_hw)
+            images.append(img)
+            boxes.append(torch.from_numpy(lb.to_input(s.boxes).reshape(-1, 4)))
+            box_phrase.append(torch.from_numpy(np.asarray(s.box_phrase, dtype=np.int64).reshape(-1)))
+            tokenized.append(tokenize(self.tokenizer, prompt_from_spans(s.caption, s.phrase_spans)))
+        tb = pad_batch(tokenized, buckets=None, pad_id=self.tokenizer.pad_id)
+        keys = np.zeros(tb.phrase_mask.shape, dtype=np.int64)
+        for i, tp in enumerate(tokenized):
+            keys[i, : tp.num_phrases] = [phrase_key(p) for p in tp.prompt.phrases]
+        input_ids = torch.from_numpy(tb.input_ids)
+        mlm_labels = None
+        if self.mlm_fraction > 0:
+            input_ids, mlm_labels = self._mask(input_ids, torch.from_numpy(tb.attention_mask), step_seed)
+        return Batch(
+            images=torch.from_numpy(np.stack(images)),
+            input_ids=input_ids,
+            attention_mask=torch.from_numpy(tb.attention_mask),
+            positive_map=torch.from_numpy(tb.positive_map),
+            phrase_keys=torch.from_numpy(keys),
+            boxes=boxes,
+            box_phrase=box_phrase,
+            mlm_labels=mlm_labels,
+            step_seed=step_seed,
+        )
+
+    def _mask(self, ids: torch.Tensor, mask: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT masking (80% [MASK], 10% random word, 10% kept) on a share of the prompts."""
+        g = torch.Generator().manual_seed(seed)
+        tok = self.tokenizer
+        # Separators are never masked: predicting "." teaches nothing.
+        special = (ids == tok.cls_id) | (ids == tok.sep_id) | (mask == 0) | (ids == tok.token_to_id("."))
+        chosen_rows = torch.rand(ids.shape[0], generator=g) < self.mlm_fraction
+        chosen = (torch.rand(ids.shape, generator=g) < self.mlm_probability) & ~special & chosen_rows[:, None]
+        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+        roll = torch.rand(ids.shape, generator=g)
+        out = ids.clone()
+        out[chosen & (roll < 0.8)] = tok.mask_id
+        rand_words = torch.randint(1000, tok.vocab_size, ids.shape, generator=g)
+        swap = chosen & (roll >= 0.8) & (roll < 0.9)
+        out[swap] = rand_words[swap]
+        return out, labels
+
+
+class TextFeatureCache:
+    """LRU of frozen text-encoder outputs keyed by token ids.
+
+    Each prompt is encoded on its own (unpadded), so its features do not depend on
+    which other prompts shared the batch: a cache hit and a miss give identical bits,
+    which keeps resumed runs exactly equal to uninterrupted ones.
+    """
+
+    def __init__(self, encode, max_entries: int = 20000) -> None:
+        self.encode = encode
+        self.max_entries = max_entries
+        self.store: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        rows = []
+        lengths = attention_mask.sum(1).tolist()
+        for ids, n in zip(input_ids, lengths):
+            key = tuple(ids[: int(n)].tolist())
+            feats = self.store.get(key)
+            if feats is None:
+                self.misses += 1
+                x = ids[None, : int(n)]
+                feats = self.encode(x, torch.ones_like(x))[0]
+                if self.max_entries:
+                    self.store[key] = feats
+                    if len(self.store) > self.max_entries:
+                        self.store.popitem(last=False)
+            else:
+                self.hits += 1
+                self.store.move_to_end(key)
+            rows.append(feats)
+        t = input_ids.shape[1]
+        out = rows[0].new_zeros(len(rows), t, rows[0].shape[-1])
+        for i, f in enumerate(rows):
+            out[i, : f.shape[0]] = f
+        return out

@@ -1,0 +1,125 @@
+"""GLIPv2 training losses: grounding, box (GIoU), centerness, inter-image region-word
+contrastive, and masked language modelling. Each can be weighted or switched off."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from glipv2.config import LossConfig
+from glipv2.modeling import box_ops
+from glipv2.modeling.glipv2 import GLIPv2, DetectorOutput
+from training.batch import Batch
+from training.distributed import all_gather_with_grad, all_reduce_mean, global_max
+from training.targets import atss_assign, merge_duplicate_phrases
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Elementwise focal loss (Lin et al.), unreduced."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+class GLIPv2Loss:
+    def __init__(self, cfg: LossConfig, anchors_per_level: list[int]) -> None:
+        self.cfg = cfg
+        self.anchors_per_level = anchors_per_level
+
+    def __call__(self, model: GLIPv2, out: DetectorOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        anchors = model.anchors
+        b, a, t = out.logits.shape
+        token_targets = out.logits.new_zeros(b, a, t)
+        pos_boxes, pos_pred, pos_anchors = [], [], []
+        pos_index: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (image, anchor ids, phrase sets)
+        for i in range(b):
+            gt = batch.boxes[i]
+            matched = atss_assign(anchors, self.anchors_per_level, gt, cfg.atss_topk)
+            pos = torch.nonzero(matched >= 0).squeeze(1)
+            if pos.numel() == 0:
+                continue
+            g = matched[pos]
+            phrases = merge_duplicate_phrases(gt, batch.box_phrase[i], batch.positive_map.shape[1])[g]  # [n, P]
+            token_targets[i, pos] = (phrases.float() @ batch.positive_map[i] > 0).float()
+            pos_boxes.append(gt[g])
+            pos_pred.append(out.boxes[i, pos])
+            pos_anchors.append(anchors[pos])
+            pos_index.append((i, pos, phrases))
+
+        num_pos = sum(len(p) for _, p, _ in pos_index)
+        norm = all_reduce_mean(torch.tensor(float(num_pos), device=out.logits.device)).clamp(min=1.0)
+        valid = batch.attention_mask[:, None, :].float()
+        losses: dict[str, torch.Tensor] = {}
+        if cfg.grounding > 0:
+            fl = sigmoid_focal_loss(out.logits, token_targets, cfg.focal_alpha, cfg.focal_gamma)
+            losses["grounding"] = cfg.grounding * (fl * valid).sum() / norm
+        if num_pos:
+            gt_boxes, pred, anc = torch.cat(pos_boxes), torch.cat(pos_pred), torch.cat(pos_anchors)
+            ctr_target = box_ops.centerness_target(anc, gt_boxes)
+            if cfg.box_giou > 0:
+                w = all_reduce_mean(ctr_target.sum()).clamp(min=1e-6)
+                losses["box_giou"] = cfg.box_giou * (box_ops.giou_loss(pred, gt_boxes) * ctr_target).sum() / w
+            if cfg.centerness > 0:
+                ctr_pred = torch.cat([out.centerness[i, p] for i, p, _ in pos_index])
+                bce = F.binary_cross_entropy_with_logits(ctr_pred, ctr_target, reduction="sum")
+                losses["centerness"] = cfg.centerness * bce / norm
+        else:  # keep every parameter in the graph so DDP's reducer sees the same set on every rank
+            zero = out.boxes.sum() * 0 + out.centerness.sum() * 0
+            losses["box_giou"] = zero
+            losses["centerness"] = zero
+        if cfg.contrastive > 0:
+            losses["contrastive"] = cfg.contrastive * self._contrastive(model, out, batch, pos_index)
+        if cfg.mlm > 0 and batch.mlm_labels is not None:
+            losses["mlm"] = cfg.mlm * self._mlm(model, out, batch)
+        losses["total"] = sum(losses.values())
+        return losses
+
+    def _contrastive(self, model: GLIPv2, out: DetectorOutput, batch: Batch, pos_index: list) -> torch.Tensor:
+        """GLIPv2's inter-image region-word loss: each positive region against the tokens of
+        every prompt in the (global) batch. A token of another prompt is a positive when its
+        phrase has the same text as one of the region's phrases ("circle" is "circle" in any
+        image); everything else is a negative."""
+        head = out.head
+        gen = torch.Generator().manual_seed(int(batch.step_seed))
+        regions, region_keys = [], []
+        for i, pos, phrases in pos_index:
+            keep = torch.randperm(len(pos), generator=gen)[: self.cfg.contrastive_max_regions].to(pos.device)
+            regions.append(head.regions[i, pos[keep]])
+            region_keys.append(phrases[keep].long() * batch.phrase_keys[i][None, :])  # [n, P], 0 = not its phrase
+        # Integer arithmetic: the 31-bit keys do not survive a float32 round trip.
+        token_keys = (batch.positive_map.long() * batch.phrase_keys[:, :, None]).amax(1)  # [B, T]
+        # Gather every rank's tokens; pad T to the same length first (ranks may bucket differently).
+        t = global_max(head.tokens.shape[1])
+        all_tokens = all_gather_with_grad(_pad_tokens(head.tokens, t))
+        all_bias = all_gather_with_grad(_pad_tokens(head.token_bias[..., None], t))[..., 0]
+        all_keys = all_gather_with_grad(_pad_tokens(token_keys[..., None], t))[..., 0]
+        all_valid = all_gather_with_grad(_pad_tokens(batch.attention_mask[..., None], t))[..., 0]
+        if not regions:
+            return all_tokens.sum() * 0 + head.regions.sum() * 0
+        r = torch.cat(regions)  # [R, P]
+        rk = torch.cat(region_keys)  # [R, Pp]
+        tk = all_keys.flatten()  # [B'T]
+        logits = model.head.align(r[None], all_tokens.flatten(0, 1)[None], all_bias.flatten()[None])[0]  # [R, B'T]
+        target = ((rk[:, :, None] == tk[None, None, :]) & (tk != 0)[None, None, :]).any(1).float()
+        fl = sigmoid_focal_loss(logits, target, self.cfg.focal_alpha, self.cfg.focal_gamma)
+        valid = all_valid.flatten().float()[None, :]
+        norm = all_reduce_mean(torch.tensor(float(r.shape[0]), device=r.device)).clamp(min=1.0)
+        return (fl * valid).sum() / norm
+
+    def _mlm(self, model: GLIPv2, out: DetectorOutput, batch: Batch) -> torch.Tensor:
+        labels = batch.mlm_labels
+        masked = labels >= 0
+        if not masked.any():
+            return model.mlm_head.bias.sum() * 0 + out.head.fused_text.sum() * 0
+        logits = model.mlm_head(out.head.fused_text[masked])
+        return F.cross_entropy(logits, labels[masked])
+
+
+def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, T, C] -> [B, length, C] with zeros, so prompts of any bucket can be gathered."""
+    return F.pad(x, (0, 0, 0, length - x.shape[1]))

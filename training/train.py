@@ -1,0 +1,406 @@
+"""Train GLIPv2. Runs alone (`python -m training.train`) or under torchrun (DDP: gloo on
+CPU, nccl on GPU). Exact resume: a run killed at any moment and restarted continues from
+its last checkpoint to the same weights as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from glipv2.checkpoint import FORMAT, CheckpointError, atomic_save, load_model_weights, model_state, read_checkpoint
+from glipv2.config import LossConfig, ModelConfig, get_preset
+from glipv2.modeling.glipv2 import GLIPv2, build_model
+from glipv2.text import Tokenizer
+from training.batch import Batch, Collator, TextFeatureCache
+from training.data import GroundingSample
+from training.sources import ConcatSamples, build_datasets
+from training.distributed import DistInfo, all_reduce_mean, init_distributed
+from training.losses import GLIPv2Loss
+from training.run_log import RunLog
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    out_dir: str = "runs/tiny"
+    # "shapes" draws the shapes world on the fly from seeds; otherwise a comma-separated
+    # list of KIND:ANNOTATIONS:IMAGES with KIND in {coco, grounding}.
+    train_data: str = "shapes"
+    data_seed: int = 0
+    grounding_fraction: float = 0.5
+    val_dir: str = ""  # a generated split to evaluate on ("" = no evaluation)
+    val_images: int = 200
+    batch_size: int = 16  # per process, per micro-step
+    grad_accum: int = 1
+    max_steps: int = 2000
+    warmup_steps: int = 100
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    min_lr_ratio: float = 0.02
+    grad_clip: float = 5.0
+    eval_every: int = 0  # steps; 0 = only at the end
+    save_every: int = 250
+    keep_last: int = 3
+    log_every: int = 10
+    amp: str = "auto"  # auto: bf16 on CUDA (fp16 + GradScaler where bf16 is missing); "off"; "bf16"; "fp16"
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 = leave the default
+    workers: int = 1  # data-loading processes
+    seed: int = 0
+    text_cache: int = 20000  # cached prompt features of a frozen text encoder
+    loss: LossConfig = field(default_factory=LossConfig)
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"image_hw": [128, 128]}
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss, dict):
+            self.loss = LossConfig(**self.loss)
+        for name in ("batch_size", "grad_accum", "max_steps", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise ValueError(f"TrainConfig.amp must be auto, off, bf16 or fp16 (got {self.amp!r})")
+
+    def model_config(self) -> ModelConfig:
+        return get_preset(self.preset).replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.model.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases and scalars (log_scale, bias0, layer scales)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------- data
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item j = the j-th micro-batch of this rank, fully determined by j: the data position
+    to resume from is just the step count."""
+
+    def __init__(self, samples: Any, collate: Collator, batch_size: int, rank: int, world: int, seed: int) -> None:
+        self.samples, self.collate = samples, collate
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def indices(self, j: int) -> list[int]:
+        first = (j * self.world + self.rank) * self.batch_size
+        return [self.samples.index(first + b, self.seed) for b in range(self.batch_size)]
+
+    def __getitem__(self, j: int) -> Batch:
+        samples: list[GroundingSample] = [self.samples[i] for i in self.indices(j)]
+        return self.collate(samples, step_seed=self.seed * 1_000_003 + j * self.world + self.rank)
+
+
+class _Range(torch.utils.data.Sampler):
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.out_dir) / "checkpoints"
+
+
+def latest_checkpoint(cfg: TrainConfig) -> Path | None:
+    found = sorted(checkpoint_dir(cfg).glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+def _prune(cfg: TrainConfig) -> None:
+    for old in sorted(checkpoint_dir(cfg).glob("step_*.pt"))[: -cfg.keep_last]:
+        old.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------- loop
+
+
+def _device(cfg: TrainConfig, info: DistInfo) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; returns the final metrics."""
+    device_hint = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
+    info = init_distributed(device_hint)
+    device = _device(cfg, info)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    model_cfg = cfg.model_config()
+    model = build_model(model_cfg).to(device)
+    tokenizer = Tokenizer(max_tokens=model_cfg.max_tokens)
+    samples: ConcatSamples = build_datasets(cfg.train_data, cfg.data_seed, cfg.grounding_fraction)
+    mlm_on = cfg.loss.mlm > 0
+    collate = Collator(tokenizer, model_cfg.image_hw, cfg.loss.mlm_fraction if mlm_on else 0.0, cfg.loss.mlm_probability)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    amp_dtype = _amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    step, best = 0, None
+    resume_from = latest_checkpoint(cfg)
+    if resume_from is not None:
+        ckpt = read_checkpoint(resume_from)
+        if ckpt.get("model_config") != model_cfg.to_dict():
+            raise CheckpointError(f"{resume_from} was trained with another model config; use a new --out-dir")
+        load_model_weights(model, model_cfg, ckpt["model"], f"checkpoint {resume_from}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        step, best = ckpt["step"], ckpt.get("best")
+
+    ddp = DistributedDataParallel(model, find_unused_parameters=True) if info.world_size > 1 else None
+    net = ddp or model
+    loss_fn = GLIPv2Loss(cfg.loss, _anchors_per_level(model_cfg))
+    text_cache = TextFeatureCache(model.encode_text, cfg.text_cache) if model_cfg.freeze_text else None
+    data = MicroBatches(samples, collate, cfg.batch_size, info.rank, info.world_size, cfg.data_seed)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=_Range(step * cfg.grad_accum, cfg.max_steps * cfg.grad_accum),
+        num_workers=cfg.workers, persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+    )
+    log = RunLog(Path(cfg.out_dir), enabled=info.is_main, resumed_at=step)
+    if info.is_main:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out_dir) / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    progress = log.progress(total=cfg.max_steps, initial=step)
+    batches = iter(loader)
+    model.train()
+    t_last, images_since = time.perf_counter(), 0
+    metrics: dict[str, Any] = {}
+    while step < cfg.max_steps:
+        optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            batch = next(batches).to(device)
+            text = None
+            if text_cache is not None and batch.mlm_labels is None:
+                text = text_cache(batch.input_ids, batch.attention_mask)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = net(batch.images, batch.input_ids, batch.attention_mask, text)
+            losses = loss_fn(model, _float_outputs(out), batch)
+            scaler.scale(losses["total"] / cfg.grad_accum).backward()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            images_since += batch.images.shape[0] * info.world_size
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"step {step}: gradient norm is {grad_norm}; lower --lr or check the data")
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{totals['total']:.3f}")
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            record = {k: all_reduce_mean(torch.tensor(v)).item() for k, v in totals.items()}
+            record.update(step=step, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                          images_per_s=images_since / max(now - t_last, 1e-9))
+            log.train(record)
+            t_last, images_since = now, 0
+        if cfg.val_dir and info.is_main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            metrics = evaluate_model(model, tokenizer, cfg)
+            model.train()
+            log.eval(step, metrics)
+            score = metrics.get("shape_ap50", 0.0) + metrics.get("colour_ap50", 0.0)
+            if best is None or score > best:
+                best = score
+                save_checkpoint(Path(cfg.out_dir) / "best.pt", model, model_cfg, optimizer, scheduler, scaler,
+                                step, best, cfg, metrics)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save_checkpoint(checkpoint_dir(cfg) / f"step_{step:08d}.pt", model, model_cfg, optimizer, scheduler,
+                            scaler, step, best, cfg, metrics, rank=info.rank, world=info.world_size)
+    progress.close()
+    log.close()
+    return metrics
+
+
+def _float_outputs(out):
+    """Losses run in fp32 whatever the autocast dtype of the forward pass."""
+    if out.logits.dtype == torch.float32:
+        return out
+    h = out.head
+    head = type(h)(*(t.float() for t in (h.box_deltas, h.centerness, h.regions, h.tokens, h.token_bias, h.fused_text)))
+    return type(out)(out.boxes.float(), out.logits.float(), out.centerness.float(), head)
+
+
+def _anchors_per_level(cfg: ModelConfig) -> list[int]:
+    h, w = cfg.image_hw
+    return [math.ceil(h / s) * math.ceil(w / s) for s in cfg.strides]
+
+
+def save_checkpoint(path: Path, model: GLIPv2, model_cfg: ModelConfig, optimizer, scheduler, scaler, step: int,
+                    best: float | None, cfg: TrainConfig, metrics: dict[str, Any], rank: int = 0, world: int = 1) -> None:
+    rng = _rng_state()
+    if world > 1:  # every rank's RNG, so each resumes its own stream
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, rng)
+        rng = gathered
+    if rank != 0:
+        return
+    atomic_save({
+        "format": FORMAT,
+        "model_config": model_cfg.to_dict(),
+        "model": model_state(model, model_cfg),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "best": best,
+        "rng": rng,
+        "train_config": cfg.to_dict(),
+        "metrics": metrics,
+    }, path)
+    if path.parent == checkpoint_dir(cfg):
+        _prune(cfg)
+
+
+def evaluate_model(model: GLIPv2, tokenizer: Tokenizer, cfg: TrainConfig) -> dict[str, Any]:
+    from glipv2.predict import TorchPredictor
+    from training.evaluate import evaluate_detection
+
+    predictor = TorchPredictor(model, tokenizer)
+    return evaluate_detection(predictor.predict, cfg.val_dir, max_images=cfg.val_images, progress=False)
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__)
+    p.add_argument("--config", help="JSON file of TrainConfig fields (command-line flags win)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("loss", "model"):
+            continue
+        default = f.default
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(default), default=None,
+                       help=f"default: {default}")
+    for f in dataclasses.fields(LossConfig):
+        p.add_argument(f"--loss-{f.name.replace('_', '-')}", dest=f"loss.{f.name}", type=type(f.default),
+                       default=None, help=f"LossConfig.{f.name} (default: {f.default})")
+    p.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                   help='override a ModelConfig field, e.g. --model image_hw=[128,128] (repeatable)')
+    return p
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    loss = dict(values.pop("loss", {}))
+    model = dict(values.pop("model", {}))
+    for key, v in vars(args).items():
+        if v is None or key in ("config", "model"):
+            continue
+        if key.startswith("loss."):
+            loss[key[5:]] = v
+        else:
+            values[key] = v
+    for item in args.model:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model expects FIELD=VALUE, got {item!r}")
+        model[name] = _parse_value(raw)
+    return TrainConfig(**values, loss=LossConfig(**loss), model=model)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = config_from_args(argv)
+        cfg.model_config()  # validate overrides before any work
+        metrics = train(cfg)
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if metrics and int(os.environ.get("RANK", "0")) == 0:
+        from training.evaluate import format_table
+
+        print(format_table(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
