@@ -84,7 +84,8 @@ class RunLog:
             if pts:
                 ax_ap.plot(*zip(*pts), marker="o", label=key)
         ax_ap.set(xlabel="step", ylim=(0, 1), title="validation")
-        ax_ap.legend(fontsize=8)
+        if evals:
+            ax_ap.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(self.out_dir / "curves.png", dpi=90)
         plt.close(fig)
