@@ -85,3 +85,20 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     assert main(args) == 0
     assert main([*args, "--model", "fpn_channels=32", "--max-steps", "4"]) == 2
     assert "another model config" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_with_accumulation(tmp_path):
+    """DDP on gloo: two ranks, gradient accumulation, the contrastive loss gathering the
+    other rank's prompts; rank 0 alone writes the log and checkpoints."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [*SMALL, "--out-dir", str(tmp_path), "--max-steps", "3", "--save-every", "3", "--grad-accum", "2",
+            "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.train", *args],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "step_00000003.pt", weights_only=False)
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # each rank's RNG is kept
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["contrastive"] > 0 for r in records)

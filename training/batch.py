@@ -110,17 +110,20 @@ class TextFeatureCache:
         self.hits = 0
         self.misses = 0
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 keep: Sequence[bool] | None = None) -> torch.Tensor:
+        """keep[i] False: encode row i but do not store it (MLM-masked prompts never repeat)."""
         rows = []
         lengths = attention_mask.sum(1).tolist()
-        for ids, n in zip(input_ids, lengths):
+        keep = [True] * len(lengths) if keep is None else list(keep)
+        for ids, n, store in zip(input_ids, lengths, keep):
             key = tuple(ids[: int(n)].tolist())
             feats = self.store.get(key)
             if feats is None:
                 self.misses += 1
                 x = ids[None, : int(n)]
                 feats = self.encode(x, torch.ones_like(x))[0]
-                if self.max_entries:
+                if self.max_entries and store:
                     self.store[key] = feats
                     if len(self.store) > self.max_entries:
                         self.store.popitem(last=False)

@@ -6,6 +6,7 @@ its last checkpoint to the same weights as a run that never stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -224,9 +225,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         _set_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         step, best = ckpt["step"], ckpt.get("best")
 
-    ddp = DistributedDataParallel(model, find_unused_parameters=True) if info.world_size > 1 else None
-    net = ddp or model
-    loss_fn = GLIPv2Loss(cfg.loss, _anchors_per_level(model_cfg))
+    step_module = TrainingStep(model, GLIPv2Loss(cfg.loss, _anchors_per_level(model_cfg)))
+    # Losses run inside DDP's forward (the MLM head and the contrastive loss use parameters
+    # too); find_unused_parameters covers batches where a loss has nothing to train.
+    ddp = DistributedDataParallel(step_module, find_unused_parameters=True) if info.world_size > 1 else None
+    net = ddp or step_module
     text_cache = TextFeatureCache(model.encode_text, cfg.text_cache) if model_cfg.freeze_text else None
     data = MicroBatches(samples, collate, cfg.batch_size, info.rank, info.world_size, cfg.data_seed)
     loader = torch.utils.data.DataLoader(
@@ -245,15 +248,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     while step < cfg.max_steps:
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = next(batches).to(device)
             text = None
-            if text_cache is not None and batch.mlm_labels is None:
-                text = text_cache(batch.input_ids, batch.attention_mask)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = net(batch.images, batch.input_ids, batch.attention_mask, text)
-            losses = loss_fn(model, _float_outputs(out), batch)
-            scaler.scale(losses["total"] / cfg.grad_accum).backward()
+            if text_cache is not None:
+                unmasked = None if batch.mlm_labels is None else (batch.mlm_labels < 0).all(1).tolist()
+                text = text_cache(batch.input_ids, batch.attention_mask, unmasked)
+            # Gradients are all-reduced once per optimizer step, not per micro-batch.
+            sync = ddp is None or micro == cfg.grad_accum - 1
+            with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                losses = net(batch, text, amp_dtype)
+                scaler.scale(losses["total"] / cfg.grad_accum).backward()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             images_since += batch.images.shape[0] * info.world_size
@@ -273,6 +278,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             record = {k: all_reduce_mean(torch.tensor(v)).item() for k, v in totals.items()}
             record.update(step=step, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                           images_per_s=images_since / max(now - t_last, 1e-9))
+            if text_cache is not None:
+                record["text_cache_hit_rate"] = text_cache.hits / max(1, text_cache.hits + text_cache.misses)
             log.train(record)
             t_last, images_since = now, 0
         if cfg.val_dir and info.is_main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
@@ -290,6 +297,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     progress.close()
     log.close()
     return metrics
+
+
+class TrainingStep(torch.nn.Module):
+    """Forward pass and losses as one module, so DDP sees every parameter use."""
+
+    def __init__(self, model: GLIPv2, loss_fn: GLIPv2Loss) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Batch, text: torch.Tensor | None, amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        device_type = batch.images.device.type
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = self.model(batch.images, batch.input_ids, batch.attention_mask, text)
+        return self.loss_fn(self.model, _float_outputs(out), batch)
 
 
 def _float_outputs(out):
