@@ -47,6 +47,7 @@ class ModelConfig:
     proj_dim: int  # region-token alignment dimension
     prior_prob: float = 0.01
     vocab_size: int = 30522
+    head_kernel: int = 3  # bbox / centerness conv kernel; official GLIP uses 1x1
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, why: str) -> None:
@@ -66,6 +67,7 @@ class ModelConfig:
         need(self.fusion_dim % self.fusion_heads == 0, "fusion_dim", "must be divisible by fusion_heads")
         need(self.fpn_channels % self.tower_groups == 0, "fpn_channels", "must be divisible by tower_groups")
         need(0.0 < self.prior_prob < 1.0, "prior_prob", "must be in (0, 1)")
+        need(self.head_kernel in (1, 3), "head_kernel", "must be 1 or 3")
         need(len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean", "mean and std need 3 values")
 
     @property
@@ -141,10 +143,11 @@ PRESETS: dict[str, ModelConfig] = {
         fusion_layers=6,
         fusion_heads=8,
         fusion_dim=2048,
-        fusion_layer_scale=1e-4,
+        fusion_layer_scale=1.0 / 6,  # GLIP: 1 / NUM_CONVS
         fusion_text_layer=True,
         tower_groups=16,
         proj_dim=256,
+        head_kernel=1,
     ),
 }
 

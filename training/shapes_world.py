@@ -382,11 +382,24 @@ def grounding_phrases(scene: Scene, rng: np.random.Generator) -> list[Phrase]:
             text = f"{word} {objs[j].colour} {s}" if rng.random() < 0.5 else f"{word} {s}"
             pos.append(Phrase(text, [j], "size"))
     pos += _relation_phrases(scene, rng, int(rng.integers(0, 3)))
-    absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not in combos]
     n_neg = len(pos) + int(rng.integers(-1, 2))
-    neg = [Phrase(t, [], "colour") for t in _pick(rng, absent, n_neg)]
+    neg = [Phrase(t, [], "colour") for t in _negative_combos(combos, rng, n_neg)]
     phrases = pos + neg
     return _pick(rng, phrases, len(phrases))
+
+
+def _negative_combos(combos: dict[tuple[str, str], list[int]], rng: np.random.Generator, k: int) -> list[str]:
+    """k absent colour+shape phrases, about two thirds of them hard: a present shape in
+    another colour or a present colour on another shape. Random absent combos are mostly
+    wrong in both words and teach little about the colour-shape binding that colour
+    phrases need."""
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in combos]
+    present_shapes = {s for _, s in combos}
+    present_colours = {c for c, _ in combos}
+    hard = [cs for cs in absent if cs[1] in present_shapes or cs[0] in present_colours]
+    chosen = _pick(rng, hard, int(round(k * 2 / 3)))
+    chosen += _pick(rng, [cs for cs in absent if cs not in chosen], k - len(chosen))
+    return [f"{c} {s}" for c, s in chosen]
 
 
 def _relation_phrases(scene: Scene, rng: np.random.Generator, k: int) -> list[Phrase]:

@@ -52,12 +52,15 @@ class GroundingHead(nn.Module):
             for _ in range(cfg.fusion_layers)
         )
         self.text_layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(dt, max(1, dt // 64), 4 * dt, dropout=0.0, batch_first=True)
+            # A BERT layer (GELU, post-norm, eps 1e-12), as GLIP's BertEncoderLayer.
+            nn.TransformerEncoderLayer(dt, max(1, dt // 64), 4 * dt, dropout=0.0, activation="gelu",
+                                       layer_norm_eps=1e-12, batch_first=True)
             for _ in range(cfg.fusion_layers if cfg.fusion_text_layer else 0)
         )
         self.tower = nn.ModuleList(_tower_conv(c, cfg.tower_groups) for _ in range(depth))
-        self.bbox_pred = nn.Conv2d(c, 4, 3, 1, 1)
-        self.centerness = nn.Conv2d(c, 1, 3, 1, 1)
+        k = cfg.head_kernel
+        self.bbox_pred = nn.Conv2d(c, 4, k, 1, k // 2)
+        self.centerness = nn.Conv2d(c, 1, k, 1, k // 2)
         self.scales = nn.ModuleList(Scale() for _ in cfg.strides)
         self.dot_product_projection_image: nn.Module = (
             nn.Identity() if cfg.proj_dim == c else nn.Linear(c, cfg.proj_dim)
