@@ -87,7 +87,8 @@ class GroundingHead(nn.Module):
             return x.flatten(2).transpose(1, 2)
 
         deltas = torch.cat([flat(s(self.bbox_pred(f))) for f, s in zip(feats, self.scales)], dim=1)
-        ctr = torch.cat([flat(self.centerness(f)) for f in feats], dim=1).squeeze(-1)
+        # [..., 0] rather than squeeze(-1): squeeze exports as an If node in ONNX
+        ctr = torch.cat([flat(self.centerness(f)) for f in feats], dim=1)[..., 0]
         regions = self.dot_product_projection_image(torch.cat([flat(f) for f in feats], dim=1))
         # As in GLIP: normalised tokens (halved) are projected; bias = token . bias_lang + bias0.
         normed = nn.functional.normalize(text, p=2, dim=-1)

@@ -1,0 +1,1 @@
+"""Export: checkpoint -> ONNX graphs -> (TensorRT engines) -> Triton model repository."""

@@ -1,0 +1,164 @@
+"""Parity: the exported ONNX graphs against the PyTorch model they came from.
+
+`python -m export.verify --checkpoint demo/tiny.pt` exports (or takes --onnx-dir), then
+1. runs both on the same inputs at batch sizes and prompt lengths other than the export's
+   and reports the max abs difference of every output (logits must be within 1e-3), and
+2. runs the full pipeline (letterbox, tokenize, top-K, numpy postprocess) with each engine
+   on shapes val images and checks the detections are the same.
+Exit status 0 when both hold, 1 when not, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from export.onnx_export import export_onnx
+from export.onnx_runtime import OrtEngine, OrtPredictor
+from glipv2.checkpoint import CheckpointError, load_model
+from glipv2.modeling.glipv2 import GLIPv2
+from glipv2.postprocess import Detections
+from glipv2.predict import TorchPredictor
+from glipv2.text import Tokenizer, build_prompt, pad_batch, tokenize
+
+LOGIT_TOLERANCE = 1e-3
+PROMPTS = ["circle. square. triangle. star. hexagon. cross.", "red circle. blue star. large hexagon.", "green cross"]
+
+
+@dataclass
+class ParityReport:
+    max_abs: dict[str, float] = field(default_factory=dict)  # per output, over all checked batches
+    images: int = 0
+    detections: int = 0
+    detection_mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs.get("logits", np.inf) <= LOGIT_TOLERANCE and not self.detection_mismatches
+
+
+def _raw_inputs(model: GLIPv2, tokenizer: Tokenizer, batch: int, seed: int):
+    rng = np.random.default_rng(seed)
+    h, w = model.cfg.image_hw
+    images = rng.integers(0, 256, (batch, 3, h, w), dtype=np.uint8)
+    prompts = [build_prompt(PROMPTS[(seed + i) % len(PROMPTS)]) for i in range(batch)]
+    tb = pad_batch([tokenize(tokenizer, p) for p in prompts], buckets=None)
+    return images, tb.input_ids, tb.attention_mask
+
+
+def compare_outputs(model: GLIPv2, engine: OrtEngine, top_k: int, tokenizer: Tokenizer, report: ParityReport) -> None:
+    """Raw outputs at batch 1 and 3 (the export used 2), prompts of mixed lengths."""
+    def note(name: str, a: np.ndarray, b: np.ndarray) -> None:
+        report.max_abs[name] = max(report.max_abs.get(name, 0.0), float(np.abs(a - b).max()))
+
+    with torch.no_grad():
+        for batch, seed in ((1, 0), (3, 1)):
+            images, ids, mask = _raw_inputs(model, tokenizer, batch, seed)
+            ref_text = model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+            text = engine.encode_text(ids, mask)
+            real = mask.astype(bool)
+            note("token_features", text[real], ref_text[real])
+            out = model.detect(torch.from_numpy(images), torch.from_numpy(ref_text), torch.from_numpy(mask))
+            ref = [t.numpy() for t in GLIPv2.top_k(out, torch.from_numpy(mask), top_k)]
+            got = engine.detect(images, ref_text, mask)
+            for name, a, b in zip(("boxes", "logits", "centerness"), got, ref):
+                note(name, a, b)
+
+
+def same_detections(a: Detections, b: Detections) -> str | None:
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} detections"
+    if not np.array_equal(a.phrase_ids, b.phrase_ids):
+        return "phrases differ"
+    if not np.allclose(a.boxes, b.boxes, atol=0.05):
+        return f"boxes differ by up to {np.abs(a.boxes - b.boxes).max():.3f} px"
+    if not np.allclose(a.scores, b.scores, atol=1e-4):
+        return f"scores differ by up to {np.abs(a.scores - b.scores).max():.2e}"
+    return None
+
+
+def compare_detections(model: GLIPv2, onnx_dir: Path, images: list[np.ndarray], top_k: int,
+                       tokenizer: Tokenizer, report: ParityReport) -> None:
+    torch_pipe = TorchPredictor(model, tokenizer, top_k=top_k)
+    ort_pipe = OrtPredictor(onnx_dir, model.cfg.image_hw, tokenizer)
+    for prompt_text in PROMPTS:
+        prompts = [build_prompt(prompt_text)] * len(images)
+        for i, (a, b) in enumerate(zip(torch_pipe.predict(images, prompts), ort_pipe.predict(images, prompts))):
+            report.detections += len(a)
+            problem = same_detections(a, b)
+            if problem:
+                report.detection_mismatches.append(f"image {i}, prompt {prompt_text!r}: {problem}")
+    report.images = len(images)
+
+
+def sample_images(data: Path | None, n: int) -> list[np.ndarray]:
+    """n images of a generated split, or freshly drawn shapes-world scenes."""
+    if data is not None:
+        from training.data import CocoDetectionDataset
+
+        ds = CocoDetectionDataset(data / "instances.json", data / "images")
+        return [ds[i].image for i in range(min(n, len(ds)))]
+    from training import shapes_world as sw
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([7, i])
+        out.append(sw.render(sw.sample_scene(rng), rng))
+    return out
+
+
+def verify(checkpoint: Path, onnx_dir: Path | None = None, data: Path | None = None, num_images: int = 8,
+           top_k: int = 100) -> ParityReport:
+    model, _ = load_model(checkpoint)
+    tokenizer = Tokenizer()
+    report = ParityReport()
+    with tempfile.TemporaryDirectory() as tmp:
+        if onnx_dir is None:
+            onnx_dir = Path(tmp)
+            export_onnx(model, onnx_dir, top_k)
+        compare_outputs(model, OrtEngine(onnx_dir), top_k, tokenizer, report)
+        compare_detections(model, onnx_dir, sample_images(data, num_images), top_k, tokenizer, report)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.verify", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--onnx-dir", type=Path, help="folder with text_encoder.onnx and detector.onnx (default: export now)")
+    p.add_argument("--data", type=Path, help="a generated split (default: draw fresh shapes-world images)")
+    p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=100, help="the K the detector graph was exported with")
+    p.add_argument("--json", type=Path, help="also write the report here")
+    args = p.parse_args(argv)
+    for name in ("text_encoder", "detector"):
+        if args.onnx_dir is not None and not (args.onnx_dir / f"{name}.onnx").is_file():
+            print(f"error: {args.onnx_dir / (name + '.onnx')} does not exist", file=sys.stderr)
+            return 2
+    try:
+        report = verify(args.checkpoint, args.onnx_dir, args.data, args.num_images, args.top_k)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, value in report.max_abs.items():
+        print(f"max |onnx - torch| {name:<15} {value:.2e}")
+    print(f"detections: {report.detections} on {report.images} images x {len(PROMPTS)} prompts, "
+          f"{len(report.detection_mismatches)} mismatches")
+    for m in report.detection_mismatches[:10]:
+        print("  " + m)
+    if args.json:
+        args.json.write_text(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
+    print("parity OK" if report.ok else "parity FAILED")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""ONNX export: checker, dynamic axes, TensorRT op support, parity with PyTorch."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from export.onnx_export import export_onnx
+from export.onnx_runtime import OrtEngine
+from export.trt_ops import graph_ops, unsupported_ops
+from export.verify import LOGIT_TOLERANCE, ParityReport, compare_detections, compare_outputs, main, sample_images
+from glipv2.checkpoint import load_model
+from glipv2.text import Tokenizer
+
+DEMO = Path(__file__).resolve().parents[1] / "demo" / "tiny.pt"
+needs_demo = pytest.mark.skipif(not DEMO.exists(), reason="demo/tiny.pt missing: run `make demo-model`")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    if not DEMO.exists():
+        pytest.skip("demo/tiny.pt missing: run `make demo-model`")
+    model, _ = load_model(DEMO)
+    out = tmp_path_factory.mktemp("onnx")
+    export_onnx(model, out, top_k=100)
+    return model, out
+
+
+def test_graphs_pass_the_checker_with_dynamic_axes(exported):
+    _, out = exported
+    for name in ("text_encoder", "detector"):
+        graph = onnx.load(str(out / f"{name}.onnx"))
+        onnx.checker.check_model(graph, full_check=True)
+        for tensor in [*graph.graph.input, *graph.graph.output]:
+            dims = tensor.type.tensor_type.shape.dim
+            assert dims[0].dim_param == "batch", (name, tensor.name)
+            if tensor.name in ("input_ids", "attention_mask", "token_features"):
+                assert dims[1].dim_param == "tokens", (name, tensor.name)
+    det = onnx.load(str(out / "detector.onnx")).graph
+    assert [i.name for i in det.input] == ["images", "token_features", "attention_mask"]
+    assert det.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [o.name for o in det.output] == ["boxes", "logits", "centerness"]
+
+
+def test_every_op_is_one_tensorrt_parses(exported):
+    _, out = exported
+    for name in ("text_encoder", "detector"):
+        assert unsupported_ops(out / f"{name}.onnx") == {}, name
+    assert "TopK" in graph_ops(onnx.load(str(out / "detector.onnx")).graph)  # selection is in the graph
+    assert "NonMaxSuppression" not in graph_ops(onnx.load(str(out / "detector.onnx")).graph)
+
+
+def test_op_check_catches_unsupported_and_data_dependent_ops(tmp_path):
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [1, None])
+    z = helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [4])
+    nodes = [helper.make_node("NonZero", ["x"], ["y"]), helper.make_node("Det", ["x"], ["z"])]
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y, z])), str(path))
+    problems = unsupported_ops(path)
+    assert set(problems) == {"NonZero", "Det"}
+    assert "data-dependent" in problems["NonZero"] and "not supported" in problems["Det"]
+
+
+def test_outputs_match_pytorch_at_other_batch_sizes(exported):
+    model, out = exported
+    report = ParityReport()
+    compare_outputs(model, OrtEngine(out), 100, Tokenizer(), report)
+    assert report.max_abs["logits"] <= LOGIT_TOLERANCE
+    assert report.max_abs["boxes"] <= 1e-2  # pixels
+    assert report.max_abs["token_features"] <= 1e-4
+    assert report.max_abs["centerness"] <= 1e-3
+
+
+def test_same_detections_on_shapes_images(exported):
+    model, out = exported
+    report = ParityReport()
+    compare_detections(model, out, sample_images(None, 6), 100, Tokenizer(), report)
+    assert report.detections > 0
+    assert report.detection_mismatches == []
+
+
+@needs_demo
+def test_verify_cli(exported, capsys):
+    _, out = exported
+    assert main(["--checkpoint", str(DEMO), "--onnx-dir", str(out), "--num-images", "2"]) == 0
+    assert "parity OK" in capsys.readouterr().out
+    assert main(["--checkpoint", str(DEMO), "--onnx-dir", str(out / "missing")]) == 2
+
+
+def test_verify_cli_rejects_a_corrupt_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(np.random.default_rng(0).bytes(100))
+    assert main(["--checkpoint", str(bad)]) == 2
+    assert "corrupt" in capsys.readouterr().err
