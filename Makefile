@@ -12,13 +12,20 @@ CHECKPOINT ?= demo/tiny.pt
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[train,dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[train,export,dev]"
 	@touch $@
 
 setup: $(STAMP)
 
-test: setup
+test: setup triton-server
 	$(PY) -m pytest -q -m "not slow"
+
+# The real tritonserver (from the nvidia-pytriton wheel, unpacked into .cache/tritonserver,
+# never installed into the venv: it pins numpy<2) and the models' own small venv there
+# (numpy<2 + onnxruntime: the python backend stub breaks under numpy 2) for the Triton test.
+.PHONY: triton-server
+triton-server: setup
+	$(PY) -m export.local_triton install
 
 test-all: setup
 	$(PY) -m pytest -q
@@ -47,3 +54,17 @@ serve:
 
 clean:
 	rm -rf $(VENV) data runs
+
+# Triton model repository (issue 4): ONNX graphs + config.pbtxt + manifest.json rendered
+# from a checkpoint. FLAVOUR: cpu (python backend + ONNX Runtime, what the tests serve),
+# gpu (tensorrt_plan; build model.plan with `python -m export.tensorrt` on a GPU host) or
+# gpu-onnx (onnxruntime + TensorRT fp16). Configs and manifest are in git, weights are not.
+FLAVOUR    ?= cpu
+TOP_K      ?= 100
+MAX_BATCH  ?= 8
+REPOSITORY ?= model_repository
+
+.PHONY: export
+export: setup
+	$(PY) -m export.build --checkpoint $(CHECKPOINT) --out $(REPOSITORY) --flavour $(FLAVOUR) \
+		--top-k $(TOP_K) --max-batch-size $(MAX_BATCH)

@@ -1,0 +1,98 @@
+"""PyTorch eager vs ONNX Runtime latency of the exported graphs, side by side in one run.
+
+`python -m bench.export_latency --checkpoint demo/tiny.pt` exports the checkpoint, then
+for each batch size times both engines alternately (so machine noise hits both alike)
+and prints median latencies and the ratio. Results are appended to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from export.onnx_export import export_onnx
+from export.onnx_runtime import OrtEngine
+from glipv2.checkpoint import load_model
+from glipv2.modeling.glipv2 import GLIPv2
+from glipv2.text import Tokenizer, build_prompt, pad_batch, tokenize
+
+PROMPT = "circle. square. triangle. star. hexagon. cross."
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def run(checkpoint: Path, batches: Sequence[int], repeats: int, threads: int, top_k: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    model, _ = load_model(checkpoint)
+    tokenizer = Tokenizer()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(model, Path(tmp), top_k)
+        engine = OrtEngine(Path(tmp), threads=threads)
+        h, w = model.cfg.image_hw
+        for b in batches:
+            images = np.random.default_rng(b).integers(0, 256, (b, 3, h, w), dtype=np.uint8)
+            tb = pad_batch([tokenize(tokenizer, build_prompt(PROMPT))] * b)
+            ids, mask = tb.input_ids, tb.attention_mask
+            t_images, t_ids, t_mask = (torch.from_numpy(a) for a in (images, ids, mask))
+
+            @torch.no_grad()
+            def torch_run():
+                return GLIPv2.top_k(model(t_images, t_ids, t_mask), t_mask, top_k)
+
+            def ort_run():
+                return engine(images, ids, mask)
+
+            torch_run(), ort_run()  # warm-up
+            torch_ms, ort_ms = [], []
+            for _ in range(repeats):  # alternate so drifts in machine load hit both
+                torch_ms.append(_median_ms(torch_run, 1))
+                ort_ms.append(_median_ms(ort_run, 1))
+            row = {"batch": b, "torch_ms": statistics.median(torch_ms), "ort_ms": statistics.median(ort_ms)}
+            row["speedup_ort_over_torch"] = row["torch_ms"] / row["ort_ms"]
+            rows.append(row)
+            print(f"batch {b:>2}: PyTorch eager {row['torch_ms']:8.1f} ms   ONNX Runtime {row['ort_ms']:8.1f} ms"
+                  f"   ratio {row['speedup_ort_over_torch']:.2f}x", flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.export_latency", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=Path("demo/tiny.pt"))
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--out", type=Path, default=Path("bench/results/export_latency.jsonl"))
+    args = p.parse_args(argv)
+    rows = run(args.checkpoint, args.batches, args.repeats, args.threads, args.top_k)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
+              platform.machine(), "device": "cpu", "threads": args.threads, "checkpoint": str(args.checkpoint),
+              "rows": rows}
+    with open(args.out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""The Triton model repository: config schema, manifest, rendering, and the python-backend
+model's batching logic (run with a stand-in for triton_python_backend_utils; the ONNX
+files and the ONNX Runtime session are real)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export import build, onnx_export, trt_ops
+from export.onnx_export import OnnxFiles
+from export.repository import (
+    FLAVOURS,
+    FORMAT,
+    MODELS,
+    PYTHON_MODEL,
+    RepositoryError,
+    SettingsError,
+    build_manifest,
+    render_config,
+    render_repository,
+)
+from glipv2.config import ModelConfig, get_preset
+from glipv2.text import DEFAULT_BUCKETS, default_tokenizer_path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demo" / "tiny.pt"
+COMMITTED = ROOT / "model_repository"
+needs_demo = pytest.mark.skipif(
+    not DEMO.is_file(), reason="demo/tiny.pt (the committed demo model) is missing; `make demo-model` writes it")
+
+
+def parse(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def dtype(cfg_tensor) -> str:
+    return mc.DataType.Name(cfg_tensor.data_type)
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg() -> ModelConfig:
+    return get_preset("tiny")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("model", MODELS)
+def test_config_parses_with_tritons_schema(flavour, model, tiny_cfg):
+    cfg = parse(render_config(model, flavour, tiny_cfg, top_k=100, max_batch_size=8))
+    assert cfg.name == model
+    assert cfg.max_batch_size == 8
+    inputs = {t.name: t for t in cfg.input}
+    outputs = {t.name: t for t in cfg.output}
+    if model == "text_encoder":
+        assert list(inputs) == ["input_ids", "attention_mask"]
+        assert all(dtype(t) == "TYPE_INT64" and list(t.dims) == [-1] for t in inputs.values())
+        assert list(outputs["token_features"].dims) == [-1, 384]
+        token_inputs = inputs.values()
+    else:
+        assert list(inputs["images"].dims) == [3, 256, 256] and dtype(inputs["images"]) == "TYPE_UINT8"
+        assert list(inputs["token_features"].dims) == [-1, 384]
+        assert list(inputs["attention_mask"].dims) == [-1]
+        assert list(outputs["boxes"].dims) == [100, 4]
+        assert list(outputs["logits"].dims) == [100, -1]
+        assert list(outputs["centerness"].dims) == [100]
+        token_inputs = [inputs["token_features"], inputs["attention_mask"]]
+        assert not inputs["images"].allow_ragged_batch
+    db = cfg.dynamic_batching
+    assert list(db.preferred_batch_size) == [4, 8]
+    assert db.max_queue_delay_microseconds > 0
+    assert db.default_queue_policy.max_queue_size > 0
+    assert db.default_queue_policy.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert len(cfg.instance_group) == 1 and cfg.instance_group[0].count == 1
+    kind = mc.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind)
+
+    if flavour == "cpu":
+        assert cfg.backend == "python" and not cfg.platform
+        assert kind == "KIND_CPU"
+        assert all(t.allow_ragged_batch for t in token_inputs)
+        assert cfg.parameters["onnx_file"].string_value == "model.onnx"
+    elif flavour == "gpu-onnx":
+        assert cfg.platform == "onnxruntime_onnx" and kind == "KIND_GPU"
+        (acc,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+        assert acc.name == "tensorrt"
+        assert acc.parameters["precision_mode"] == "FP16"
+        shapes = dict(s.split(":") for s in acc.parameters["trt_profile_max_shapes"].split(","))
+        assert set(shapes) == set(inputs)
+        assert all(shapes[t.name].startswith("8x256") for t in token_inputs)  # batch 8, 256 tokens
+        assert all(acc.parameters[f"trt_profile_{k}_shapes"] for k in ("min", "opt"))
+        assert not any(t.allow_ragged_batch for t in cfg.input)
+    else:
+        assert cfg.platform == "tensorrt_plan" and kind == "KIND_GPU"
+        assert cfg.default_model_filename == "model.plan"
+        assert not any(t.allow_ragged_batch for t in cfg.input)
+
+
+def test_a_misspelt_field_fails_to_parse(tiny_cfg):
+    text = render_config("detector", "cpu", tiny_cfg)
+    with pytest.raises(text_format.ParseError):
+        parse(text.replace("max_queue_delay_microseconds", "max_queue_delay_microsecond"))
+
+
+def test_settings_are_arguments(tiny_cfg):
+    cfg = parse(render_config(
+        "detector", "gpu", tiny_cfg, top_k=50, max_batch_size=16, preferred_batch_sizes=[16, 2],
+        max_queue_delay_us=500, max_queue_size=7, instance_count=3))
+    assert cfg.max_batch_size == 16
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 16]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+    assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 7
+    assert cfg.instance_group[0].count == 3
+    assert list(cfg.output[1].dims) == [50, -1]
+    glip_t = parse(render_config("detector", "cpu", get_preset("glip-t")))
+    assert list(glip_t.input[0].dims) == [3, 800, 1344] and list(glip_t.input[1].dims) == [-1, 768]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"flavour": "tpu"}, {"max_batch_size": 0}, {"preferred_batch_sizes": [4, 16]},
+    {"max_queue_size": -1}, {"instance_count": 0}, {"top_k": 5000},
+])
+def test_invalid_settings_are_refused(kwargs, tiny_cfg):
+    args = {"flavour": "cpu", "top_k": 100, "max_batch_size": 8} | kwargs
+    flavour, top_k, mbs = args.pop("flavour"), args.pop("top_k"), args.pop("max_batch_size")
+    with pytest.raises(SettingsError):
+        render_config("detector", flavour, tiny_cfg, top_k, mbs, **args)
+
+
+# --------------------------------------------------------------------------- committed repository
+
+
+@needs_demo
+def test_committed_repository_matches_a_fresh_render():
+    """model_repository/ in git is what `make export` renders now for demo/tiny.pt
+    (defaults: cpu, top-K 100, max batch 8): a stale committed config fails here."""
+    from glipv2.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(DEMO)
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    for model in MODELS:
+        committed = (COMMITTED / model / "config.pbtxt").read_text()
+        parse(committed)
+        assert committed == render_config(model, "cpu", cfg, 100, 8), f"{model}: run `make export`"
+        assert (COMMITTED / model / "1" / "model.py").read_bytes() == PYTHON_MODEL.read_bytes()
+    manifest = json.loads((COMMITTED / "manifest.json").read_text())
+    assert manifest == build_manifest(cfg, DEMO, ckpt, "cpu", 100, 8), "manifest.json is stale: run `make export`"
+    ignored = (COMMITTED / ".gitignore").read_text().split()
+    assert {"*.onnx", "*.plan", "tokenizer.json"} <= set(ignored)
+    assert (COMMITTED / "README.md").is_file()
+
+
+@needs_demo
+def test_manifest():
+    from glipv2.checkpoint import file_sha256, read_checkpoint
+
+    ckpt = read_checkpoint(DEMO)
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    m = build_manifest(cfg, DEMO, ckpt, "gpu", 100, 8)
+    assert list(m) == ["format", "flavour", "checkpoint", "preset", "model_config", "tokenizer", "max_tokens",
+                       "token_buckets", "image", "top_k", "max_batch_size", "models", "postprocess",
+                       "answer_vocabulary"]
+    assert m["format"] == FORMAT and m["flavour"] == "gpu"
+    assert m["checkpoint"] == {"path": "demo/tiny.pt", "sha256": file_sha256(DEMO), "step": ckpt["step"],
+                               "metrics": json.loads(json.dumps(ckpt.get("metrics", {})))}
+    assert m["preset"] == "tiny" and ModelConfig.from_dict(m["model_config"]) == cfg
+    assert m["tokenizer"] == "tokenizer.json" and m["max_tokens"] == 256
+    assert m["token_buckets"] == list(DEFAULT_BUCKETS)
+    assert m["image"] == {"hw": [256, 256], "dtype": "uint8", "layout": "NCHW", "channels": "RGB", "pad_value": 114}
+    assert (m["top_k"], m["max_batch_size"], m["answer_vocabulary"]) == (100, 8, None)
+    assert m["models"]["text_encoder"]["inputs"] == {"input_ids": {"dtype": "INT64", "dims": [-1]},
+                                                     "attention_mask": {"dtype": "INT64", "dims": [-1]}}
+    assert m["models"]["detector"]["outputs"]["logits"] == {"dtype": "FP32", "dims": [100, -1]}
+    assert m["postprocess"] == {"score_threshold": 0.05, "pre_nms_topk": 1000, "nms_iou": 0.6, "max_detections": 100}
+    json.dumps(m)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    if not DEMO.is_file():
+        pytest.skip("demo/tiny.pt (the committed demo model) is missing; `make demo-model` writes it")
+    return render_repository(DEMO, tmp_path_factory.mktemp("render") / "repo", flavour="cpu")
+
+
+def test_render_writes_a_complete_repository(rendered):
+    for model in MODELS:
+        assert (rendered / model / "1" / "model.onnx").stat().st_size > 1000
+        assert (rendered / model / "1" / "model.py").read_bytes() == PYTHON_MODEL.read_bytes()
+        parse((rendered / model / "config.pbtxt").read_text())
+    assert (rendered / "tokenizer.json").read_bytes() == default_tokenizer_path().read_bytes()
+    manifest = json.loads((rendered / "manifest.json").read_text())
+    assert manifest["flavour"] == "cpu" and manifest["checkpoint"]["path"] == "demo/tiny.pt"
+    assert "*.onnx" in (rendered / ".gitignore").read_text()
+    assert not [p for p in rendered.parent.iterdir() if p.name.startswith(".")]  # no staging left over
+
+
+def _fake_export(source: Path):
+    """export_onnx stand-in that copies already exported graphs (the export is the slow part)."""
+    def export(model, out_dir, top_k=100):
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = OnnxFiles(out_dir / "text_encoder.onnx", out_dir / "detector.onnx")
+        shutil.copyfile(source / "text_encoder" / "1" / "model.onnx", files.text_encoder)
+        shutil.copyfile(source / "detector" / "1" / "model.onnx", files.detector)
+        return files
+    return export
+
+
+def test_rerender_replaces_the_folder_and_keeps_readme(rendered, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_export, "export_onnx", _fake_export(rendered))
+    out = tmp_path / "repo"
+    render_repository(DEMO, out, flavour="cpu")
+    (out / "stale.txt").write_text("left over from an older render")
+    (out / "README.md").write_text("hand-written\n")
+    render_repository(DEMO, out, flavour="gpu", max_batch_size=4)
+    assert not (out / "stale.txt").exists()
+    assert (out / "README.md").read_text() == "hand-written\n"
+    assert not (out / "detector" / "1" / "model.py").exists()  # gpu: no python backend
+    assert (out / "detector" / "1" / "model.onnx").is_file()  # export.tensorrt builds model.plan from it
+    assert parse((out / "detector" / "config.pbtxt").read_text()).max_batch_size == 4
+    assert json.loads((out / "manifest.json").read_text())["flavour"] == "gpu"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_render_refuses_an_op_tensorrt_cannot_parse(rendered, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_export, "export_onnx", _fake_export(rendered))
+    monkeypatch.setattr(trt_ops, "unsupported_ops",
+                        lambda path: {"NonZero": "data-dependent; keep it outside the engine"}
+                        if "detector" in Path(path).name else {})
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "keep.txt").write_text("untouched")
+    with pytest.raises(RepositoryError, match="NonZero") as err:
+        render_repository(DEMO, out)
+    assert "detector" in str(err.value) and not isinstance(err.value, SettingsError)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert build.main(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "does not exist" in err and err.count("\n") == 1
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    assert build.main(["--checkpoint", str(corrupt), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "corrupt" in err and err.count("\n") == 1
+    assert build.main(["--checkpoint", str(corrupt), "--max-batch-size", "0"]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- python backend model.py
+
+
+class _FakeTensor:
+    """pb_utils.Tensor: numpy in and out, and DLPack capsules (model.py's path on numpy 2)."""
+
+    def __init__(self, name, array):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._array
+
+    def to_dlpack(self):
+        return np.array(self._array, copy=True).__dlpack__()  # the capsule keeps the copy alive
+
+    @classmethod
+    def from_dlpack(cls, name, capsule):
+        class Holder:
+            def __dlpack__(self, *args, **kwargs):
+                return capsule
+
+            def __dlpack_device__(self):
+                return (1, 0)
+
+        return cls(name, np.from_dlpack(Holder()))
+
+
+class _FakeError:
+    INVALID_ARG = 3
+
+    def __init__(self, message, code=None):
+        self._message, self.code = message, code
+
+    def message(self):
+        return self._message
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors=None, error=None):
+        self._outputs, self._error = list(output_tensors or []), error
+
+    def output_tensors(self):
+        return self._outputs
+
+    def has_error(self):
+        return self._error is not None
+
+    def error(self):
+        return self._error
+
+    def as_dict(self):
+        return {t.name(): t.as_numpy() for t in self._outputs}
+
+
+class _FakeRequest:
+    def __init__(self, **inputs):
+        self.inputs = {k: _FakeTensor(k, v) for k, v in inputs.items()}
+
+
+def _fake_pb_utils() -> types.ModuleType:
+    mod = types.ModuleType("triton_python_backend_utils")
+    mod.Tensor = _FakeTensor
+    mod.TritonError = _FakeError
+    mod.InferenceResponse = _FakeResponse
+    mod.TritonModelException = type("TritonModelException", (Exception,), {})
+    mod.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def backend(rendered):
+    """{model: initialised TritonPythonModel} loaded from the rendered repository's model.py."""
+    mp = pytest.MonkeyPatch()
+    mp.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    models = {}
+    try:
+        for model in MODELS:
+            path = rendered / model / "1" / "model.py"
+            spec = importlib.util.spec_from_file_location(f"_triton_{model}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            config = parse((rendered / model / "config.pbtxt").read_text())
+            instance = module.TritonPythonModel()
+            instance.initialize({
+                # protobuf JSON, as Triton hands it over (int64 dims may arrive as strings)
+                "model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
+                "model_repository": str(rendered / model), "model_version": "1", "model_name": model,
+                "model_instance_kind": "CPU", "model_instance_device_id": "0",
+            })
+            models[model] = instance
+        yield models
+    finally:
+        mp.undo()
+
+
+def _prompt(length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, 5000, size=(1, length), dtype=np.int64)
+    ids[0, 0], ids[0, -1] = 101, 102
+    return ids, np.ones_like(ids)
+
+
+def _ok(response) -> dict[str, np.ndarray]:
+    assert not response.has_error(), response.error().message()
+    return response.as_dict()
+
+
+def test_python_backend_batches_different_token_lengths(backend):
+    text, det = backend["text_encoder"], backend["detector"]
+    prompts = [_prompt(5, 0), _prompt(12, 1), _prompt(8, 2)]
+    requests = [_FakeRequest(input_ids=i, attention_mask=m) for i, m in prompts]
+    together = [_ok(r) for r in text.execute(requests)]
+    alone = [_ok(text.execute([r])[0]) for r in requests]
+    features = []
+    for (ids, _), t, a in zip(prompts, together, alone):
+        assert t["token_features"].shape == (1, ids.shape[1], 384) == a["token_features"].shape
+        assert t["token_features"].dtype == np.float32
+        np.testing.assert_allclose(t["token_features"], a["token_features"], atol=1e-5)
+        features.append(a["token_features"])
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(1, 3, 256, 256), dtype=np.uint8) for _ in prompts]
+    requests = [_FakeRequest(images=im, token_features=f, attention_mask=m)
+                for im, f, (_, m) in zip(images, features, prompts)]
+    together = [_ok(r) for r in det.execute(requests)]
+    alone = [_ok(det.execute([r])[0]) for r in requests]
+    for (ids, _), t, a in zip(prompts, together, alone):
+        assert t["logits"].shape == (1, 100, ids.shape[1]) and t["boxes"].shape == (1, 100, 4)
+        assert t["centerness"].shape == (1, 100)
+        for name in ("boxes", "logits", "centerness"):
+            np.testing.assert_allclose(t[name], a[name], atol=1e-4, err_msg=name)
+
+
+def test_python_backend_request_with_batch_of_two(backend):
+    text = backend["text_encoder"]
+    (i1, m1), (i2, m2) = _prompt(6, 3), _prompt(6, 4)
+    short = _prompt(3, 5)
+    pair = _FakeRequest(input_ids=np.concatenate([i1, i2]), attention_mask=np.concatenate([m1, m2]))
+    pair, single = text.execute([pair, _FakeRequest(input_ids=short[0], attention_mask=short[1])])
+    out = _ok(pair)["token_features"]
+    assert out.shape == (2, 6, 384)
+    np.testing.assert_allclose(out[1:], _ok(text.execute([_FakeRequest(input_ids=i2, attention_mask=m2)])[0])
+                               ["token_features"], atol=1e-5)
+    assert _ok(single)["token_features"].shape == (1, 3, 384)
+
+
+def test_python_backend_malformed_requests_get_their_own_error(backend):
+    text = backend["text_encoder"]
+    ids, mask = _prompt(7, 6)
+    good = _FakeRequest(input_ids=ids, attention_mask=mask)
+    bad = [
+        _FakeRequest(input_ids=ids),  # missing attention_mask
+        _FakeRequest(input_ids=ids.astype(np.int32), attention_mask=mask),  # wrong dtype
+        _FakeRequest(input_ids=ids, attention_mask=mask[:, :5]),  # token lengths disagree
+        _FakeRequest(input_ids=ids[0], attention_mask=mask[0]),  # no batch axis
+        _FakeRequest(input_ids=np.full((1, 4), 10**7, np.int64), attention_mask=np.ones((1, 4), np.int64)),  # ORT fails
+    ]
+    responses = text.execute([bad[0], good, *bad[1:]])
+    assert len(responses) == 6
+    expected = _ok(text.execute([good])[0])["token_features"]
+    np.testing.assert_allclose(_ok(responses[1])["token_features"], expected, atol=1e-5)
+    for r, needle in zip([responses[0], *responses[2:]],
+                         ["missing input", "int32", "token length", "shape", "inference failed"]):
+        assert r.has_error() and needle in r.error().message(), r.error().message()
+        assert r.error().code == _FakeError.INVALID_ARG
