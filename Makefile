@@ -8,7 +8,7 @@ DATA   := data/shapes
 RUN    ?= runs/demo
 CHECKPOINT ?= demo/tiny.pt
 
-.PHONY: setup test test-all demo-model train evaluate val-data clean serve
+.PHONY: setup test test-all demo-model train evaluate val-data clean serve bench
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,8 +52,12 @@ evaluate: setup val-data
 serve:
 	@echo "make serve arrives with the gateway (issue 5); see README" && exit 1
 
+# Benchmarks print ratios measured side by side in one run; results go to bench/results/.
+bench: setup
+	$(PY) -m bench.export_latency --checkpoint $(CHECKPOINT)
+
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) data runs .cache
 
 # Triton model repository (issue 4): ONNX graphs + config.pbtxt + manifest.json rendered
 # from a checkpoint. FLAVOUR: cpu (python backend + ONNX Runtime, what the tests serve),
