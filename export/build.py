@@ -20,6 +20,7 @@ from export.repository import (
     MAX_QUEUE_DELAY_US,
     MAX_QUEUE_SIZE,
     QUEUE_TIMEOUT_US,
+    BatchingSettings,
     RepositoryError,
     SettingsError,
     render_repository,
@@ -60,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = render_repository(
             args.checkpoint, args.out, flavour=args.flavour, top_k=args.top_k,
-            max_batch_size=args.max_batch_size, preferred_batch_sizes=args.preferred_batch_sizes,
-            max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
-            queue_timeout_us=args.queue_timeout_us, instance_count=args.instances,
-            cpu_threads=args.cpu_threads, log=log,
+            max_batch_size=args.max_batch_size, log=log,
+            settings=BatchingSettings(
+                preferred_batch_sizes=args.preferred_batch_sizes, max_queue_delay_us=args.max_queue_delay_us,
+                max_queue_size=args.max_queue_size, queue_timeout_us=args.queue_timeout_us,
+                instance_count=args.instances, cpu_threads=args.cpu_threads,
+            ),
         )
     except (CheckpointError, SettingsError) as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)

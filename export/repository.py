@@ -30,7 +30,7 @@ import os
 import shutil
 import string
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -88,6 +88,20 @@ class RepositoryError(ValueError):
 
 class SettingsError(RepositoryError):
     """An invalid flavour, batch size, queue setting or top-K (caught before any export)."""
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """How Triton queues, batches and places a model; the same for both models."""
+
+    preferred_batch_sizes: list[int] | None = None  # None: half the max and the max
+    max_queue_delay_us: int = MAX_QUEUE_DELAY_US
+    max_queue_size: int = MAX_QUEUE_SIZE
+    queue_timeout_us: int = QUEUE_TIMEOUT_US
+    instance_count: int = INSTANCE_COUNT
+    cpu_threads: int = 0  # ONNX Runtime threads per instance (cpu flavour; 0 = its default)
+    trt_workspace_bytes: int = TRT_WORKSPACE_BYTES
+    trt_cache_dir: str = TRT_CACHE_DIR
 
 
 # --------------------------------------------------------------------------- signatures
@@ -156,9 +170,7 @@ def _profile_shapes(inputs: Signature, batch: int, tokens: int) -> str:
     )
 
 
-def _check_settings(flavour: str, top_k: int, max_batch_size: int, preferred: list[int],
-                    max_queue_delay_us: int, max_queue_size: int, queue_timeout_us: int,
-                    instance_count: int, cpu_threads: int) -> None:
+def _check_settings(flavour: str, top_k: int, max_batch_size: int, settings: BatchingSettings) -> None:
     if flavour not in FLAVOURS:
         raise SettingsError(f"unknown flavour {flavour!r}; choose one of {list(FLAVOURS)}")
 
@@ -168,10 +180,10 @@ def _check_settings(flavour: str, top_k: int, max_batch_size: int, preferred: li
 
     positive("top_k", top_k)
     positive("max_batch_size", max_batch_size)
-    positive("instance_count", instance_count)
-    for name, v in (("max_queue_delay_us", max_queue_delay_us), ("max_queue_size", max_queue_size),
-                    ("queue_timeout_us", queue_timeout_us), ("cpu_threads", cpu_threads)):
-        positive(name, v, 0)
+    positive("instance_count", settings.instance_count)
+    for name in ("max_queue_delay_us", "max_queue_size", "queue_timeout_us", "cpu_threads"):
+        positive(name, getattr(settings, name), 0)
+    preferred = _preferred(settings.preferred_batch_sizes, max_batch_size)
     if not preferred or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= max_batch_size
                             for b in preferred):
         raise SettingsError(
@@ -184,22 +196,13 @@ def render_config(
     model_cfg: ModelConfig,
     top_k: int = 100,
     max_batch_size: int = 8,
-    *,
-    preferred_batch_sizes: list[int] | None = None,
-    max_queue_delay_us: int = MAX_QUEUE_DELAY_US,
-    max_queue_size: int = MAX_QUEUE_SIZE,
-    queue_timeout_us: int = QUEUE_TIMEOUT_US,
-    instance_count: int = INSTANCE_COUNT,
-    cpu_threads: int = 0,
-    trt_workspace_bytes: int = TRT_WORKSPACE_BYTES,
-    trt_cache_dir: str = TRT_CACHE_DIR,
+    settings: BatchingSettings = BatchingSettings(),
 ) -> str:
     """config.pbtxt text of one model ("text_encoder" or "detector") for one flavour."""
     if name not in MODELS:
         raise SettingsError(f"unknown model {name!r}; choose one of {list(MODELS)}")
-    preferred = _preferred(preferred_batch_sizes, max_batch_size)
-    _check_settings(flavour, top_k, max_batch_size, preferred, max_queue_delay_us, max_queue_size,
-                    queue_timeout_us, instance_count, cpu_threads)
+    _check_settings(flavour, top_k, max_batch_size, settings)
+    preferred = _preferred(settings.preferred_batch_sizes, max_batch_size)
     h, w = model_cfg.image_hw
     anchors = sum(math.ceil(h / s) * math.ceil(w / s) for s in model_cfg.strides)  # one per location
     if top_k > anchors:
@@ -215,15 +218,15 @@ def render_config(
     if flavour == "cpu":
         platform_line = 'backend: "python"'
         kind = "KIND_CPU"
-        blocks = _parameters({"onnx_file": ONNX_FILE, "intra_op_thread_count": str(cpu_threads)})
+        blocks = _parameters({"onnx_file": ONNX_FILE, "intra_op_thread_count": str(settings.cpu_threads)})
     elif flavour == "gpu-onnx":
         platform_line = f'platform: "onnxruntime_onnx"\ndefault_model_filename: "{ONNX_FILE}"'
         kind = "KIND_GPU"
         trt = {
             "precision_mode": "FP16",
-            "max_workspace_size_bytes": str(trt_workspace_bytes),
+            "max_workspace_size_bytes": str(settings.trt_workspace_bytes),
             "trt_engine_cache_enable": "1",
-            "trt_engine_cache_path": f"{trt_cache_dir}/{name}",
+            "trt_engine_cache_path": f"{settings.trt_cache_dir}/{name}",
             # one profile covering batch 1..max and tokens 1..MAX_TOKENS, so the engine is
             # built once instead of again for every new shape
             "trt_profile_min_shapes": _profile_shapes(sig["inputs"], 1, 1),
@@ -249,10 +252,10 @@ def render_config(
         inputs=inputs,
         outputs=outputs,
         preferred_batch_sizes=", ".join(str(b) for b in preferred),
-        max_queue_delay_us=max_queue_delay_us,
-        queue_timeout_us=queue_timeout_us,
-        max_queue_size=max_queue_size,
-        instance_count=instance_count,
+        max_queue_delay_us=settings.max_queue_delay_us,
+        queue_timeout_us=settings.queue_timeout_us,
+        max_queue_size=settings.max_queue_size,
+        instance_count=settings.instance_count,
         instance_kind=kind,
         flavour_blocks=blocks,
     )
@@ -345,14 +348,14 @@ def write_configs(
     flavour: str = "cpu",
     top_k: int = 100,
     max_batch_size: int = 8,
-    **settings: Any,
+    settings: BatchingSettings = BatchingSettings(),
 ) -> dict[str, Path]:
     """Write <out>/<model>/config.pbtxt for both models (and model.py for cpu); no weights.
     Returns {model: config path}."""
     out = Path(out)
     written = {}
     for name in MODELS:
-        text = render_config(name, flavour, model_cfg, top_k, max_batch_size, **settings)
+        text = render_config(name, flavour, model_cfg, top_k, max_batch_size, settings)
         version_dir = out / name / VERSION
         version_dir.mkdir(parents=True, exist_ok=True)
         (out / name / "config.pbtxt").write_text(text)
@@ -387,13 +390,7 @@ def render_repository(
     flavour: str = "cpu",
     top_k: int = 100,
     max_batch_size: int = 8,
-    *,
-    preferred_batch_sizes: list[int] | None = None,
-    max_queue_delay_us: int = MAX_QUEUE_DELAY_US,
-    max_queue_size: int = MAX_QUEUE_SIZE,
-    queue_timeout_us: int = QUEUE_TIMEOUT_US,
-    instance_count: int = INSTANCE_COUNT,
-    cpu_threads: int = 0,
+    settings: BatchingSettings = BatchingSettings(),
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """checkpoint -> ONNX graphs -> a complete Triton repository at `out` (returned).
@@ -408,20 +405,13 @@ def render_repository(
 
     say = log or (lambda _msg: None)
     checkpoint, out = Path(checkpoint), Path(out)
-    settings = dict(
-        preferred_batch_sizes=preferred_batch_sizes, max_queue_delay_us=max_queue_delay_us,
-        max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_us,
-        instance_count=instance_count, cpu_threads=cpu_threads,
-    )
-    # Validate the settings before the (slow) export.
-    _check_settings(flavour, top_k, max_batch_size, _preferred(preferred_batch_sizes, max_batch_size),
-                    max_queue_delay_us, max_queue_size, queue_timeout_us, instance_count, cpu_threads)
+    _check_settings(flavour, top_k, max_batch_size, settings)  # before the (slow) export
 
     say(f"[1/5] loading checkpoint {checkpoint}")
     model, ckpt = load_model(checkpoint)
     cfg = model.cfg
     for name in MODELS:  # settings that depend on the model (top-K vs anchors) fail here, before the export
-        render_config(name, flavour, cfg, top_k, max_batch_size, **settings)
+        render_config(name, flavour, cfg, top_k, max_batch_size, settings)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.render-", dir=out.parent))
@@ -444,7 +434,7 @@ def render_repository(
             raise RepositoryError(f"refusing to render {out}: unsupported ONNX ops in {detail}")
 
         say(f"[4/5] writing {flavour} configs, manifest and tokenizer")
-        write_configs(staging, cfg, flavour, top_k, max_batch_size, **settings)
+        write_configs(staging, cfg, flavour, top_k, max_batch_size, settings)
         for name, path in ((graphs.TEXT_ENCODER, files.text_encoder), (graphs.DETECTOR, files.detector)):
             os.replace(path, staging / name / VERSION / ONNX_FILE)
         shutil.rmtree(staging / ".onnx", ignore_errors=True)

@@ -23,6 +23,7 @@ from export.repository import (
     FORMAT,
     MODELS,
     PYTHON_MODEL,
+    BatchingSettings,
     RepositoryError,
     SettingsError,
     build_manifest,
@@ -114,8 +115,8 @@ def test_a_misspelt_field_fails_to_parse(tiny_cfg):
 
 def test_settings_are_arguments(tiny_cfg):
     cfg = parse(render_config(
-        "detector", "gpu", tiny_cfg, top_k=50, max_batch_size=16, preferred_batch_sizes=[16, 2],
-        max_queue_delay_us=500, max_queue_size=7, instance_count=3))
+        "detector", "gpu", tiny_cfg, top_k=50, max_batch_size=16, settings=BatchingSettings(
+            preferred_batch_sizes=[16, 2], max_queue_delay_us=500, max_queue_size=7, instance_count=3)))
     assert cfg.max_batch_size == 16
     assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 16]
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
@@ -134,7 +135,7 @@ def test_invalid_settings_are_refused(kwargs, tiny_cfg):
     args = {"flavour": "cpu", "top_k": 100, "max_batch_size": 8} | kwargs
     flavour, top_k, mbs = args.pop("flavour"), args.pop("top_k"), args.pop("max_batch_size")
     with pytest.raises(SettingsError):
-        render_config("detector", flavour, tiny_cfg, top_k, mbs, **args)
+        render_config("detector", flavour, tiny_cfg, top_k, mbs, BatchingSettings(**args))
 
 
 # --------------------------------------------------------------------------- committed repository
