@@ -9,10 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from export.layout import DETECTOR, TEXT_ENCODER  # noqa: F401  (re-exported)
 from glipv2.modeling.glipv2 import GLIPv2
-
-TEXT_ENCODER = "text_encoder"
-DETECTOR = "detector"
 
 # name -> (dtype as in Triton, shape without batch; -1 = dynamic)
 TEXT_INPUTS = {"input_ids": ("TYPE_INT64", [-1]), "attention_mask": ("TYPE_INT64", [-1])}

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from export.layout import DETECTOR, TEXT_ENCODER, model_file
 from glipv2.pipeline import DetectionPipeline
 from glipv2.postprocess import PostprocessConfig
 from glipv2.text import Tokenizer
@@ -24,9 +25,9 @@ class OrtEngine:
     """text_encoder.onnx then detector.onnx: the Engine of glipv2.pipeline."""
 
     def __init__(self, onnx_dir: Path, threads: int = 0) -> None:
-        onnx_dir = Path(onnx_dir)
-        self.text = session(onnx_dir / "text_encoder.onnx", threads)
-        self.detector = session(onnx_dir / "detector.onnx", threads)
+        """onnx_dir: an export folder (<model>.onnx) or a Triton repository (<model>/1/model.onnx)."""
+        self.text = session(model_file(onnx_dir, TEXT_ENCODER, "onnx"), threads)
+        self.detector = session(model_file(onnx_dir, DETECTOR, "onnx"), threads)
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.text.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]

@@ -37,12 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from export.layout import DETECTOR, TEXT_ENCODER, model_file
+
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from glipv2.postprocess import Detections
 
-MODELS_DETECTION = ("text_encoder", "detector")
+MODELS_DETECTION = (TEXT_ENCODER, DETECTOR)
 DEFAULT_MAX_TOKENS = 256
 CONTAINER = "nvcr.io/nvidia/tensorrt:24.10-py3"  # TensorRT 10.5; same YY.MM as tritonserver:24.10 (Triton 2.51)
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_ENVIRONMENT = 0, 1, 2, 3
@@ -533,35 +535,6 @@ class TrtEngine:
         self.cuda.close()
 
 
-class OrtRepositoryEngine:
-    """The ONNX Runtime reference over a repository (`<dir>/<model>/1/model.onnx`) or an
-    export folder (`<dir>/<model>.onnx`)."""
-
-    def __init__(self, onnx_dir: str | os.PathLike, threads: int = 0) -> None:
-        from export.onnx_runtime import session
-
-        self.text = session(model_file(onnx_dir, "text_encoder", "onnx"), threads)
-        self.detector = session(model_file(onnx_dir, "detector", "onnx"), threads)
-
-    def encode_text(self, input_ids, attention_mask):
-        return self.text.run(["token_features"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
-
-    def detect(self, images, features, attention_mask):
-        return tuple(self.detector.run(["boxes", "logits", "centerness"], {
-            "images": images, "token_features": features, "attention_mask": attention_mask}))
-
-    def __call__(self, images, input_ids, attention_mask):
-        return self.detect(images, self.encode_text(input_ids, attention_mask), attention_mask)
-
-
-def model_file(root: str | os.PathLike, model: str, ext: str) -> Path:
-    """`<root>/<model>/1/model.<ext>` (Triton layout), else `<root>/<model>.<ext>` if that exists."""
-    root = Path(root)
-    triton = root / model / "1" / f"model.{ext}"
-    flat = root / f"{model}.{ext}"
-    return flat if not triton.exists() and flat.exists() else triton
-
-
 # ----------------------------------------------------------------------------------
 # Parity (numpy): same detections after postprocessing
 
@@ -715,6 +688,13 @@ def _image_hw(manifest: Mapping[str, Any]) -> tuple[int, int]:
     return int(hw[0]), int(hw[1])
 
 
+def _reference_engine(onnx_dir: str | os.PathLike):
+    """ONNX Runtime over the same ONNX files: the reference the engines must match."""
+    from export.onnx_runtime import OrtEngine
+
+    return OrtEngine(onnx_dir)
+
+
 def verify_engine(
     plan: str | os.PathLike | Mapping[str, str | os.PathLike],
     onnx_dir: str | os.PathLike,
@@ -751,7 +731,7 @@ def verify_engine(
         path = None if isinstance(plan, Mapping) else manifest_tokenizer(plan, manifest)
         path = path or manifest_tokenizer(onnx_dir, manifest)
         tokenizer = Tokenizer(path, max_tokens=int(manifest.get("max_tokens", DEFAULT_MAX_TOKENS)))
-    reference = OrtRepositoryEngine(onnx_dir)
+    reference = _reference_engine(onnx_dir)
     images, prompts = sample_inputs(num_images, seed)
     candidate = TrtEngine(plans["text_encoder"], plans["detector"])
     try:

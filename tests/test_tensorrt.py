@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from export.layout import model_file
+
 from export import tensorrt as ets
 from glipv2.postprocess import Detections
 
@@ -292,9 +294,9 @@ def test_parity_with_fake_engines(tokenizer):
 
 
 def test_model_file_layouts(tmp_path):
-    assert ets.model_file(tmp_path, "detector", "onnx") == tmp_path / "detector" / "1" / "model.onnx"
+    assert model_file(tmp_path, "detector", "onnx") == tmp_path / "detector" / "1" / "model.onnx"
     (tmp_path / "detector.onnx").write_bytes(b"")
-    assert ets.model_file(tmp_path, "detector", "onnx") == tmp_path / "detector.onnx"
+    assert model_file(tmp_path, "detector", "onnx") == tmp_path / "detector.onnx"
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -611,7 +613,7 @@ def test_runner_and_cli_glue_with_fakes(fake_trt, tmp_path, monkeypatch, capsys,
             return np.repeat(ids[..., None].astype(np.float32), FAKE_DIM, -1)
 
     monkeypatch.setattr(ets, "environment_problems", lambda: [])
-    monkeypatch.setattr(ets, "OrtRepositoryEngine", lambda onnx_dir: Reference())
+    monkeypatch.setattr(ets, "_reference_engine", lambda onnx_dir: Reference())
     (repo / "tokenizer.json").write_bytes(tokenizer.path.read_bytes())
     assert ets.main(["--repository", str(repo), "--timing-cache", str(tmp_path / "t.cache")]) == 0
     out = capsys.readouterr().out
@@ -625,6 +627,6 @@ def test_runner_and_cli_glue_with_fakes(fake_trt, tmp_path, monkeypatch, capsys,
         def __init__(self):
             super().__init__(drop_second=True)
 
-    monkeypatch.setattr(ets, "OrtRepositoryEngine", lambda onnx_dir: Different())
+    monkeypatch.setattr(ets, "_reference_engine", lambda onnx_dir: Different())
     assert ets.main(["--repository", str(repo), "--timing-cache", ""]) == 1
     assert "parity vs ONNX Runtime: FAILED" in capsys.readouterr().out

@@ -1,0 +1,18 @@
+"""Where a model's files live: a Triton repository or a flat export folder (no heavy imports)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TEXT_ENCODER = "text_encoder"
+DETECTOR = "detector"
+
+
+def model_file(root: str | os.PathLike, model: str, ext: str) -> Path:
+    """`<root>/<model>/1/model.<ext>` (Triton layout), else `<root>/<model>.<ext>` (an
+    export folder) if that exists."""
+    root = Path(root)
+    triton = root / model / "1" / f"model.{ext}"
+    flat = root / f"{model}.{ext}"
+    return flat if not triton.exists() and flat.exists() else triton
