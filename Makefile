@@ -12,7 +12,7 @@ CHECKPOINT ?= demo/tiny.pt
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[train,export,dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[train,export,serve,dev]"
 	@touch $@
 
 setup: $(STAMP)
@@ -49,8 +49,13 @@ train: setup
 evaluate: setup val-data
 	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) --data $(DATA)/val
 
-serve:
-	@echo "make serve arrives with the gateway (issue 5); see README" && exit 1
+# Serves the demo model on http://$(HOST):$(PORT) with the embedded ONNX Runtime backend;
+# renders model_repository/ first when its ONNX files are missing (a fresh clone).
+HOST ?= 127.0.0.1
+PORT ?= 8000
+serve: setup
+	@test -f $(REPOSITORY)/detector/1/model.onnx -a -f $(REPOSITORY)/tokenizer.json || $(MAKE) export
+	GLIPV2_HOST=$(HOST) GLIPV2_PORT=$(PORT) GLIPV2_REPOSITORY=$(REPOSITORY) $(PY) -m service
 
 # Benchmarks print ratios measured side by side in one run; results go to bench/results/.
 bench: setup

@@ -1,0 +1,77 @@
+"""The application factory: `create_app(settings)`; nothing is built at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.backends import Backend, create_backend
+from service.batcher import MicroBatcher
+from service.errors import BackendUnavailable, install_error_handlers
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from service.routes import detect, health, metrics, models
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+def _wrap_failures(backend: Backend):
+    def run(items):
+        try:
+            return backend.run_batch(items)
+        except Exception as exc:
+            log.exception("inference failed")
+            raise BackendUnavailable(f"inference failed: {type(exc).__name__}") from exc
+
+    return run
+
+
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
+    """settings defaults to Settings() (the GLIPV2_* environment); backend, if given,
+    replaces the one settings.backend names (tests, embedding in other apps)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        be = backend or await asyncio.to_thread(create_backend, settings)
+        batcher = MicroBatcher(
+            _wrap_failures(be),
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            queue_size=settings.queue_size,
+            timeout_s=settings.request_timeout_s,
+            retry_after_s=settings.retry_after_s,
+        )
+        await batcher.start()
+        app.state.backend, app.state.batcher = be, batcher
+        log.info("serving %s (%s backend) from %s", be.manifest.get("preset"), be.name, settings.repository)
+        try:
+            yield
+        finally:
+            app.state.backend, app.state.batcher = None, None
+            await batcher.stop()  # drains queued requests before the backend goes
+            be.close()
+
+    app = FastAPI(
+        title="glipv2-serve",
+        version="0.1.0",
+        description="Open-vocabulary detection with GLIPv2. Boxes are xyxy in original-image pixels.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.backend = None
+    app.state.batcher = None
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+    app.include_router(detect.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    # Added last = outermost: every response, including a 413, carries the request id.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware, metrics=app.state.metrics)
+    return app

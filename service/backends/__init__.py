@@ -1,0 +1,23 @@
+"""Inference backends behind one interface (service.backends.base.Backend)."""
+
+from __future__ import annotations
+
+from service.backends.base import Backend, BatchItem, load_manifest
+from service.settings import Settings
+
+__all__ = ["Backend", "BatchItem", "load_manifest", "create_backend"]
+
+
+def create_backend(settings: Settings) -> Backend:
+    """The backend named by settings.backend (blocking: loads the models)."""
+    if settings.backend == "embedded":
+        from service.backends.embedded import EmbeddedBackend
+
+        return EmbeddedBackend(settings.repository, cache_size=settings.prompt_cache_size,
+                              threads=settings.threads, spinning=settings.ort_spinning)
+    if settings.backend == "triton":
+        from service.backends.triton import TritonBackend
+
+        return TritonBackend(settings.repository, settings.triton_url, cache_size=settings.prompt_cache_size,
+                             timeout_s=settings.request_timeout_s)
+    raise ValueError(f"unknown backend {settings.backend!r}")

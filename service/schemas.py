@@ -1,0 +1,134 @@
+"""Request and response models of the HTTP API (pydantic), with their limits.
+
+Boxes are always xyxy in pixels of the original image as sent (after its EXIF
+orientation is applied): [x0, y0, x1, y1], x to the right, y down, x1 > x0, y1 > y0.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# A prompt of more than 256 tokens is refused after tokenization (422 naming the limit);
+# these character limits only bound the work spent before that.
+MAX_PROMPT_CHARS = 4096
+MAX_PHRASES = 256
+MAX_PHRASE_CHARS = 256
+
+Phrase = Annotated[str, Field(min_length=1, max_length=MAX_PHRASE_CHARS)]
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+
+class DetectItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(
+        description="JPEG, PNG or WebP, base64 (standard alphabet) or a data URL "
+        "('data:image/png;base64,...')",
+        min_length=1,
+    )
+    prompt: PromptText | Annotated[list[Phrase], Field(min_length=1, max_length=MAX_PHRASES)] = Field(
+        description="what to find: 'red circle. star.' (phrases separated by '.') or a list of "
+        "phrases ['red circle', 'star']; at most 256 tokens",
+        examples=["red circle. star.", ["red circle", "star"]],
+    )
+
+
+class DetectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[DetectItem] = Field(
+        min_length=1, description="one or more images, each with its own prompt; batched together"
+    )
+    score_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="keep detections scoring above this (default: the model's, 0.05)"
+    )
+    max_detections: int | None = Field(
+        None, ge=1, le=1000, description="at most this many detections per image (default 100)"
+    )
+
+
+Span = Annotated[list[int], Field(min_length=2, max_length=2, description="[start, end) character offsets")]
+
+
+class GroundItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="JPEG, PNG or WebP, base64 or a data URL", min_length=1)
+    caption: PromptText = Field(description="free text, e.g. 'a red circle left of a blue star'")
+    phrases: list[Span | Annotated[list[Span], Field(min_length=1, max_length=16)]] = Field(
+        min_length=1, max_length=MAX_PHRASES,
+        description="the phrases to ground, as character spans of the caption: one [start, end) pair "
+        "per phrase, or a list of pairs for a phrase in several pieces",
+        examples=[[[2, 12], [[29, 33]]]],
+    )
+
+
+class GroundRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[GroundItem] = Field(min_length=1, description="one or more images, each with its caption")
+    score_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    max_detections: int | None = Field(None, ge=1, le=1000)
+
+
+class Detection(BaseModel):
+    box: list[float] = Field(
+        min_length=4, max_length=4,
+        description="[x0, y0, x1, y1] in pixels of the original image (EXIF orientation applied)",
+    )
+    score: float = Field(ge=0.0, le=1.0)
+    phrase: str = Field(description="the prompt phrase this box was found for")
+    phrase_index: int = Field(ge=0, description="index of the phrase in the prompt")
+
+
+class ImageResult(BaseModel):
+    width: int = Field(description="original image width in pixels")
+    height: int = Field(description="original image height in pixels")
+    prompt: str = Field(description="the prompt as the model read it ('red circle. star.')")
+    phrases: list[str]
+    detections: list[Detection] = Field(description="highest score first")
+
+
+class Timings(BaseModel):
+    decode_ms: float = Field(description="base64 + image decoding + letterbox")
+    queue_ms: float = Field(description="longest wait in the batcher over the request's images")
+    inference_ms: float = Field(description="longest engine call (text encoder + detector + postprocess)")
+    total_ms: float
+
+
+class DetectResponse(BaseModel):
+    model: str
+    results: list[ImageResult]
+    timings: Timings
+
+
+class ModelInfo(BaseModel):
+    name: str
+    inputs: dict[str, dict]
+    outputs: dict[str, dict]
+
+
+class ModelsResponse(BaseModel):
+    format: str
+    flavour: str
+    preset: str
+    checkpoint: dict
+    backend: str
+    image_hw: list[int]
+    max_tokens: int
+    token_buckets: list[int]
+    top_k: int
+    postprocess: dict
+    models: list[ModelInfo]
+
+
+class HealthResponse(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    detail: str | list
+    limit: int | float | None = None
