@@ -6,9 +6,9 @@ orientation is applied): [x0, y0, x1, y1], x to the right, y down, x1 > x0, y1 >
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # A prompt of more than 256 tokens is refused after tokenization (422 naming the limit);
 # these character limits only bound the work spent before that.
@@ -20,14 +20,33 @@ Phrase = Annotated[str, Field(min_length=1, max_length=MAX_PHRASE_CHARS)]
 PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
-class DetectItem(BaseModel):
+_URL_DESCRIPTION = (
+    "instead of `image`: an http(s) URL the gateway fetches. Only when GLIPV2_URL_ALLOWLIST is set "
+    "(422 'fetching image URLs is disabled' otherwise); a host not on the list -> 403"
+)
+MAX_URL_CHARS = 2048
+
+
+class _ImageSource(BaseModel):
+    """Exactly one of `image` (base64) and `url`."""
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.image is None) == (self.url is None):
+            raise ValueError("give exactly one of 'image' (base64) and 'url'")
+        return self
+
+
+class DetectItem(_ImageSource):
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(
+    image: str | None = Field(
+        None,
         description="JPEG, PNG or WebP, base64 (standard alphabet) or a data URL "
         "('data:image/png;base64,...')",
         min_length=1,
     )
+    url: str | None = Field(None, min_length=1, max_length=MAX_URL_CHARS, description=_URL_DESCRIPTION)
     prompt: PromptText | Annotated[list[Phrase], Field(min_length=1, max_length=MAX_PHRASES)] = Field(
         description="what to find: 'red circle. star.' (phrases separated by '.') or a list of "
         "phrases ['red circle', 'star']; at most 256 tokens",
@@ -52,15 +71,17 @@ class DetectRequest(BaseModel):
 Span = Annotated[list[int], Field(min_length=2, max_length=2, description="[start, end) character offsets")]
 
 
-class GroundItem(BaseModel):
+class GroundItem(_ImageSource):
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(description="JPEG, PNG or WebP, base64 or a data URL", min_length=1)
+    image: str | None = Field(None, description="JPEG, PNG or WebP, base64 or a data URL", min_length=1)
+    url: str | None = Field(None, min_length=1, max_length=MAX_URL_CHARS, description=_URL_DESCRIPTION)
     caption: PromptText = Field(description="free text, e.g. 'a red circle left of a blue star'")
-    phrases: list[Span | Annotated[list[Span], Field(min_length=1, max_length=16)]] = Field(
-        min_length=1, max_length=MAX_PHRASES,
+    phrases: list[Span | Annotated[list[Span], Field(min_length=1, max_length=16)]] | None = Field(
+        None, min_length=1, max_length=MAX_PHRASES,
         description="the phrases to ground, as character spans of the caption: one [start, end) pair "
-        "per phrase, or a list of pairs for a phrase in several pieces",
+        "per phrase, or a list of pairs for a phrase in several pieces. Left out: the caption's noun "
+        "phrases are found automatically (glipv2.phrases; 422 when it has none)",
         examples=[[[2, 12], [[29, 33]]]],
     )
 
@@ -91,6 +112,15 @@ class ImageResult(BaseModel):
     detections: list[Detection] = Field(description="highest score first")
 
 
+class GroundImageResult(ImageResult):
+    phrase_spans: list[list[list[int]]] = Field(
+        description="for each phrase (same order as `phrases`), its [start, end) character spans in the caption"
+    )
+    phrases_source: Literal["given", "automatic"] = Field(
+        description="'given': the request's spans; 'automatic': noun phrases found in the caption"
+    )
+
+
 class Timings(BaseModel):
     decode_ms: float = Field(description="base64 + image decoding + letterbox")
     queue_ms: float = Field(description="longest wait in the batcher over the request's images")
@@ -101,6 +131,12 @@ class Timings(BaseModel):
 class DetectResponse(BaseModel):
     model: str
     results: list[ImageResult]
+    timings: Timings
+
+
+class GroundResponse(BaseModel):
+    model: str
+    results: list[GroundImageResult]
     timings: Timings
 
 

@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="if set, requests need the X-API-Key header")
     prompt_cache_size: int = Field(1024, ge=0, description="prompts whose text features are kept (LRU)")
 
+    url_allowlist: str | None = Field(
+        None,
+        description="comma-separated hosts ('images.example.com', 'host:8080') or URL prefixes "
+        "('https://cdn.example.com/public/') that requests may name in 'url'; unset = URLs refused (422)",
+    )
+    url_timeout_s: float = Field(10.0, gt=0.0, le=300.0, description="connect/read timeout when fetching an image URL")
+    url_max_redirects: int = Field(3, ge=0, le=10, description="redirects followed, same scheme/host/port only")
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"

@@ -1,5 +1,7 @@
 """POST /v1/detect (JSON, base64 images), /v1/detect/upload (multipart) and /v1/ground (caption +
-phrase spans): images + prompts -> boxes (xyxy, original-image pixels)."""
+phrase spans, or noun phrases found automatically): images + prompts -> boxes (xyxy,
+original-image pixels). JSON items may give a `url` instead of base64 where
+GLIPV2_URL_ALLOWLIST is set (service.images.fetch_url)."""
 
 from __future__ import annotations
 
@@ -11,18 +13,21 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from glipv2.image import letterbox
 from glipv2.postprocess import PostprocessConfig
-from glipv2.text import prompt_from_spans
+from glipv2.phrases import noun_phrases
+from glipv2.text import EmptyPromptError, Prompt, prompt_from_spans
 from service.backends import Backend, BatchItem
 from service.deps import BackendDep, BatcherDep, SettingsDep, require_api_key
 from service.errors import InvalidInput, PayloadTooLarge
-from service.images import decode_base64, decode_image
+from service.images import ImageURL, decode_base64, decode_image, fetch_url, parse_allowlist
 from service.schemas import (
     MAX_PROMPT_CHARS,
     Detection,
     DetectRequest,
     DetectResponse,
     ErrorResponse,
+    GroundImageResult,
     GroundRequest,
+    GroundResponse,
     ImageResult,
     Timings,
 )
@@ -31,9 +36,11 @@ from service.settings import Settings
 router = APIRouter(prefix="/v1", tags=["detect"], dependencies=[Depends(require_api_key)])
 
 _ERRORS = {
+    403: {"model": ErrorResponse, "description": "image URL's host (or its redirect's) is not on GLIPV2_URL_ALLOWLIST"},
     413: {"model": ErrorResponse, "description": "body, image bytes or image pixels over a limit"},
     415: {"model": ErrorResponse, "description": "image is not JPEG, PNG or WebP"},
-    422: {"model": ErrorResponse, "description": "bad base64, corrupt image, empty or over-long prompt (256 tokens)"},
+    422: {"model": ErrorResponse, "description": "bad base64, corrupt image, empty or over-long prompt (256 tokens), "
+          "image URLs disabled or unfetchable, (/ground) a caption without noun phrases"},
     503: {"model": ErrorResponse, "description": "queue full (Retry-After) or model not loaded"},
     504: {"model": ErrorResponse, "description": "request took longer than the timeout"},
 }
@@ -49,14 +56,29 @@ def _postprocess_config(backend: Backend, score_threshold: float | None, max_det
     return PostprocessConfig(**fields)
 
 
-def _prepare(backend: Backend, settings: Settings, images: list[str | bytes], prompts: list, cfg: PostprocessConfig
+Source = str | bytes | ImageURL
+
+
+def _source(item) -> Source:
+    """A request item's image: base64 text or an ImageURL (the schema ensures exactly one)."""
+    return ImageURL(item.url) if item.url is not None else item.image
+
+
+def _raw(image: Source, settings: Settings) -> bytes:
+    if isinstance(image, ImageURL):
+        return fetch_url(image.url, parse_allowlist(settings.url_allowlist), max_bytes=settings.max_body_bytes,
+                         timeout_s=settings.url_timeout_s, max_redirects=settings.url_max_redirects)
+    return decode_base64(image, settings.max_body_bytes) if isinstance(image, str) else image
+
+
+def _prepare(backend: Backend, settings: Settings, images: list[Source], prompts: list, cfg: PostprocessConfig
              ) -> tuple[list[BatchItem], list[tuple[int, int]]]:
     """Blocking (run in a thread): tokenize every prompt first (cheap, fails fast), then
-    decode (base64 str or raw bytes) and letterbox every image."""
+    fetch/decode (base64 str, raw bytes or an allowed URL) and letterbox every image."""
     tokenized = [backend.tokenize(p) for p in prompts]
     items, sizes = [], []
     for image, prompt in zip(images, tokenized):
-        raw = decode_base64(image, settings.max_body_bytes) if isinstance(image, str) else image
+        raw = _raw(image, settings)
         pixels_hwc = decode_image(raw, settings.max_image_pixels)
         pixels, lb = letterbox(pixels_hwc, backend.image_hw)
         items.append(BatchItem(pixels=pixels, letterbox=lb, prompt=prompt, postprocess=cfg))
@@ -64,7 +86,7 @@ def _prepare(backend: Backend, settings: Settings, images: list[str | bytes], pr
     return items, sizes
 
 
-async def _detect(settings: Settings, backend: Backend, batcher, images: list[str | bytes], prompts: list,
+async def _detect(settings: Settings, backend: Backend, batcher, images: list[Source], prompts: list,
                   cfg: PostprocessConfig) -> DetectResponse:
     started = time.perf_counter()
     if len(images) > settings.max_images_per_request:
@@ -103,18 +125,42 @@ async def _detect(settings: Settings, backend: Backend, batcher, images: list[st
              summary="Detect the phrases of a prompt in one or more images (JSON, base64 images)")
 async def detect(req: DetectRequest, settings: SettingsDep, backend: BackendDep, batcher: BatcherDep) -> DetectResponse:
     cfg = _postprocess_config(backend, req.score_threshold, req.max_detections)
-    return await _detect(settings, backend, batcher, [it.image for it in req.images],
+    return await _detect(settings, backend, batcher, [_source(it) for it in req.images],
                          [it.prompt for it in req.images], cfg)
 
 
-@router.post("/ground", response_model=DetectResponse, responses=_ERRORS,
-             summary="Ground the given phrases (character spans) of a caption in one or more images")
-async def ground(req: GroundRequest, settings: SettingsDep, backend: BackendDep, batcher: BatcherDep) -> DetectResponse:
-    """Each detection's phrase_index is the index of the span in `phrases`; phrase is the
-    caption text it covers."""
+def ground_prompt(caption: str, spans: list | None) -> tuple[Prompt, str]:
+    """The caption's prompt from the given spans, or from its noun phrases when spans is
+    None (422 when the caption has none). Returns (prompt, 'given' | 'automatic')."""
+    if spans is not None:
+        return prompt_from_spans(caption, spans), "given"  # PromptError -> 422
+    found = noun_phrases(caption)
+    if not found:
+        raise EmptyPromptError(
+            "no noun phrase found in the caption to ground; give the phrases as character spans in 'phrases'"
+        )
+    return prompt_from_spans(caption, [list(s) for s in found]), "automatic"
+
+
+@router.post("/ground", response_model=GroundResponse, responses=_ERRORS,
+             summary="Ground the phrases of a caption (given as character spans, or its noun phrases) in images")
+async def ground(req: GroundRequest, settings: SettingsDep, backend: BackendDep, batcher: BatcherDep) -> GroundResponse:
+    """Each detection's phrase_index is the index of the phrase in `phrases`; phrase is the
+    caption text it covers. Without `phrases`, the caption's noun phrases are grounded
+    (rule-based chunker, glipv2.phrases) and each result's `phrase_spans` says which."""
     cfg = _postprocess_config(backend, req.score_threshold, req.max_detections)
-    prompts = [prompt_from_spans(it.caption, it.phrases) for it in req.images]  # PromptError -> 422
-    return await _detect(settings, backend, batcher, [it.image for it in req.images], prompts, cfg)
+    built = [ground_prompt(it.caption, it.phrases) for it in req.images]
+    out = await _detect(settings, backend, batcher, [_source(it) for it in req.images],
+                        [p for p, _ in built], cfg)
+    return GroundResponse(
+        model=out.model,
+        timings=out.timings,
+        results=[
+            GroundImageResult(**res.model_dump(), phrases_source=source,
+                              phrase_spans=[[list(span) for span in spans] for spans in prompt.phrase_spans])
+            for res, (prompt, source) in zip(out.results, built)
+        ],
+    )
 
 
 @router.post("/detect/upload", response_model=DetectResponse, responses=_ERRORS,
