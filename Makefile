@@ -17,8 +17,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: setup triton-server
+test: setup triton-server browser
 	$(PY) -m pytest -q -m "not slow"
+
+# Debian's chromium + chromedriver for the demo page's browser test
+# (tests/test_service_browser.py); installed only when missing (CI runs as root).
+.PHONY: browser
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 # The real tritonserver (from the nvidia-pytriton wheel, unpacked into .cache/tritonserver,
 # never installed into the venv: it pins numpy<2) and the models' own small venv there

@@ -13,7 +13,7 @@ from service.batcher import MicroBatcher
 from service.errors import BackendUnavailable, install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from service.routes import detect, health, metrics, models
+from service.routes import demo, detect, health, metrics, models
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(demo.router)
     # Added last = outermost: every response, including a 413, carries the request id.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware, metrics=app.state.metrics)
