@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: setup triton-server browser
+test: setup triton-server browser repository
 	$(PY) -m pytest -q -m "not slow"
 
 # Debian's chromium + chromedriver for the demo page's browser test
@@ -61,7 +61,7 @@ evaluate: setup val-data
 HOST ?= 127.0.0.1
 PORT ?= 8000
 serve: setup
-	@test -f $(REPOSITORY)/detector/1/model.onnx -a -f $(REPOSITORY)/tokenizer.json || $(MAKE) export
+	@$(MAKE) --no-print-directory repository
 	GLIPV2_HOST=$(HOST) GLIPV2_PORT=$(PORT) GLIPV2_REPOSITORY=$(REPOSITORY) $(PY) -m service
 
 # Benchmarks print ratios measured side by side in one run; results go to bench/results/.
@@ -79,6 +79,11 @@ FLAVOUR    ?= cpu
 TOP_K      ?= 100
 MAX_BATCH  ?= 8
 REPOSITORY ?= model_repository
+
+# The gateway and Triton tests serve model_repository/: render its ONNX files when missing.
+.PHONY: repository
+repository: setup
+	@test -f $(REPOSITORY)/detector/1/model.onnx -a -f $(REPOSITORY)/tokenizer.json || $(MAKE) export
 
 .PHONY: export
 export: setup
