@@ -21,7 +21,9 @@ class Settings(BaseSettings):
 
     repository: Path = Field(Path("model_repository"), description="rendered model repository (manifest.json)")
     backend: Literal["embedded", "triton"] = "embedded"
-    triton_url: str = "localhost:8001"
+    triton_url: str = Field("localhost:8001", description="Triton's gRPC endpoint (host:port)")
+    triton_http_url: str | None = Field(
+        None, description="Triton's HTTP endpoint (host:port), used when gRPC does not answer; unset = gRPC only")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = its default)")
     ort_spinning: bool = Field(False, description="let the detector's ORT threads spin-wait between runs")
 

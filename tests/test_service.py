@@ -8,6 +8,7 @@ that reason where they are missing.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import io
 import time
@@ -21,6 +22,7 @@ from PIL import Image
 
 from glipv2.boxes import box_iou
 from service.app import create_app
+from export.local_triton import TritonInstallError, TritonServer, install
 from service.backends.embedded import EmbeddedBackend
 from service.settings import Settings
 from training.shapes_world import SHAPES, sample_scene, render
@@ -35,10 +37,75 @@ MAX_PIXELS = 1_000_000
 MAX_BODY = 3_000_000
 
 
+BACKENDS = ["embedded", "triton"]
+
+
 def _settings(**kw) -> Settings:
     base = dict(repository=REPO, max_image_pixels=MAX_PIXELS, max_body_bytes=MAX_BODY, max_wait_ms=20.0,
                 threads=2, max_images_per_request=8)
     return Settings(**{**base, **kw})
+
+
+# One real tritonserver (export.local_triton: the nvidia-pytriton binary, cpu flavour:
+# python-backend models running the same ONNX files) for the whole session, started on
+# first use and shared with tests/test_service_triton.py, which imports `triton_server`
+# (a fixture imported into another module gets its own FixtureDef, hence the module-level
+# singleton). Stopped at exit; it also dies with this process (PDEATHSIG).
+_TRITON: dict = {}
+
+
+def _shared_triton() -> TritonServer:
+    if "server" in _TRITON:
+        return _TRITON["server"]
+    if "skip" in _TRITON:
+        pytest.skip(_TRITON["skip"])
+    try:
+        root = install()
+    except TritonInstallError as exc:
+        _TRITON["skip"] = f"cannot install the tritonserver: {exc}"
+        pytest.skip(_TRITON["skip"])
+    srv = TritonServer(REPO, root=root)
+    srv.start()
+    try:
+        srv.wait_ready(timeout=120)
+    except BaseException:
+        srv.stop()
+        srv.cleanup()
+        raise
+
+    def _stop():
+        srv.stop()
+        srv.cleanup()
+
+    atexit.register(_stop)
+    _TRITON["server"] = srv
+    return srv
+
+
+@pytest.fixture(scope="session")
+def triton_server() -> TritonServer:
+    return _shared_triton()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend_kind(request) -> str:
+    """'embedded' or 'triton' (against the shared real tritonserver)."""
+    if request.param == "triton":
+        request.getfixturevalue("triton_server")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def backend_settings(backend_kind):
+    """_settings() for backend_kind: kw -> Settings."""
+    extra = {"backend": backend_kind}
+    if backend_kind == "triton":
+        extra["triton_url"] = _shared_triton().url_grpc
+
+    def make(**kw) -> Settings:
+        return _settings(**{**extra, **kw})
+
+    return make
 
 
 def _b64(img: np.ndarray | Image.Image, fmt: str = "PNG", **save) -> str:
@@ -58,8 +125,8 @@ def _scenes(n: int, seed: int):
 
 
 @pytest.fixture(scope="module")
-def client():
-    with TestClient(create_app(_settings())) as c:
+def client(backend_settings):
+    with TestClient(create_app(backend_settings())) as c:
         yield c
 
 
@@ -230,11 +297,11 @@ def test_malformed_json(client):
 # ---------------------------------------------------------------------- models, health, ids
 
 
-def test_models_from_manifest(client):
+def test_models_from_manifest(client, backend_kind):
     r = client.get("/v1/models")
     assert r.status_code == 200
     body = r.json()
-    assert body["backend"] == "embedded" and body["preset"] == "tiny"
+    assert body["backend"] == backend_kind and body["preset"] == "tiny"
     assert body["image_hw"] == [256, 256] and body["max_tokens"] == 256
     assert {m["name"] for m in body["models"]} == {"text_encoder", "detector"}
 
@@ -249,17 +316,25 @@ def test_health_and_request_id(client):
     assert "x-request-id" in client.post("/v1/detect", content=b"x" * (MAX_BODY + 1)).headers
 
 
-def test_not_ready_before_startup_and_when_backend_fails():
-    c = TestClient(create_app(_settings()))  # no `with`: lifespan not run, no model loaded
+def test_not_ready_before_startup_and_when_backend_fails(backend_kind, backend_settings):
+    settings = backend_settings()
+    c = TestClient(create_app(settings))  # no `with`: lifespan not run, no model loaded
     assert c.get("/health/ready").status_code == 503
     assert c.get("/health/live").status_code == 200
     assert c.post("/v1/detect", json={"images": [{"image": _tiny_png(), "prompt": "a"}]}).status_code == 503
 
-    class Broken(EmbeddedBackend):
+    if backend_kind == "triton":
+        from service.backends.triton import TritonBackend as Base
+
+        args = (REPO, settings.triton_url)
+    else:
+        Base, args = EmbeddedBackend, (REPO,)
+
+    class Broken(Base):
         def ping(self):
             raise ConnectionError("engine gone")
 
-    with TestClient(create_app(_settings(), backend=Broken(REPO))) as c:
+    with TestClient(create_app(settings, backend=Broken(*args))) as c:
         r = c.get("/health/ready")
         assert r.status_code == 503 and "engine gone" in r.json()["detail"]
 
@@ -286,11 +361,11 @@ async def _concurrent(app, payloads):
     return responses, stats, metrics
 
 
-def test_concurrent_requests_form_batches():
+def test_concurrent_requests_form_batches(backend_settings):
     scenes = _scenes(16, seed=11)
     prompts = ["circle.", "red square. blue star.", ["triangle", "hexagon", "ellipse", "green circle"]]
     payloads = [{"images": [{"image": _b64(img), "prompt": prompts[i % 3]}]} for i, (_, img) in enumerate(scenes)]
-    app = create_app(_settings(max_wait_ms=100.0, max_batch_size=8))
+    app = create_app(backend_settings(max_wait_ms=100.0, max_batch_size=8))
     responses, stats, metrics = asyncio.run(_concurrent(app, payloads))
     assert [r.status_code for r in responses] == [200] * 16
     b = stats["batcher"]
@@ -306,8 +381,8 @@ def test_concurrent_requests_form_batches():
     assert lines["glipv2_prompt_cache_hits_total"] == "13"
 
 
-def test_repeated_prompt_is_a_cache_hit():
-    with TestClient(create_app(_settings())) as c:
+def test_repeated_prompt_is_a_cache_hit(backend_settings):
+    with TestClient(create_app(backend_settings())) as c:
         item = {"image": _tiny_png(), "prompt": "purple hexagon. tiny star."}
         c.post("/v1/detect", json={"images": [item]})
         before = c.get("/v1/stats").json()["backend"]

@@ -3,7 +3,10 @@ nvidia-pytriton wheel, unpacked by export.local_triton) serving model_repository
 flavour: python-backend models running the same ONNX files with ONNX Runtime).
 
 The same API answers as with the embedded backend, the same detections; a Triton that
-cannot be reached makes /health/ready fail and /v1/detect answer 503.
+cannot be reached makes /health/ready fail and /v1/detect answer 503; with gRPC not
+answering, the backend falls back to Triton's HTTP endpoint and answers the same.
+The API tests of tests/test_service.py also run against this backend (its `backend_kind`
+parametrization); the server is the one session-wide `triton_server` of that module.
 Skips where the ONNX files are missing or the tritonserver cannot be installed.
 """
 
@@ -16,10 +19,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from export.local_triton import TritonInstallError, TritonServer, free_port, install
+from export.local_triton import free_port
 from service.app import create_app
+from service.backends.triton import TritonBackend
 from service.settings import Settings
-from tests.test_service import _b64, _concurrent, _scenes
+from tests.test_service import _b64, _concurrent, _scenes, triton_server  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1] / "model_repository"
 pytestmark = [
@@ -32,19 +36,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def triton_url():
-    try:
-        root = install()
-    except TritonInstallError as exc:
-        pytest.skip(f"cannot install the tritonserver: {exc}")
-    srv = TritonServer(REPO, root=root)
-    srv.start()
-    try:
-        srv.wait_ready(timeout=120)
-        yield srv.url_grpc
-    finally:
-        srv.stop()
-        srv.cleanup()
+def triton_url(triton_server):
+    return triton_server.url_grpc
 
 
 def _settings(**kw) -> Settings:
@@ -97,3 +90,48 @@ def test_unreachable_triton_is_503():
         r = c.post("/v1/detect", json={"images": _items()[:1]})
         assert r.status_code == 503, r.text
         assert c.get("/health/live").status_code == 200
+
+
+def _detections(results):
+    return [[(d["phrase"], d["score"], d["box"]) for d in res["detections"]] for res in results]
+
+
+def test_http_fallback_when_grpc_does_not_answer(triton_server):
+    items = _items()
+    settings = _settings(backend="triton", triton_url=triton_server.url_grpc)
+    with TestClient(create_app(settings)) as c:
+        via_grpc = c.post("/v1/detect", json={"images": items})
+        assert via_grpc.status_code == 200, via_grpc.text
+        assert c.get("/v1/stats").json()["backend"]["protocol"] == "grpc"
+    # nothing listens on the gRPC port; the HTTP endpoint is the real one
+    settings = _settings(backend="triton", triton_url=f"127.0.0.1:{free_port()}",
+                         triton_http_url=triton_server.url_http)
+    backend = TritonBackend(REPO, settings.triton_url, http_url=settings.triton_http_url,
+                            timeout_s=settings.request_timeout_s)
+    with TestClient(create_app(settings, backend=backend)) as c:
+        assert c.get("/health/ready").status_code == 200  # the probe's thread picks HTTP
+        via_http = c.post("/v1/detect", json={"images": items})  # the batcher's thread, its own client
+        assert via_http.status_code == 200, via_http.text
+        assert c.get("/v1/stats").json()["backend"]["protocol"] == "http"
+    # concurrent requests over HTTP, the first inference picking the protocol itself
+    backend = TritonBackend(REPO, settings.triton_url, http_url=settings.triton_http_url)
+    responses, stats, _ = asyncio.run(_concurrent(create_app(settings, backend=backend),
+                                                  [{"images": [it]} for it in items * 3]))
+    assert [r.status_code for r in responses] == [200] * len(items) * 3
+    assert stats["backend"]["protocol"] == "http" and stats["batcher"]["items"] == len(items) * 3, stats
+    a, b = _detections(via_grpc.json()["results"]), _detections(via_http.json()["results"])
+    assert sum(map(len, a)) > 0 and [len(x) for x in a] == [len(x) for x in b]
+    for ra, rb in zip(a, b):
+        for (pa, sa, ba), (pb, sb, bb) in zip(ra, rb):
+            assert pa == pb and abs(sa - sb) < 1e-5
+            np.testing.assert_allclose(ba, bb, atol=1e-3)
+
+
+def test_http_only_when_grpc_and_http_unreachable_is_503():
+    settings = _settings(backend="triton", triton_url=f"127.0.0.1:{free_port()}",
+                         triton_http_url=f"127.0.0.1:{free_port()}")
+    backend = TritonBackend(REPO, settings.triton_url, http_url=settings.triton_http_url, timeout_s=5)
+    with TestClient(create_app(settings, backend=backend)) as c:
+        r = c.get("/health/ready")
+        assert r.status_code == 503 and "grpc" in r.json()["detail"] and "http" in r.json()["detail"], r.text
+        assert c.post("/v1/detect", json={"images": _items()[:1]}).status_code == 503

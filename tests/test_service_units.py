@@ -259,3 +259,18 @@ def test_python_m_service_serves_and_shuts_down_gracefully(tmp_path):
     assert code in (0, -signal.SIGTERM), text
     assert "Application shutdown complete" in text
     assert "[it-is-me]" in text  # the request id is in the gateway's log lines
+
+
+def test_triton_settings_reach_the_backend(monkeypatch):
+    """GLIPV2_TRITON_HTTP_URL is the HTTP fallback of the backend the app builds."""
+    from service.backends import create_backend
+
+    monkeypatch.setenv("GLIPV2_BACKEND", "triton")
+    monkeypatch.setenv("GLIPV2_TRITON_URL", "127.0.0.1:1")
+    monkeypatch.setenv("GLIPV2_TRITON_HTTP_URL", "127.0.0.1:2")
+    backend = create_backend(Settings())
+    try:
+        assert backend.http_url == "127.0.0.1:2"
+        assert len(backend.protocols) == 2
+    finally:
+        backend.close()

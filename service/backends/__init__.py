@@ -19,5 +19,5 @@ def create_backend(settings: Settings) -> Backend:
         from service.backends.triton import TritonBackend
 
         return TritonBackend(settings.repository, settings.triton_url, cache_size=settings.prompt_cache_size,
-                             timeout_s=settings.request_timeout_s)
+                             timeout_s=settings.request_timeout_s, http_url=settings.triton_http_url)
     raise ValueError(f"unknown backend {settings.backend!r}")

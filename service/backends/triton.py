@@ -1,48 +1,183 @@
 """Triton backend: the same prompts, cache, padding and postprocessing as the embedded
-backend, with the two engine calls sent to a Triton server over gRPC (tritonclient).
+backend, with the two engine calls sent to a Triton server by tritonclient: over gRPC,
+with HTTP as the fallback.
 
 The gateway's micro-batcher still forms the batches (one padded detector request per
 batch, the same shapes for every flavour: TensorRT plans need dense batches); Triton's
 own dynamic batcher can merge batches of several gateway processes on top of that.
 The manifest and tokenizer are read from the local copy of the repository Triton serves.
+
+Protocols: `url` is Triton's gRPC endpoint (host:8001), `http_url` its optional HTTP
+endpoint (host:8000). The first ping (or the first inference) picks the first protocol
+that answers, gRPC before HTTP, and later pings pick again when the chosen one stops
+answering. One small adapter per protocol turns numpy arrays into a request and the
+response back into arrays; everything else is shared.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from service.backends.base import EngineBackend
 
 MODELS = ("text_encoder", "detector")
+PING_TIMEOUT_S = 5.0
 
 
-def _input(name: str, array: np.ndarray) -> grpcclient.InferInput:
-    inp = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-    inp.set_data_from_numpy(np.ascontiguousarray(array))
-    return inp
+class _Protocol:
+    """One tritonclient module (grpc or http) behind the three calls the backend needs."""
+
+    name = "?"
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.url = url
+        self.timeout_s = float(timeout_s)
+
+    def _client(self):
+        raise NotImplementedError
+
+    def _module(self):
+        raise NotImplementedError
+
+    def _call_kw(self, timeout_s: float) -> dict:
+        return {}
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        mod = self._module()
+        reqs = []
+        for k, v in inputs.items():
+            v = np.ascontiguousarray(v)
+            inp = mod.InferInput(k, list(v.shape), np_to_triton_dtype(v.dtype))
+            inp.set_data_from_numpy(v)
+            reqs.append(inp)
+        result = self._client().infer(model, reqs, outputs=[mod.InferRequestedOutput(o) for o in outputs],
+                                      **self._call_kw(self.timeout_s))
+        return [result.as_numpy(o) for o in outputs]
+
+    def ready(self) -> None:
+        """Raise ConnectionError unless the server and both models are ready."""
+        where = f"triton at {self.url} ({self.name})"
+        try:
+            c, kw = self._client(), self._call_kw(PING_TIMEOUT_S)
+            not_ready = None if c.is_server_ready(**kw) else "server"
+            not_ready = not_ready or next((m for m in MODELS if not c.is_model_ready(m, **kw)), None)
+        except InferenceServerException as exc:
+            raise ConnectionError(f"{where}: {exc.message()}") from None
+        except Exception as exc:  # http: socket errors (ConnectionRefusedError), gevent timeouts
+            raise ConnectionError(f"{where}: {type(exc).__name__}: {exc}") from None
+        if not_ready == "server":
+            raise ConnectionError(f"{where} is not ready")
+        if not_ready:
+            raise ConnectionError(f"{where}: model {not_ready} is not ready")
+
+    def close(self) -> None:
+        pass
+
+
+class _Grpc(_Protocol):
+    name = "grpc"
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        super().__init__(url, timeout_s)
+        import tritonclient.grpc as grpcclient
+
+        self._mod = grpcclient
+        self._c = grpcclient.InferenceServerClient(url)  # thread-safe; connects lazily
+
+    def _module(self):
+        return self._mod
+
+    def _client(self):
+        return self._c
+
+    def _call_kw(self, timeout_s: float) -> dict:
+        return {"client_timeout": timeout_s}
+
+    def close(self) -> None:
+        self._c.close()
+
+
+class _Http(_Protocol):
+    """tritonclient.http (geventhttpclient) is not safe across OS threads: one client per
+    thread (the batcher's worker, the readiness probe's thread)."""
+
+    name = "http"
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        super().__init__(url, timeout_s)
+        import tritonclient.http as httpclient
+
+        self._mod = httpclient
+        self._local = threading.local()
+        self._all: list = []
+        self._lock = threading.Lock()
+
+    def _module(self):
+        return self._mod
+
+    def _client(self):
+        c = getattr(self._local, "client", None)
+        if c is None:
+            c = self._mod.InferenceServerClient(self.url, connection_timeout=PING_TIMEOUT_S,
+                                                network_timeout=self.timeout_s)
+            self._local.client = c
+            with self._lock:
+                self._all.append(c)
+        return c
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._all = self._all, []
+        for c in clients:
+            try:
+                c.close()
+            except Exception:
+                pass
 
 
 class TritonBackend(EngineBackend):
     name = "triton"
 
-    def __init__(self, repository: Path, url: str, cache_size: int = 1024, timeout_s: float = 30.0) -> None:
+    def __init__(self, repository: Path, url: str, cache_size: int = 1024, timeout_s: float = 30.0,
+                 http_url: str | None = None) -> None:
         super().__init__(repository, cache_size)
         self.url = url
+        self.http_url = http_url or None
         self.timeout_s = float(timeout_s)
-        self.client = grpcclient.InferenceServerClient(url)
+        self.protocols: list[_Protocol] = [_Grpc(url, self.timeout_s)]
+        if self.http_url:
+            self.protocols.append(_Http(self.http_url, self.timeout_s))
+        self._active: _Protocol | None = None
+        self._select_lock = threading.Lock()
+
+    @property
+    def protocol(self) -> str | None:
+        """'grpc' or 'http' once a ping found one that answers; None before."""
+        return self._active.name if self._active is not None else None
+
+    def _select(self) -> _Protocol:
+        """The first protocol whose server answers (gRPC, then HTTP); ConnectionError naming
+        every failure when none does."""
+        with self._select_lock:
+            errors = []
+            for p in self.protocols:
+                try:
+                    p.ready()
+                except ConnectionError as exc:
+                    errors.append(str(exc))
+                    continue
+                self._active = p
+                return p
+            self._active = None
+            raise ConnectionError("; ".join(errors))
 
     def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        result = self.client.infer(
-            model,
-            [_input(k, v) for k, v in inputs.items()],
-            outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
-            client_timeout=self.timeout_s,
-        )
-        return [result.as_numpy(o) for o in outputs]
+        p = self._active or self._select()
+        return p.infer(model, inputs, outputs)
 
     def _encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self._infer("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask},
@@ -54,14 +189,20 @@ class TritonBackend(EngineBackend):
                                  ["boxes", "logits", "centerness"]))
 
     def ping(self) -> None:
-        try:
-            if not self.client.is_server_ready(client_timeout=5.0):
-                raise ConnectionError(f"triton at {self.url} is not ready")
-            for model in MODELS:
-                if not self.client.is_model_ready(model, client_timeout=5.0):
-                    raise ConnectionError(f"triton at {self.url}: model {model} is not ready")
-        except InferenceServerException as exc:
-            raise ConnectionError(f"triton at {self.url}: {exc.message()}") from None
+        active = self._active
+        if active is not None:
+            try:
+                active.ready()
+                return
+            except ConnectionError:
+                if len(self.protocols) == 1:
+                    self._active = None
+                    raise
+        self._select()
+
+    def stats(self) -> dict:
+        return {**super().stats(), "protocol": self.protocol}
 
     def close(self) -> None:
-        self.client.close()
+        for p in self.protocols:
+            p.close()
