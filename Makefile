@@ -83,7 +83,7 @@ REPOSITORY ?= model_repository
 # The gateway and Triton tests serve model_repository/: render its ONNX files when missing.
 .PHONY: repository
 repository: setup
-	@test -f $(REPOSITORY)/detector/1/model.onnx -a -f $(REPOSITORY)/tokenizer.json || $(MAKE) export
+	@test -f $(REPOSITORY)/detector/1/model.onnx -a -f $(REPOSITORY)/detector/1/model.py -a -f $(REPOSITORY)/tokenizer.json || $(MAKE) export
 
 .PHONY: export
 export: setup
