@@ -37,6 +37,7 @@ __all__ = [
     "TokenizedPrompt",
     "tokenize",
     "TokenBatch",
+    "bucket_length",
     "pad_batch",
 ]
 
@@ -365,6 +366,14 @@ class TokenBatch:
         return int(self.input_ids.shape[0])
 
 
+def bucket_length(longest: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """The smallest bucket that fits a prompt of `longest` tokens (PromptTooLongError if none)."""
+    fitting = [b for b in sorted(buckets) if b >= longest]
+    if not fitting:
+        raise PromptTooLongError(longest, max(buckets))
+    return fitting[0]
+
+
 def pad_batch(
     items: Sequence[TokenizedPrompt],
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
@@ -383,10 +392,7 @@ def pad_batch(
     if buckets is None:
         tp = longest
     else:
-        fitting = [b for b in sorted(buckets) if b >= longest]
-        if not fitting:
-            raise PromptTooLongError(longest, max(buckets))
-        tp = fitting[0]
+        tp = bucket_length(longest, buckets)
     counts = [it.num_phrases for it in items]
     pmax = max(counts)
     b = len(items)

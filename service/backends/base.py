@@ -21,7 +21,7 @@ import numpy as np
 
 from glipv2.boxes import Letterbox
 from glipv2.postprocess import Detections, PostprocessConfig, postprocess
-from glipv2.text import Prompt, PromptTooLongError, TokenizedPrompt, Tokenizer, build_prompt, tokenize
+from glipv2.text import Prompt, TokenizedPrompt, Tokenizer, bucket_length, build_prompt, tokenize
 
 MANIFEST_FORMAT = "glipv2-serve-repository/1"
 
@@ -148,16 +148,10 @@ class EngineBackend:
         self.cache.put(key, feats)
         return feats
 
-    def _bucket(self, longest: int) -> int:
-        for b in self.buckets:
-            if b >= longest:
-                return b
-        raise PromptTooLongError(longest, self.buckets[-1])
-
     # batch ---------------------------------------------------------------------
     def run_batch(self, items: list[BatchItem]) -> list[Detections]:
         feats = [self.features(it.prompt) for it in items]
-        tp = self._bucket(max(f.shape[0] for f in feats))
+        tp = bucket_length(max(f.shape[0] for f in feats), self.buckets)
         b, d = len(items), feats[0].shape[1]
         features = np.zeros((b, tp, d), dtype=np.float32)
         mask = np.zeros((b, tp), dtype=np.int64)
