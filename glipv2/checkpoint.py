@@ -87,6 +87,27 @@ def load_model_weights(model: torch.nn.Module, cfg: ModelConfig, state: dict[str
     model.load_state_dict(state, strict=not _skips_text_encoder(cfg))
 
 
+UNDERSTANDING_PREFIXES = ("vqa_head.", "caption_decoder.")
+
+
+def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLike[str]) -> None:
+    """Start a new run from another run's weights: same model except, possibly, the
+    understanding heads, which start fresh where the checkpoint has none."""
+    ckpt = read_checkpoint(path)
+    theirs = ModelConfig.from_dict(ckpt["model_config"])
+    keep = ("vqa_answers", "caption_tokens")
+    if theirs.replace(**{k: getattr(cfg, k) for k in keep}) != cfg:
+        raise CheckpointError(f"{path} was trained as another model ({theirs.preset!r}, other sizes); "
+                              "--init-from needs the same preset and overrides")
+    state = dict(ckpt["model"])
+    expected = model_state(model, cfg)
+    for k in list(state):
+        if k.startswith(UNDERSTANDING_PREFIXES) and (k not in expected or state[k].shape != expected[k].shape):
+            del state[k]  # another answer / token vocabulary: that head starts fresh
+    fresh = {k: v for k, v in expected.items() if k.startswith(UNDERSTANDING_PREFIXES) and k not in state}
+    load_model_weights(model, cfg, {**state, **fresh}, f"checkpoint {path}")
+
+
 def load_model(path: str | os.PathLike[str], preset: str | None = None, device: str = "cpu"):
     """Rebuild the model a checkpoint was trained as. `preset`, when given, must match."""
     from glipv2.modeling.glipv2 import build_model

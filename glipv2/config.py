@@ -48,6 +48,17 @@ class ModelConfig:
     prior_prob: float = 0.01
     vocab_size: int = 30522
     head_kernel: int = 3  # bbox / centerness conv kernel; official GLIP uses 1x1
+    # Understanding heads. Their vocabularies come from the training annotations (set by
+    # the training run, empty in the presets): no answers = no VQA head, no caption
+    # tokens = no caption decoder.
+    vqa_answers: tuple[str, ...] = ()
+    vqa_dim: int = 64
+    vqa_layers: int = 2
+    caption_tokens: tuple[int, ...] = ()  # WordPiece ids the decoder can emit (its shortlist)
+    caption_dim: int = 128
+    caption_layers: int = 2
+    caption_heads: int = 4
+    caption_max_len: int = 40  # tokens, [CLS] and [SEP] included
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, why: str) -> None:
@@ -69,6 +80,11 @@ class ModelConfig:
         need(0.0 < self.prior_prob < 1.0, "prior_prob", "must be in (0, 1)")
         need(self.head_kernel in (1, 3), "head_kernel", "must be 1 or 3")
         need(len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean", "mean and std need 3 values")
+        need(len(set(self.vqa_answers)) == len(self.vqa_answers), "vqa_answers", "must be distinct")
+        need(len(set(self.caption_tokens)) == len(self.caption_tokens), "caption_tokens", "must be distinct")
+        need(self.caption_dim % self.caption_heads == 0, "caption_dim", "must be divisible by caption_heads")
+        need(self.vqa_dim % 4 == 0, "vqa_dim", "must be divisible by 4 (attention heads)")
+        need(2 < self.caption_max_len <= self.max_tokens, "caption_max_len", "must be in 3..max_tokens")
 
     @property
     def bias0_init(self) -> float:
@@ -168,6 +184,8 @@ class LossConfig:
     centerness: float = 1.0
     contrastive: float = 0.5  # GLIPv2 inter-image region-word loss
     mlm: float = 0.1
+    vqa: float = 0.0  # answer BCE; > 0 gives the model a VQA head
+    caption: float = 0.0  # caption cross-entropy (teacher forcing); > 0 gives it a caption decoder
     mlm_fraction: float = 0.25  # share of prompts in a batch that get masked tokens
     mlm_probability: float = 0.15
     focal_alpha: float = 0.25

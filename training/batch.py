@@ -13,6 +13,7 @@ import torch
 from glipv2.image import letterbox
 from glipv2.text import Tokenizer, pad_batch, prompt_from_spans, tokenize
 from training.data import GroundingSample
+from training.text_metrics import answer_scores
 
 
 @dataclass
@@ -26,13 +27,23 @@ class Batch:
     box_phrase: list[torch.Tensor]  # per image [N] phrase index
     mlm_labels: torch.Tensor | None  # [B, T] original id where masked, -100 elsewhere
     step_seed: int
+    # Understanding tasks (None when the model has no such head or the data no such labels).
+    question_ids: torch.Tensor | None = None  # [B, Tq]
+    question_mask: torch.Tensor | None = None  # [B, Tq]
+    answer_scores: torch.Tensor | None = None  # float [B, num_answers], VQA v2 soft scores
+    caption_in: torch.Tensor | None = None  # [B, L] decoder shortlist indices, start first
+    caption_out: torch.Tensor | None = None  # [B, L] next-token targets, -100 = padding
 
     def to(self, device: torch.device | str) -> "Batch":
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return Batch(
             self.images.to(device), self.input_ids.to(device), self.attention_mask.to(device),
             self.positive_map.to(device), self.phrase_keys.to(device),
             [b.to(device) for b in self.boxes], [p.to(device) for p in self.box_phrase],
-            None if self.mlm_labels is None else self.mlm_labels.to(device), self.step_seed,
+            move(self.mlm_labels), self.step_seed, move(self.question_ids), move(self.question_mask),
+            move(self.answer_scores), move(self.caption_in), move(self.caption_out),
         )
 
 
@@ -43,11 +54,15 @@ def phrase_key(text: str) -> int:
 
 class Collator:
     def __init__(self, tokenizer: Tokenizer, image_hw: tuple[int, int], mlm_fraction: float = 0.0,
-                 mlm_probability: float = 0.15) -> None:
+                 mlm_probability: float = 0.15, answers: Sequence[str] = (),
+                 caption_tokens: Sequence[int] = (), caption_max_len: int = 40) -> None:
         self.tokenizer = tokenizer
         self.image_hw = image_hw
         self.mlm_fraction = mlm_fraction
         self.mlm_probability = mlm_probability
+        self.answer_index = {a: i for i, a in enumerate(answers)}
+        self.caption_index = {int(t): i for i, t in enumerate(caption_tokens)}
+        self.caption_max_len = caption_max_len
 
     def __call__(self, samples: Sequence[GroundingSample], step_seed: int = 0) -> Batch:
         images, boxes, box_phrase, tokenized = [], [], [], []
@@ -65,6 +80,11 @@ class Collator:
         mlm_labels = None
         if self.mlm_fraction > 0:
             input_ids, mlm_labels = self._mask(input_ids, torch.from_numpy(tb.attention_mask), step_seed)
+        extra: dict[str, torch.Tensor] = {}
+        if self.answer_index and all(s.question is not None for s in samples):
+            extra.update(self._questions(samples))
+        if self.caption_index and all(s.captions for s in samples):
+            extra.update(self._captions(samples, step_seed))
         return Batch(
             images=torch.from_numpy(np.stack(images)),
             input_ids=input_ids,
@@ -75,7 +95,39 @@ class Collator:
             box_phrase=box_phrase,
             mlm_labels=mlm_labels,
             step_seed=step_seed,
+            **extra,
         )
+
+    def _questions(self, samples: Sequence[GroundingSample]) -> dict[str, torch.Tensor]:
+        encoded = [self.tokenizer.encode(s.question).ids for s in samples]
+        t = max(len(e) for e in encoded)
+        ids = np.full((len(samples), t), self.tokenizer.pad_id, dtype=np.int64)
+        mask = np.zeros((len(samples), t), dtype=np.int64)
+        scores = np.zeros((len(samples), len(self.answer_index)), dtype=np.float32)
+        for i, (e, s) in enumerate(zip(encoded, samples)):
+            ids[i, : len(e)], mask[i, : len(e)] = e, 1
+            for answer, score in answer_scores(s.answers or []).items():
+                if answer in self.answer_index:  # answers outside the vocabulary score 0 everywhere
+                    scores[i, self.answer_index[answer]] = score
+        return {"question_ids": torch.from_numpy(ids), "question_mask": torch.from_numpy(mask),
+                "answer_scores": torch.from_numpy(scores)}
+
+    def _captions(self, samples: Sequence[GroundingSample], seed: int) -> dict[str, torch.Tensor]:
+        """One reference per image, chosen by the step seed; WordPiece ids -> shortlist indices."""
+        rng = np.random.default_rng([seed, 11])
+        unk = self.caption_index.get(self.tokenizer.token_to_id("[UNK]"), 0)
+        rows = []
+        for s in samples:
+            text = s.captions[int(rng.integers(len(s.captions)))]
+            ids = self.tokenizer.encode(text).ids[: self.caption_max_len]
+            rows.append([self.caption_index.get(int(i), unk) for i in ids])
+        n = max(len(r) for r in rows) - 1
+        caption_in = np.zeros((len(rows), n), dtype=np.int64)
+        caption_out = np.full((len(rows), n), -100, dtype=np.int64)
+        for i, r in enumerate(rows):
+            caption_in[i, : len(r) - 1] = r[:-1]
+            caption_out[i, : len(r) - 1] = r[1:]
+        return {"caption_in": torch.from_numpy(caption_in), "caption_out": torch.from_numpy(caption_out)}
 
     def _mask(self, ids: torch.Tensor, mask: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT masking (80% [MASK], 10% random word, 10% kept) on a share of the prompts."""

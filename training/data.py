@@ -41,6 +41,10 @@ class GroundingSample:
     box_phrase: np.ndarray                     # int64 [N]: phrase index of each box
     image_id: int
     phrase_kinds: list[str] | None = None      # "shape" | "colour" | "size" | "relation"
+    # Understanding tasks on the same image (multi-task training), when the source has them.
+    question: str | None = None
+    answers: list[str] | None = None           # annotator answers (VQA v2 has 10)
+    captions: list[str] | None = None          # reference captions; training picks one
 
 
 @dataclass
@@ -185,11 +189,12 @@ class ShapesWorldDataset:
     so training can resume at any position and workers need no shared state."""
 
     def __init__(self, seed: int, length: int, grounding_fraction: float = 0.5,
-                 augment: bool = True) -> None:
+                 augment: bool = True, understanding: bool = False) -> None:
         if length < 0 or not 0 <= grounding_fraction <= 1:
             raise ValueError("length must be >= 0 and grounding_fraction in [0, 1]")
         self.seed, self.length = int(seed), int(length)
         self.grounding_fraction, self.augment = grounding_fraction, augment
+        self.understanding = understanding
 
     def __len__(self) -> int:
         return self.length
@@ -209,7 +214,22 @@ class ShapesWorldDataset:
         if self.augment:
             image = augment_image(image, rng)
         grounding = bool(rng.random() < self.grounding_fraction)
-        return scene_sample(scene, image, rng, grounding, i % self.length)
+        sample = scene_sample(scene, image, rng, grounding, i % self.length)
+        if self.understanding:
+            sample.question, answer, sample.captions = understanding_targets(scene, self.seed, i % self.length)
+            sample.answers = [answer] * 10  # VQA v2 style: ten agreeing annotators
+        return sample
+
+
+def understanding_targets(scene: sw.Scene, seed: int, i: int) -> tuple[str, str, list[str]]:
+    """One question with its answer and the reference captions of scene i.
+
+    A generator of their own (not the rendering one), so vocabularies can be built from
+    scenes alone, without drawing images."""
+    rng = np.random.default_rng([seed, i, 7])
+    pairs = sw.vqa_pairs(scene, rng)
+    question, answer = pairs[int(rng.integers(len(pairs)))]
+    return question, answer, sw.captions(scene, rng)
 
 
 # --------------------------------------------------------------------------- COCO detection

@@ -44,10 +44,13 @@ class ConcatSamples:
         return self.datasets[d][i - int(self.offsets[d])]
 
 
-def build_datasets(spec: str, seed: int, grounding_fraction: float) -> ConcatSamples:
-    """"shapes", or comma-separated KIND:ANNOTATIONS:IMAGES with KIND in {coco, grounding}."""
+def build_datasets(spec: str, seed: int, grounding_fraction: float, understanding: bool = False) -> ConcatSamples:
+    """"shapes", or comma-separated KIND:ANNOTATIONS:IMAGES with KIND in {coco, grounding}.
+
+    understanding: shapes samples also carry a question and captions of their image."""
     if spec == "shapes":
-        return ConcatSamples([ShapesWorldDataset(seed, SHAPES_LENGTH, grounding_fraction)], shuffle=False)
+        return ConcatSamples([ShapesWorldDataset(seed, SHAPES_LENGTH, grounding_fraction, understanding=understanding)],
+                             shuffle=False)
     datasets = []
     for part in spec.split(","):
         kind, _, rest = part.partition(":")

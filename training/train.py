@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -20,9 +21,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from glipv2.checkpoint import FORMAT, CheckpointError, atomic_save, load_model_weights, model_state, read_checkpoint
+from glipv2.checkpoint import (FORMAT, CheckpointError, atomic_save, init_weights, load_model_weights, model_state,
+                               read_checkpoint)
 from glipv2.config import LossConfig, ModelConfig, get_preset
 from glipv2.modeling.glipv2 import GLIPv2, build_model
 from glipv2.text import Tokenizer
@@ -63,6 +66,7 @@ class TrainConfig:
     workers: int = 1  # data-loading processes
     seed: int = 0
     text_cache: int = 20000  # cached prompt features of a frozen text encoder
+    init_from: str = ""  # checkpoint whose weights a new run starts from (heads it lacks start fresh)
     loss: LossConfig = field(default_factory=LossConfig)
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"image_hw": [128, 128]}
 
@@ -76,10 +80,25 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.amp must be auto, off, bf16 or fp16 (got {self.amp!r})")
 
     def model_config(self) -> ModelConfig:
-        return get_preset(self.preset).replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.model.items()})
+        cfg = get_preset(self.preset).replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.model.items()})
+        if self.loss.vqa > 0 or self.loss.caption > 0:
+            if self.train_data != "shapes":
+                raise ValueError("VQA and caption training read their labels from the shapes world; "
+                                 "set loss.vqa and loss.caption to 0 for other training data")
+            answers, tokens = _vocabularies(self.data_seed, cfg.max_tokens)
+            cfg = cfg.replace(vqa_answers=answers if self.loss.vqa > 0 else (),
+                              caption_tokens=tokens if self.loss.caption > 0 else ())
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@functools.lru_cache(maxsize=4)
+def _vocabularies(seed: int, max_tokens: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    from training.vocab import shapes_vocabularies
+
+    return shapes_vocabularies(seed, Tokenizer(max_tokens=max_tokens))
 
 
 # --------------------------------------------------------------------------- schedule
@@ -204,9 +223,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model_cfg = cfg.model_config()
     model = build_model(model_cfg).to(device)
     tokenizer = Tokenizer(max_tokens=model_cfg.max_tokens)
-    samples: ConcatSamples = build_datasets(cfg.train_data, cfg.data_seed, cfg.grounding_fraction)
+    understanding = bool(model_cfg.vqa_answers or model_cfg.caption_tokens)
+    samples: ConcatSamples = build_datasets(cfg.train_data, cfg.data_seed, cfg.grounding_fraction, understanding)
     mlm_on = cfg.loss.mlm > 0
-    collate = Collator(tokenizer, model_cfg.image_hw, cfg.loss.mlm_fraction if mlm_on else 0.0, cfg.loss.mlm_probability)
+    collate = Collator(tokenizer, model_cfg.image_hw, cfg.loss.mlm_fraction if mlm_on else 0.0, cfg.loss.mlm_probability,
+                       model_cfg.vqa_answers, model_cfg.caption_tokens, model_cfg.caption_max_len)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     amp_dtype = _amp_dtype(cfg, device)
@@ -224,6 +245,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         step, best = ckpt["step"], ckpt.get("best")
+    elif cfg.init_from:
+        init_weights(model, model_cfg, cfg.init_from)
 
     step_module = TrainingStep(model, GLIPv2Loss(cfg.loss, _anchors_per_level(model_cfg)))
     # Losses run inside DDP's forward (the MLM head and the contrastive loss use parameters
@@ -254,10 +277,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if text_cache is not None:
                 unmasked = None if batch.mlm_labels is None else (batch.mlm_labels < 0).all(1).tolist()
                 text = text_cache(batch.input_ids, batch.attention_mask, unmasked)
+            question = None
+            if text_cache is not None and batch.question_ids is not None:
+                question = text_cache(batch.question_ids, batch.question_mask)
             # Gradients are all-reduced once per optimizer step, not per micro-batch.
             sync = ddp is None or micro == cfg.grad_accum - 1
             with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                losses = net(batch, text, amp_dtype)
+                losses = net(batch, text, question, amp_dtype)
                 scaler.scale(losses["total"] / cfg.grad_accum).backward()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
@@ -307,11 +333,34 @@ class TrainingStep(torch.nn.Module):
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch: Batch, text: torch.Tensor | None, amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, text: torch.Tensor | None, question: torch.Tensor | None,
+                amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """text / question: cached features of the prompts / questions (None = encode here)."""
+        model = self.model
         device_type = batch.images.device.type
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = self.model(batch.images, batch.input_ids, batch.attention_mask, text)
-        return self.loss_fn(self.model, _float_outputs(out), batch)
+            # One backbone pass serves every task of the batch.
+            feats = model.visual(batch.images)
+            if text is None:
+                text = model.encode_text(batch.input_ids, batch.attention_mask)
+            out = model.detect_features(feats, text, batch.attention_mask)
+            answers = captions = None
+            if model.vqa_head is not None and batch.question_ids is not None:
+                if question is None:
+                    question = model.encode_text(batch.question_ids, batch.question_mask)
+                answers = model.answer(model.detect_features(feats, question, batch.question_mask), batch.question_mask)
+            if model.caption_decoder is not None and batch.caption_in is not None:
+                captions = model.caption_decoder(model.caption_memory(feats), batch.caption_in)
+        losses = self.loss_fn(model, _float_outputs(out), batch)
+        cfg = self.loss_fn.cfg
+        if answers is not None and cfg.vqa > 0:
+            # Multi-label BCE over the answer vocabulary, scaled by its size as in VQA v2 practice.
+            bce = F.binary_cross_entropy_with_logits(answers.float(), batch.answer_scores)
+            losses["vqa"] = cfg.vqa * bce * answers.shape[1]
+        if captions is not None and cfg.caption > 0:
+            losses["caption"] = cfg.caption * F.cross_entropy(captions.float().flatten(0, 1), batch.caption_out.flatten())
+        losses["total"] = sum(v for k, v in losses.items() if k != "total")
+        return losses
 
 
 def _float_outputs(out):

@@ -14,7 +14,9 @@ from glipv2.modeling.convnet import ConvBackbone
 from glipv2.modeling.fpn import FPN
 from glipv2.modeling.head import GroundingHead, HeadOutput
 from glipv2.modeling.language import TextEncoder
+from glipv2.modeling.caption import CaptionDecoder
 from glipv2.modeling.mlm import MLMHead
+from glipv2.modeling.vqa import VqaHead
 
 
 @dataclass
@@ -50,6 +52,8 @@ class GLIPv2(nn.Module):
             self.language.requires_grad_(False)
         self.head = GroundingHead(cfg)
         self.mlm_head = MLMHead(cfg.text_dim, self.language.word_embeddings)  # training only
+        self.vqa_head = VqaHead(cfg) if cfg.vqa_answers else None
+        self.caption_decoder = CaptionDecoder(cfg) if cfg.caption_tokens else None
         anchors, _ = anchor_grid(cfg.image_hw, cfg.strides, cfg.anchor_scale)
         self.register_buffer("anchors", torch.as_tensor(anchors, dtype=torch.float32), persistent=False)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
@@ -68,15 +72,21 @@ class GLIPv2(nn.Module):
                 return self.language(input_ids, attention_mask)
         return self.language(input_ids, attention_mask)
 
-    def detect(self, images: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> DetectorOutput:
-        """images [B, 3, H, W] RGB 0-255 (any dtype) + token features -> per-anchor outputs."""
+    def visual(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images [B, 3, H, W] RGB 0-255 (any dtype) -> FPN maps; shared by every task."""
         h, w = self.cfg.image_hw
         torch._assert(images.shape[-2] == h and images.shape[-1] == w, "images must be letterboxed to cfg.image_hw")
         x = images.to(self.pixel_mean.dtype)
         if self.cfg.bgr:
             x = x.flip(1)
         x = (x - self.pixel_mean) / self.pixel_std
-        feats = self.fpn(self.backbone(x))
+        return self.fpn(self.backbone(x))
+
+    def detect(self, images: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> DetectorOutput:
+        """images [B, 3, H, W] RGB 0-255 (any dtype) + token features -> per-anchor outputs."""
+        return self.detect_features(self.visual(images), text, text_mask)
+
+    def detect_features(self, feats: list[torch.Tensor], text: torch.Tensor, text_mask: torch.Tensor) -> DetectorOutput:
         out = self.head(feats, text, text_mask)
         boxes = box_ops.decode(self.anchors[None], out.box_deltas)
         logits = self.head.align(out.regions, out.tokens, out.token_bias)
@@ -93,6 +103,21 @@ class GLIPv2(nn.Module):
         if text_features is None:
             text_features = self.encode_text(input_ids, attention_mask)
         return self.detect(images, text_features, attention_mask)
+
+    def answer(self, out: DetectorOutput, text_mask: torch.Tensor) -> torch.Tensor:
+        """A detector pass whose prompt was the question -> answer logits [B, num_answers]."""
+        if self.vqa_head is None:
+            raise RuntimeError("this model has no VQA head (trained without VQA data)")
+        return self.vqa_head(out.boxes, out.logits, out.centerness, out.head.regions, out.head.fused_text, text_mask)
+
+    def vqa(self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
+        """images + question token features -> answer logits [B, num_answers]."""
+        return self.answer(self.detect(images, question, question_mask), question_mask)
+
+    def caption_memory(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        if self.caption_decoder is None:
+            raise RuntimeError("this model has no caption decoder (trained without captions)")
+        return self.caption_decoder.memory(feats)
 
     @staticmethod
     def top_k(out: DetectorOutput, attention_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

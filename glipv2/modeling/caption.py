@@ -1,0 +1,110 @@
+"""Caption decoder: a small pre-norm transformer decoder over the image's FPN features.
+
+Vocabulary: a shortlist of the text encoder's WordPiece ids (those that occur in the
+training captions, plus [CLS] as start and [SEP] as end), stored in the model config.
+Decoding over the 30k-word vocabulary would cost a 30k-wide softmax per step for words
+the captions never use; the ids stay WordPiece ids, so the tokenizer decodes them.
+
+Two ways to run the same weights:
+- `forward`: teacher forcing over a whole caption with a causal mask (training);
+- `start` / `step`: one token at a time with a key/value cache (inference, ONNX export).
+  Cross-attention keys/values are computed once per image (`cross_keys_values`); the
+  self-attention cache grows by one position per step. A test checks both paths agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from glipv2.config import ModelConfig
+from glipv2.modeling.attention import Attention, feed_forward
+
+START, END = "[CLS]", "[SEP]"
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm_self, self.norm_cross, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads)
+        self.cross_attn = Attention(dim, heads)
+        self.ff = feed_forward(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor, self_k: torch.Tensor, self_v: torch.Tensor, self_bias: torch.Tensor | None,
+                cross_k: torch.Tensor, cross_v: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.attend(self.norm_self(x), self_k, self_v, self_bias)
+        x = x + self.cross_attn.attend(self.norm_cross(x), cross_k, cross_v)
+        return x + self.ff(self.norm_ff(x))
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.caption_dim
+        self.max_len = cfg.caption_max_len
+        h, w = cfg.image_hw
+        # Memory: P4 plus P3 pooled to P4's grid (small objects), then P5.
+        self.memory_sizes = [math.ceil(h / 16) * math.ceil(w / 16), math.ceil(h / 32) * math.ceil(w / 32)]
+        self.memory_proj = nn.Linear(cfg.fpn_channels, d)
+        self.memory_pos = nn.Parameter(torch.zeros(1, sum(self.memory_sizes), d))
+        self.memory_norm = nn.LayerNorm(d)
+        self.embed = nn.Embedding(len(cfg.caption_tokens), d)
+        self.pos = nn.Embedding(cfg.caption_max_len, d)
+        self.layers = nn.ModuleList(DecoderLayer(d, cfg.caption_heads) for _ in range(cfg.caption_layers))
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, len(cfg.caption_tokens))
+        nn.init.normal_(self.memory_pos, std=0.02)
+        self.register_buffer("token_ids", torch.tensor(cfg.caption_tokens, dtype=torch.int64), persistent=False)
+
+    # ------------------------------------------------------------------ image side
+    def memory(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """FPN maps (P3, P4, P5, ...) -> memory tokens [B, M, D]."""
+        p3, p4, p5 = feats[0], feats[1], feats[2]
+        p4 = p4 + nn.functional.avg_pool2d(p3, 2, 2, ceil_mode=True)
+        flat = torch.cat([p4.flatten(2), p5.flatten(2)], dim=2).transpose(1, 2)  # [B, M, C]
+        return self.memory_norm(self.memory_proj(flat) + self.memory_pos)
+
+    def cross_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory [B, M, D] -> cross-attention keys, values [L, B, H, M, d] (computed once per image)."""
+        kv = [layer.cross_attn.keys_values(memory) for layer in self.layers]
+        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+
+    # ------------------------------------------------------------------ training
+    def forward(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: tokens [B, L] shortlist indices (start first) -> logits [B, L, V]."""
+        n = tokens.shape[1]
+        x = self.embed(tokens) + self.pos.weight[:n]
+        causal = torch.full((n, n), -1e4, device=tokens.device).triu(1)
+        cross_k, cross_v = self.cross_keys_values(memory)
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.keys_values(layer.norm_self(x))
+            x = layer(x, k, v, causal, cross_k[i], cross_v[i])
+        return self.out(self.norm(x))
+
+    # ------------------------------------------------------------------ inference
+    def step(self, tokens: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor,
+             past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decoding step for a batch in lockstep.
+
+        tokens [B] shortlist indices at position t = past length (0 without a past);
+        cross_k/v [L, B, H, M, d]; past_k/v [L, B, H, t, d] -> (log-probabilities [B, V],
+        past_k/v grown to t + 1)."""
+        if past_k is None:
+            position = torch.zeros_like(tokens)
+        else:  # the past length as data, not a Python int, so an exported graph keeps it dynamic
+            position = torch.ones_like(past_k[0, :, 0, :, 0]).sum(-1).to(tokens.dtype)
+        x = self.embed(tokens[:, None]) + self.pos(position)[:, None]
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.keys_values(layer.norm_self(x))
+            if past_k is not None:
+                k, v = torch.cat([past_k[i], k], dim=2), torch.cat([past_v[i], v], dim=2)
+            new_k.append(k)
+            new_v.append(v)
+            x = layer(x, k, v, None, cross_k[i], cross_v[i])
+        logprobs = self.out(self.norm(x[:, 0])).log_softmax(-1)
+        return logprobs, torch.stack(new_k), torch.stack(new_v)

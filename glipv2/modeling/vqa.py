@@ -1,0 +1,102 @@
+"""VQA head: answers a question from the fused image-question features (GLIPv2's VQA task).
+
+The question is the prompt of an ordinary detector pass, so deep fusion has already
+conditioned every anchor on it and every anchor has region-token alignment logits. The
+head reads that pass:
+- queries: a learned [ANSWER] token plus the fused question tokens;
+- keys: every anchor, as its region embedding + its predicted box (position and size, for
+  "left of" and "largest") + its alignment summary (how well it matches the question);
+- two layers of (query self-attention, cross-attention to the anchors, feed-forward);
+- counting features: softmax attention averages, so "how many" gets its own signal, the
+  number of peaks of each token's score map (3x3 max-pool peak picking, as CenterNet
+  does instead of NMS) weighted by a learned per-token weight.
+The [ANSWER] output and the counts give one logit per answer of the vocabulary (VQA v2
+style multi-label: trained with binary cross-entropy against soft scores).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from glipv2.config import ModelConfig
+from glipv2.modeling.attention import Attention, feed_forward, padding_bias
+
+
+class VqaLayer(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm_self, self.norm_cross, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads)
+        self.cross_attn = Attention(dim, heads)
+        self.ff = feed_forward(dim, 4 * dim)
+
+    def forward(self, q: torch.Tensor, q_bias: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        h = self.norm_self(q)
+        q = q + self.self_attn(h, h, q_bias)
+        q = q + self.cross_attn(self.norm_cross(q), anchors)
+        return q + self.ff(self.norm_ff(q))
+
+
+class VqaHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.vqa_dim
+        self.image_hw = cfg.image_hw
+        self.level_hw = [(math.ceil(cfg.image_hw[0] / s), math.ceil(cfg.image_hw[1] / s)) for s in cfg.strides]
+        self.answer_query = nn.Parameter(torch.zeros(1, 1, d))
+        self.question_proj = nn.Linear(cfg.text_dim, d)
+        self.region_proj = nn.Linear(cfg.proj_dim, d)
+        self.geometry_proj = nn.Linear(5, d)
+        self.match_proj = nn.Linear(3, d)
+        self.anchor_norm = nn.LayerNorm(d)
+        self.layers = nn.ModuleList(VqaLayer(d, 4) for _ in range(cfg.vqa_layers))
+        self.token_weight = nn.Linear(cfg.text_dim, 1)
+        self.norm = nn.LayerNorm(d)
+        n_count = len(cfg.strides) + 1
+        self.classifier = nn.Sequential(nn.Linear(d + n_count, 2 * d), nn.GELU(), nn.Linear(2 * d, len(cfg.vqa_answers)))
+
+    def forward(self, boxes: torch.Tensor, logits: torch.Tensor, centerness: torch.Tensor, regions: torch.Tensor,
+                fused_text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Detector outputs for the question prompt -> answer logits [B, num_answers].
+
+        boxes [B, A, 4] input pixels, logits [B, A, T], centerness [B, A], regions [B, A, P],
+        fused_text [B, T, Dt], text_mask [B, T]."""
+        real = text_mask[:, None, :] > 0
+        scores = logits.sigmoid() * centerness.sigmoid()[..., None] * real  # [B, A, T]
+        match = torch.stack([
+            logits.masked_fill(~real, -1e4).amax(-1).clamp(min=-20.0),
+            (logits * real).sum(-1) / real.sum(-1).clamp(min=1),
+            centerness,
+        ], dim=-1)
+        anchors = self.anchor_norm(self.region_proj(regions) + self.geometry_proj(self._geometry(boxes))
+                                   + self.match_proj(match))
+        b = boxes.shape[0]
+        q = torch.cat([self.answer_query.expand(b, -1, -1), self.question_proj(fused_text)], dim=1)
+        q_mask = torch.cat([text_mask.new_ones(b, 1), text_mask], dim=1)
+        bias = padding_bias(q_mask)
+        for layer in self.layers:
+            q = layer(q, bias, anchors)
+        counts = self._counts(scores, fused_text, text_mask)
+        return self.classifier(torch.cat([self.norm(q[:, 0]), counts], dim=-1))
+
+    def _geometry(self, boxes: torch.Tensor) -> torch.Tensor:
+        h, w = self.image_hw
+        x0, y0, x1, y1 = (boxes / boxes.new_tensor([w, h, w, h])).clamp(0, 1).unbind(-1)
+        bw, bh = x1 - x0, y1 - y0
+        return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, bw, bh, (bw * bh).sqrt()], dim=-1)
+
+    def _counts(self, scores: torch.Tensor, fused_text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Soft object counts: per level, the score mass at local maxima, token-weighted."""
+        b, _, t = scores.shape
+        w = self.token_weight(fused_text)[..., 0].masked_fill(text_mask == 0, -1e4).softmax(-1)  # [B, T]
+        out, start = [], 0
+        for h, wd in self.level_hw:
+            s = scores[:, start:start + h * wd].transpose(1, 2).reshape(b * t, 1, h, wd)
+            start += h * wd
+            peaks = (s == nn.functional.max_pool2d(s, 3, 1, 1)).to(s.dtype) * s
+            out.append((peaks.reshape(b, t, -1).sum(-1) * w).sum(-1))
+        counts = torch.stack(out, dim=-1)  # [B, levels]
+        return torch.log1p(torch.cat([counts, counts.sum(-1, keepdim=True)], dim=-1))

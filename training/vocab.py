@@ -1,0 +1,47 @@
+"""Vocabularies of the understanding heads, built from training annotations.
+
+- Answers (VQA v2 practice): every normalised answer given at least `min_count` times,
+  most frequent first.
+- Caption tokens: the WordPiece ids that occur in the training captions, plus [CLS]
+  (start), [SEP] (end) and [UNK]; the decoder only ever emits these.
+
+For the on-the-fly shapes world, the annotations of the first `scan` training scenes are
+read (scenes only, no images drawn, about a second for 4,000).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable
+
+import numpy as np
+
+from glipv2.text import Tokenizer
+from training import shapes_world as sw
+from training.data import understanding_targets
+from training.text_metrics import normalize_answer
+
+
+def answer_vocabulary(answers: Iterable[str], min_count: int = 1) -> tuple[str, ...]:
+    counts = Counter(normalize_answer(a) for a in answers)
+    kept = [a for a, n in counts.items() if n >= min_count and a]
+    return tuple(sorted(kept, key=lambda a: (-counts[a], a)))
+
+
+def caption_vocabulary(captions: Iterable[str], tokenizer: Tokenizer) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for c in captions:
+        ids.update(int(i) for i in tokenizer.encode(c).ids)
+    ids.update((tokenizer.cls_id, tokenizer.sep_id, tokenizer.token_to_id("[UNK]")))
+    return tuple(sorted(ids))
+
+
+def shapes_vocabularies(seed: int, tokenizer: Tokenizer, scan: int = 4000) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    answers: list[str] = []
+    captions: list[str] = []
+    for i in range(scan):
+        scene = sw.sample_scene(np.random.default_rng([seed, i]))
+        _, answer, caps = understanding_targets(scene, seed, i)
+        answers.append(answer)
+        captions.extend(caps)
+    return answer_vocabulary(answers), caption_vocabulary(captions, tokenizer)
