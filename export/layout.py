@@ -7,6 +7,9 @@ from pathlib import Path
 
 TEXT_ENCODER = "text_encoder"
 DETECTOR = "detector"
+VQA = "vqa"
+CAPTION_START = "caption_start"
+CAPTION_STEP = "caption_step"
 
 
 def model_file(root: str | os.PathLike, model: str, ext: str) -> Path:

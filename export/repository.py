@@ -56,7 +56,7 @@ __all__ = [
 
 FORMAT = "glipv2-serve-repository/1"
 FLAVOURS = ("cpu", "gpu", "gpu-onnx")
-MODELS = (graphs.TEXT_ENCODER, graphs.DETECTOR)
+MODELS = (graphs.TEXT_ENCODER, graphs.DETECTOR)  # every repository has these; VQA / caption graphs when the model has the heads
 VERSION = "1"
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -80,7 +80,6 @@ QUEUE_TIMEOUT_US = 0  # 0 = requests wait in the queue until served; clients may
 INSTANCE_COUNT = 1
 TRT_WORKSPACE_BYTES = 4 << 30
 TRT_CACHE_DIR = "/tmp/glipv2_trt_cache"
-TRT_OPT_TOKENS = 64  # the optimisation profile's "typical" prompt length (a token bucket)
 
 
 class RepositoryError(ValueError):
@@ -107,22 +106,14 @@ class BatchingSettings:
 
 # --------------------------------------------------------------------------- signatures
 
-Signature = dict[str, tuple[str, list[int]]]
+Signature = graphs.Signature
 
 
 def model_signatures(model_cfg: ModelConfig, top_k: int) -> dict[str, dict[str, Signature]]:
     """{model: {"inputs": {name: (triton dtype, dims)}, "outputs": {...}}}, dims without the
-    batch axis, -1 for the token axis. From export/graphs.py, the names' single source."""
-    return {
-        graphs.TEXT_ENCODER: {
-            "inputs": dict(graphs.TEXT_INPUTS),
-            "outputs": graphs.text_outputs(model_cfg.text_dim),
-        },
-        graphs.DETECTOR: {
-            "inputs": graphs.detector_inputs(tuple(model_cfg.image_hw), model_cfg.text_dim),
-            "outputs": graphs.detector_outputs(top_k),
-        },
-    }
+    batch axis, -1 for the dynamic axis. From export/graphs.py, the names' single source."""
+    return {name: {"inputs": spec.inputs, "outputs": spec.outputs}
+            for name, spec in graphs.graph_specs(model_cfg, top_k).items()}
 
 
 # --------------------------------------------------------------------------- config.pbtxt
@@ -164,7 +155,7 @@ def _parameters(params: Mapping[str, str], indent: str = "") -> str:
 
 
 def _profile_shapes(inputs: Signature, batch: int, tokens: int) -> str:
-    """"name:BxD1xD2,..." for the onnxruntime TensorRT accelerator: -1 (tokens) -> tokens."""
+    """"name:BxD1xD2,..." for the onnxruntime TensorRT accelerator: -1 (dynamic axis) -> tokens."""
     return ",".join(
         f"{name}:" + "x".join(str(d) for d in [batch] + [tokens if d == -1 else d for d in dims])
         for name, (_, dims) in inputs.items()
@@ -199,22 +190,25 @@ def render_config(
     max_batch_size: int = 8,
     settings: BatchingSettings = BatchingSettings(),
 ) -> str:
-    """config.pbtxt text of one model ("text_encoder" or "detector") for one flavour."""
-    if name not in MODELS:
-        raise SettingsError(f"unknown model {name!r}; choose one of {list(MODELS)}")
+    """config.pbtxt text of one model (a graph of export/graphs.py) for one flavour."""
+    specs = graphs.graph_specs(model_cfg, top_k)
+    if name not in specs:
+        raise SettingsError(f"unknown model {name!r}; this model has {list(specs)}")
+    spec = specs[name]
     _check_settings(flavour, top_k, max_batch_size, settings)
     preferred = _preferred(settings.preferred_batch_sizes, max_batch_size)
     h, w = model_cfg.image_hw
     anchors = sum(math.ceil(h / s) * math.ceil(w / s) for s in model_cfg.strides)  # one per location
     if top_k > anchors:
         raise SettingsError(f"top_k={top_k} exceeds the {anchors} anchors of a {model_cfg.image_hw} input")
-    sig = model_signatures(model_cfg, top_k)[name]
-    ragged = flavour == "cpu"  # python backend pads; engines need dense batches (gateway buckets)
+    # python backend pads token axes; engines need dense batches (the gateway pads to buckets)
+    ragged = flavour == "cpu" and spec.ragged
     inputs = ",\n".join(
         _tensor_block(n, dt, dims, "allow_ragged_batch: true" if ragged and -1 in dims else "")
-        for n, (dt, dims) in sig["inputs"].items()
+        for n, (dt, dims) in spec.inputs.items()
     )
-    outputs = ",\n".join(_tensor_block(n, dt, dims) for n, (dt, dims) in sig["outputs"].items())
+    outputs = ",\n".join(_tensor_block(n, dt, dims) for n, (dt, dims) in spec.outputs.items())
+    low, typical, high = spec.dynamic_range
 
     if flavour == "cpu":
         platform_line = 'backend: "python"'
@@ -228,11 +222,11 @@ def render_config(
             "max_workspace_size_bytes": str(settings.trt_workspace_bytes),
             "trt_engine_cache_enable": "1",
             "trt_engine_cache_path": f"{settings.trt_cache_dir}/{name}",
-            # one profile covering batch 1..max and tokens 1..MAX_TOKENS, so the engine is
-            # built once instead of again for every new shape
-            "trt_profile_min_shapes": _profile_shapes(sig["inputs"], 1, 1),
-            "trt_profile_opt_shapes": _profile_shapes(sig["inputs"], max_batch_size, TRT_OPT_TOKENS),
-            "trt_profile_max_shapes": _profile_shapes(sig["inputs"], max_batch_size, MAX_TOKENS),
+            # one profile covering batch 1..max and the dynamic axis' whole range (tokens
+            # 1..MAX_TOKENS), so the engine is built once instead of again for every new shape
+            "trt_profile_min_shapes": _profile_shapes(spec.inputs, 1, low),
+            "trt_profile_opt_shapes": _profile_shapes(spec.inputs, max_batch_size, typical),
+            "trt_profile_max_shapes": _profile_shapes(spec.inputs, max_batch_size, high),
         }
         params = "\n".join(f'        parameters {{ key: "{k}" value: "{v}" }}' for k, v in trt.items())
         blocks = (
@@ -299,13 +293,14 @@ def build_manifest(
 
     if flavour not in FLAVOURS:
         raise SettingsError(f"unknown flavour {flavour!r}; choose one of {list(FLAVOURS)}")
-    sigs = model_signatures(model_cfg, top_k)
     models = {
-        model: {
-            kind: {n: {"dtype": _protocol_dtype(dt), "dims": list(dims)} for n, (dt, dims) in tensors.items()}
-            for kind, tensors in sig.items()
+        name: {
+            **{kind: {n: {"dtype": _protocol_dtype(dt), "dims": list(dims)} for n, (dt, dims) in tensors.items()}
+               for kind, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs))},
+            "dynamic_axis": {"counts": spec.dynamic, "min": spec.dynamic_range[0], "opt": spec.dynamic_range[1],
+                             "max": spec.dynamic_range[2]} if spec.dynamic else None,
         }
-        for model, sig in sigs.items()
+        for name, spec in graphs.graph_specs(model_cfg, top_k).items()
     }
     return _jsonable({
         "format": FORMAT,
@@ -332,7 +327,10 @@ def build_manifest(
         "max_batch_size": max_batch_size,
         "models": models,
         "postprocess": asdict(PostprocessConfig()),
-        "answer_vocabulary": None,
+        "answer_vocabulary": list(model_cfg.vqa_answers) or None,
+        "caption": {"tokens": list(model_cfg.caption_tokens), "start_id": model_cfg.caption_start_id,
+                    "end_id": model_cfg.caption_end_id, "max_len": model_cfg.caption_max_len - 1}
+        if model_cfg.caption_tokens else None,
     })
 
 
@@ -351,11 +349,11 @@ def write_configs(
     max_batch_size: int = 8,
     settings: BatchingSettings = BatchingSettings(),
 ) -> dict[str, Path]:
-    """Write <out>/<model>/config.pbtxt for both models (and model.py for cpu); no weights.
-    Returns {model: config path}."""
+    """Write <out>/<model>/config.pbtxt for every graph of the model (and model.py for cpu);
+    no weights. Returns {model: config path}."""
     out = Path(out)
     written = {}
-    for name in MODELS:
+    for name in graphs.graph_specs(model_cfg, top_k):
         text = render_config(name, flavour, model_cfg, top_k, max_batch_size, settings)
         version_dir = out / name / VERSION
         version_dir.mkdir(parents=True, exist_ok=True)
@@ -411,7 +409,7 @@ def render_repository(
     say(f"[1/5] loading checkpoint {checkpoint}")
     model, ckpt = load_model(checkpoint)
     cfg = model.cfg
-    for name in MODELS:  # settings that depend on the model (top-K vs anchors) fail here, before the export
+    for name in graphs.graph_specs(cfg, top_k):  # settings that depend on the model (top-K vs anchors) fail here
         render_config(name, flavour, cfg, top_k, max_batch_size, settings)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -425,7 +423,7 @@ def render_repository(
 
         say("[3/5] checking every op against TensorRT's ONNX parser")
         problems = {}
-        for name, path in ((graphs.TEXT_ENCODER, files.text_encoder), (graphs.DETECTOR, files.detector)):
+        for name, path in files.items():
             bad = trt_ops.unsupported_ops(path)
             if bad:
                 problems[name] = bad
@@ -436,7 +434,7 @@ def render_repository(
 
         say(f"[4/5] writing {flavour} configs, manifest and tokenizer")
         write_configs(staging, cfg, flavour, top_k, max_batch_size, settings)
-        for name, path in ((graphs.TEXT_ENCODER, files.text_encoder), (graphs.DETECTOR, files.detector)):
+        for name, path in files.items():
             os.replace(path, staging / name / VERSION / ONNX_FILE)
         shutil.rmtree(staging / ".onnx", ignore_errors=True)
         manifest = build_manifest(cfg, checkpoint, ckpt, flavour, top_k, max_batch_size)

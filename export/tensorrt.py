@@ -103,7 +103,8 @@ def profile_shapes(
     - batch: 1 .. manifest["max_batch_size"], opt = max_batch_size // 2 (at least 1);
     - every dynamic (-1) non-batch dim is the token axis: 1 .. max_tokens (manifest
       "max_tokens", else model_config["max_tokens"], else 256); opt is the middle token
-      bucket (64 for buckets 16..256), clamped to max_tokens;
+      bucket (64 for buckets 16..256), clamped to max_tokens; except where the model's
+      "dynamic_axis" counts "steps" (the caption step graph's cache), which gives its range;
     - fixed dims (image channels/height/width, the text feature width) as given.
     """
     entry = _model_entry(manifest, model)
@@ -121,6 +122,11 @@ def profile_shapes(
     if not 1 <= _positive_int(opt_tokens, "opt_tokens") <= max_tokens:
         raise ValueError(f"opt_tokens {opt_tokens} is outside 1..{max_tokens}")
 
+    dynamic = entry.get("dynamic_axis")
+    if isinstance(dynamic, Mapping) and dynamic.get("counts") == "steps":  # the caption step's cache length
+        dynamic_range = tuple(_positive_int(dynamic.get(k), f"{model} dynamic_axis {k}") for k in ("min", "opt", "max"))
+    else:
+        dynamic_range = (1, opt_tokens, max_tokens)
     shapes: ProfileShapes = {}
     for name, spec in entry["inputs"].items():
         dims = spec.get("dims") if isinstance(spec, Mapping) else None
@@ -129,7 +135,7 @@ def profile_shapes(
         lo, mid, hi = [1], [opt_batch], [max_batch]
         for d in dims:
             if d == -1:
-                ranges = (1, opt_tokens, max_tokens)
+                ranges = dynamic_range
             elif isinstance(d, int) and not isinstance(d, bool) and d > 0:
                 ranges = (d, d, d)
             else:

@@ -4,7 +4,10 @@
 1. runs both on the same inputs at batch sizes and prompt lengths other than the export's
    and reports the max abs difference of every output (logits must be within 1e-3), and
 2. runs the full pipeline (letterbox, tokenize, top-K, numpy postprocess) with each engine
-   on shapes val images and checks the detections are the same.
+   on shapes val images and checks the detections are the same;
+3. for a model with a VQA head / caption decoder: answer logits and caption step
+   log-probabilities (within 1e-3), and the same answers and the same captions (greedy
+   and beam 3) from both engines.
 Exit status 0 when both hold, 1 when not, 2 on bad input.
 """
 
@@ -40,9 +43,16 @@ class ParityReport:
     detections: int = 0
     detection_mismatches: list[str] = field(default_factory=list)
 
+    answers: int = 0
+    answer_mismatches: list[str] = field(default_factory=list)
+    captions: int = 0
+    caption_mismatches: list[str] = field(default_factory=list)
+
     @property
     def ok(self) -> bool:
-        return self.max_abs.get("logits", np.inf) <= LOGIT_TOLERANCE and not self.detection_mismatches
+        close = all(self.max_abs.get(k, 0.0) <= LOGIT_TOLERANCE for k in ("answer_logits", "caption_logprobs"))
+        return (self.max_abs.get("logits", np.inf) <= LOGIT_TOLERANCE and close and not self.detection_mismatches
+                and not self.answer_mismatches and not self.caption_mismatches)
 
 
 def _raw_inputs(model: GLIPv2, tokenizer: Tokenizer, batch: int, seed: int):
@@ -71,6 +81,57 @@ def compare_outputs(model: GLIPv2, engine: OrtEngine, top_k: int, tokenizer: Tok
             got = engine.detect(images, ref_text, mask)
             for name, a, b in zip(("boxes", "logits", "centerness"), got, ref):
                 note(name, a, b)
+
+
+QUESTIONS = ["what color is the star?", "how many circles are there?", "is there a red square?",
+             "what shape is left of the blue circle?", "what color is the largest object?"]
+
+
+def compare_understanding(model: GLIPv2, engine: OrtEngine, images: list[np.ndarray], tokenizer: Tokenizer,
+                          report: ParityReport) -> None:
+    """VQA logits and caption log-probabilities, then answers and captions end to end."""
+    from glipv2.predict import TorchUnderstanding
+    from glipv2.understanding import CaptionPipeline, VqaPipeline
+
+    def note(name: str, a: np.ndarray, b: np.ndarray) -> None:
+        report.max_abs[name] = max(report.max_abs.get(name, 0.0), float(np.abs(a - b).max()))
+
+    cfg = model.cfg
+    ours = TorchUnderstanding(model, tokenizer)
+    if ours.vqa is not None:
+        theirs = VqaPipeline(engine.answer, cfg.image_hw, cfg.vqa_answers, tokenizer)
+        for batch, seed in ((1, 0), (3, 1)):
+            pixels = np.random.default_rng(seed).integers(0, 256, (batch, 3, *cfg.image_hw), dtype=np.uint8)
+            ids, mask = ours.vqa.encode([QUESTIONS[(seed + i) % len(QUESTIONS)] for i in range(batch)])
+            note("answer_logits", engine.answer(pixels, ids, mask), ours.vqa.engine(pixels, ids, mask))
+        for q in QUESTIONS:
+            for i, (a, b) in enumerate(zip(ours.vqa.answer(images, [q] * len(images)),
+                                           theirs.answer(images, [q] * len(images)))):
+                report.answers += 1
+                if a.answer != b.answer or abs(a.score - b.score) > 1e-4:
+                    report.answer_mismatches.append(f"image {i}, {q!r}: {a.answer} ({a.score:.4f}) vs "
+                                                    f"{b.answer} ({b.score:.4f})")
+    if ours.captioner is not None:
+        if engine.captioner is None:
+            report.caption_mismatches.append("the export has no caption graphs")
+            return
+        pixels = np.random.default_rng(2).integers(0, 256, (3, 3, *cfg.image_hw), dtype=np.uint8)
+        a, b = ours.captioner.engine.start(pixels), engine.captioner.start(pixels)
+        note("caption_logprobs", a[0], b[0])
+        tokens = np.argmax(a[0], axis=1)
+        for _ in range(3):  # a few steps on the same (torch) caches
+            a2 = ours.captioner.engine.step(tokens, *a[1:3], *a[3:5])
+            b2 = engine.captioner.step(tokens, *a[1:3], *a[3:5])
+            note("caption_logprobs", a2[0], b2[0])
+            a = (a2[0], a2[1], a2[2], a[3], a[4])
+            tokens = np.argmax(a2[0], axis=1)
+        theirs_cap = CaptionPipeline(engine.captioner, cfg.image_hw, cfg.caption_tokens, cfg.caption_max_len,
+                                     cfg.caption_end_id, tokenizer)
+        for beam in (1, 3):
+            for i, (x, y) in enumerate(zip(ours.captioner.caption(images, beam), theirs_cap.caption(images, beam))):
+                report.captions += 1
+                if x.text != y.text:
+                    report.caption_mismatches.append(f"image {i}, beam {beam}: {x.text!r} vs {y.text!r}")
 
 
 def same_detections(a: Detections, b: Detections) -> str | None:
@@ -124,8 +185,11 @@ def verify(checkpoint: Path, onnx_dir: Path | None = None, data: Path | None = N
         if onnx_dir is None:
             onnx_dir = Path(tmp)
             export_onnx(model, onnx_dir, top_k)
-        compare_outputs(model, OrtEngine(onnx_dir), top_k, tokenizer, report)
-        compare_detections(model, onnx_dir, sample_images(data, num_images), top_k, tokenizer, report)
+        engine = OrtEngine(onnx_dir)
+        images = sample_images(data, num_images)
+        compare_outputs(model, engine, top_k, tokenizer, report)
+        compare_detections(model, onnx_dir, images, top_k, tokenizer, report)
+        compare_understanding(model, engine, images, tokenizer, report)
     return report
 
 
@@ -153,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"detections: {report.detections} on {report.images} images x {len(PROMPTS)} prompts, "
           f"{len(report.detection_mismatches)} mismatches")
     for m in report.detection_mismatches[:10]:
+        print("  " + m)
+    if report.answers or report.captions:
+        print(f"answers: {report.answers}, {len(report.answer_mismatches)} mismatches; "
+              f"captions: {report.captions}, {len(report.caption_mismatches)} mismatches")
+    for m in (report.answer_mismatches + report.caption_mismatches)[:10]:
         print("  " + m)
     if args.json:
         args.json.write_text(json.dumps({**asdict(report), "ok": report.ok}, indent=2))

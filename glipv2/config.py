@@ -55,6 +55,8 @@ class ModelConfig:
     vqa_dim: int = 64
     vqa_layers: int = 2
     caption_tokens: tuple[int, ...] = ()  # WordPiece ids the decoder can emit (its shortlist)
+    caption_start_id: int = 101  # [CLS] of the BERT uncased vocabulary starts a caption
+    caption_end_id: int = 102  # [SEP] ends it
     caption_dim: int = 128
     caption_layers: int = 2
     caption_heads: int = 4
@@ -82,6 +84,8 @@ class ModelConfig:
         need(len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean", "mean and std need 3 values")
         need(len(set(self.vqa_answers)) == len(self.vqa_answers), "vqa_answers", "must be distinct")
         need(len(set(self.caption_tokens)) == len(self.caption_tokens), "caption_tokens", "must be distinct")
+        need(not self.caption_tokens or {self.caption_start_id, self.caption_end_id} <= set(self.caption_tokens),
+             "caption_tokens", "must include caption_start_id and caption_end_id")
         need(self.caption_dim % self.caption_heads == 0, "caption_dim", "must be divisible by caption_heads")
         need(self.vqa_dim % 4 == 0, "vqa_dim", "must be divisible by 4 (attention heads)")
         need(2 < self.caption_max_len <= self.max_tokens, "caption_max_len", "must be in 3..max_tokens")
@@ -101,6 +105,15 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
         tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**tuples)
+
+    @property
+    def caption_start_index(self) -> int:
+        """Decoder index (position in caption_tokens) of the start token."""
+        return self.caption_tokens.index(self.caption_start_id)
+
+    @property
+    def caption_end_index(self) -> int:
+        return self.caption_tokens.index(self.caption_end_id)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

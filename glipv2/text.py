@@ -374,6 +374,29 @@ def bucket_length(longest: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int
     return fitting[0]
 
 
+def pad_ids(sequences: Sequence[np.ndarray], buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+            pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token id sequences -> (input_ids [B, T], attention_mask [B, T]), T the bucket that
+    fits the longest (buckets=None: exactly the longest)."""
+    if not sequences:
+        raise ValueError("pad_ids needs at least one sequence")
+    longest = max(len(s) for s in sequences)
+    t = longest if buckets is None else bucket_length(longest, buckets)
+    input_ids = np.full((len(sequences), t), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(sequences), t), dtype=np.int64)
+    for i, s in enumerate(sequences):
+        input_ids[i, : len(s)] = s
+        attention_mask[i, : len(s)] = 1
+    return input_ids, attention_mask
+
+
+def encode_question(tokenizer: Tokenizer, question: str) -> np.ndarray:
+    """A VQA question -> token ids ([CLS] ... [SEP]); empty or over-long questions raise."""
+    if not question or not question.strip():
+        raise EmptyPromptError("the question is empty")
+    return tokenizer.encode(question.strip()).ids
+
+
 def pad_batch(
     items: Sequence[TokenizedPrompt],
     buckets: Sequence[int] | None = DEFAULT_BUCKETS,
@@ -388,22 +411,15 @@ def pad_batch(
     """
     if not items:
         raise ValueError("pad_batch needs at least one prompt")
-    longest = max(it.num_tokens for it in items)
-    if buckets is None:
-        tp = longest
-    else:
-        tp = bucket_length(longest, buckets)
+    input_ids, attention_mask = pad_ids([it.input_ids for it in items], buckets, pad_id)
+    tp = input_ids.shape[1]
     counts = [it.num_phrases for it in items]
     pmax = max(counts)
     b = len(items)
-    input_ids = np.full((b, tp), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((b, tp), dtype=np.int64)
     pm = np.zeros((b, pmax, tp), dtype=np.float32)
     phrase_mask = np.zeros((b, pmax), dtype=bool)
     for i, it in enumerate(items):
         t, p = it.num_tokens, it.num_phrases
-        input_ids[i, :t] = it.input_ids
-        attention_mask[i, :t] = it.attention_mask
         pm[i, :p, :t] = it.positive_map
         phrase_mask[i, :p] = True
     return TokenBatch(

@@ -17,7 +17,6 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export import build, onnx_export, trt_ops
-from export.onnx_export import OnnxFiles
 from export.repository import (
     FLAVOURS,
     FORMAT,
@@ -214,9 +213,10 @@ def _fake_export(source: Path):
     def export(model, out_dir, top_k=100):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        files = OnnxFiles(out_dir / "text_encoder.onnx", out_dir / "detector.onnx")
-        shutil.copyfile(source / "text_encoder" / "1" / "model.onnx", files.text_encoder)
-        shutil.copyfile(source / "detector" / "1" / "model.onnx", files.detector)
+        files = {}
+        for name in model_signatures(model.cfg, top_k):
+            files[name] = out_dir / f"{name}.onnx"
+            shutil.copyfile(source / name / "1" / "model.onnx", files[name])
         return files
     return export
 

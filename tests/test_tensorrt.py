@@ -108,10 +108,13 @@ def test_profile_shapes_follow_the_manifest():
 
 def test_profile_shapes_names_match_the_exported_graphs():
     graphs = pytest.importorskip("export.graphs")  # imports torch
+    from glipv2.config import get_preset
+
     m = sample_manifest()
-    assert set(ets.profile_shapes(m, "text_encoder")) == set(graphs.TEXT_INPUTS)
-    assert set(ets.profile_shapes(m, "detector")) == set(graphs.detector_inputs(HW, TEXT_DIM))
-    for name, (_, dims) in graphs.detector_inputs(HW, TEXT_DIM).items():
+    specs = graphs.graph_specs(get_preset("tiny").replace(image_hw=HW, text_dim=TEXT_DIM), 100)
+    assert set(ets.profile_shapes(m, "text_encoder")) == set(specs["text_encoder"].inputs)
+    assert set(ets.profile_shapes(m, "detector")) == set(specs["detector"].inputs)
+    for name, (_, dims) in specs["detector"].inputs.items():
         assert m["models"]["detector"]["inputs"][name]["dims"] == dims
 
 

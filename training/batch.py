@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from glipv2.image import letterbox
-from glipv2.text import Tokenizer, pad_batch, prompt_from_spans, tokenize
+from glipv2.text import Tokenizer, encode_question, pad_batch, pad_ids, prompt_from_spans, tokenize
 from training.data import GroundingSample
 from training.text_metrics import answer_scores
 
@@ -99,13 +99,9 @@ class Collator:
         )
 
     def _questions(self, samples: Sequence[GroundingSample]) -> dict[str, torch.Tensor]:
-        encoded = [self.tokenizer.encode(s.question).ids for s in samples]
-        t = max(len(e) for e in encoded)
-        ids = np.full((len(samples), t), self.tokenizer.pad_id, dtype=np.int64)
-        mask = np.zeros((len(samples), t), dtype=np.int64)
+        ids, mask = pad_ids([encode_question(self.tokenizer, s.question) for s in samples], None, self.tokenizer.pad_id)
         scores = np.zeros((len(samples), len(self.answer_index)), dtype=np.float32)
-        for i, (e, s) in enumerate(zip(encoded, samples)):
-            ids[i, : len(e)], mask[i, : len(e)] = e, 1
+        for i, s in enumerate(samples):
             for answer, score in answer_scores(s.answers or []).items():
                 if answer in self.answer_index:  # answers outside the vocabulary score 0 everywhere
                     scores[i, self.answer_index[answer]] = score

@@ -415,7 +415,7 @@ def evaluate_detection(predict_fn: PredictFn, val_dir: str | os.PathLike,
 
 # --------------------------------------------------------------------------- reporting
 _ORDER = ("num_images", "shape_ap", "shape_ap50", "colour_ap", "colour_ap50",
-          "recall@1", "phrase_ap50")
+          "recall@1", "phrase_ap50", "vqa_accuracy", "caption_bleu4", "caption_cider")
 
 
 def format_table(metrics: dict) -> str:
@@ -445,6 +445,20 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_model_understanding(model, val_dir: str | os.PathLike, max_images: int | None, batch_size: int = 8,
+                                 beam_size: int = 1, progress: bool = True,
+                                 tasks: set[str] = frozenset({"vqa", "caption"})) -> dict:
+    """VQA / caption metrics of a torch model, for the heads it has."""
+    from glipv2.predict import TorchUnderstanding
+    from training.evaluate_understanding import evaluate_understanding
+
+    u = TorchUnderstanding(model)
+    answer_fn = u.vqa.answer if u.vqa and "vqa" in tasks else None
+    caption_fn = ((lambda images: u.captioner.caption(images, beam_size=beam_size))
+                  if u.captioner and "caption" in tasks else None)
+    return evaluate_understanding(answer_fn, caption_fn, val_dir, max_images, batch_size, progress)
+
+
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.evaluate",
@@ -455,7 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default=None, help="write the metrics as JSON here")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--beam-size", type=int, default=1, help="caption beam size (1 = greedy)")
+    ap.add_argument("--tasks", default="detection,vqa,caption",
+                    help="comma-separated subset of detection, vqa, caption (those the model has)")
     args = ap.parse_args(argv)
+    tasks = set(args.tasks.split(","))
+    if not tasks <= {"detection", "vqa", "caption"}:
+        ap.error("--tasks takes detection, vqa and caption")
     if args.max_images is not None and args.max_images < 1:
         ap.error("--max-images must be >= 1")
     if args.batch_size < 1:
@@ -475,9 +495,13 @@ def main(argv: list[str] | None = None) -> int:
         model, _ = load_model(ckpt_path)
         from glipv2.predict import TorchPredictor
 
-        predictor = TorchPredictor(model)
-        metrics = evaluate_detection(predictor.predict, args.data, max_images=args.max_images,
-                                     batch_size=args.batch_size, progress=not args.no_progress)
+        metrics = {}
+        if "detection" in tasks:
+            predictor = TorchPredictor(model)
+            metrics = evaluate_detection(predictor.predict, args.data, max_images=args.max_images,
+                                         batch_size=args.batch_size, progress=not args.no_progress)
+        metrics.update(evaluate_model_understanding(model, args.data, args.max_images, args.batch_size,
+                                                    args.beam_size, not args.no_progress, tasks))
     except (CheckpointError, DatasetError) as e:
         return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except FileNotFoundError as e:  # e.g. the tokenizer package is not installed

@@ -29,10 +29,10 @@ def answer_vocabulary(answers: Iterable[str], min_count: int = 1) -> tuple[str, 
 
 
 def caption_vocabulary(captions: Iterable[str], tokenizer: Tokenizer) -> tuple[int, ...]:
-    ids: set[int] = set()
+    """Sorted WordPiece ids, [CLS] (start), [SEP] (end) and [UNK] included."""
+    ids: set[int] = {tokenizer.cls_id, tokenizer.sep_id, tokenizer.token_to_id("[UNK]")}
     for c in captions:
         ids.update(int(i) for i in tokenizer.encode(c).ids)
-    ids.update((tokenizer.cls_id, tokenizer.sep_id, tokenizer.token_to_id("[UNK]")))
     return tuple(sorted(ids))
 
 

@@ -10,6 +10,7 @@ Two ways to run the same weights:
 - `start` / `step`: one token at a time with a key/value cache (inference, ONNX export).
   Cross-attention keys/values are computed once per image (`cross_keys_values`); the
   self-attention cache grows by one position per step. A test checks both paths agree.
+  Caches are batch-first, [B, L, H, t, d] (L layers, H heads), as Triton wants batch axes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from torch import nn
 from glipv2.config import ModelConfig
 from glipv2.modeling.attention import Attention, feed_forward
 
-START, END = "[CLS]", "[SEP]"
 
 
 class DecoderLayer(nn.Module):
@@ -68,9 +68,9 @@ class CaptionDecoder(nn.Module):
         return self.memory_norm(self.memory_proj(flat) + self.memory_pos)
 
     def cross_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """memory [B, M, D] -> cross-attention keys, values [L, B, H, M, d] (computed once per image)."""
+        """memory [B, M, D] -> cross-attention keys, values [B, L, H, M, d] (computed once per image)."""
         kv = [layer.cross_attn.keys_values(memory) for layer in self.layers]
-        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+        return torch.stack([k for k, _ in kv], dim=1), torch.stack([v for _, v in kv], dim=1)
 
     # ------------------------------------------------------------------ training
     def forward(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ class CaptionDecoder(nn.Module):
         cross_k, cross_v = self.cross_keys_values(memory)
         for i, layer in enumerate(self.layers):
             k, v = layer.self_attn.keys_values(layer.norm_self(x))
-            x = layer(x, k, v, causal, cross_k[i], cross_v[i])
+            x = layer(x, k, v, causal, cross_k[:, i], cross_v[:, i])
         return self.out(self.norm(x))
 
     # ------------------------------------------------------------------ inference
@@ -91,20 +91,20 @@ class CaptionDecoder(nn.Module):
         """One decoding step for a batch in lockstep.
 
         tokens [B] shortlist indices at position t = past length (0 without a past);
-        cross_k/v [L, B, H, M, d]; past_k/v [L, B, H, t, d] -> (log-probabilities [B, V],
+        cross_k/v [B, L, H, M, d]; past_k/v [B, L, H, t, d] -> (log-probabilities [B, V],
         past_k/v grown to t + 1)."""
         if past_k is None:
             position = torch.zeros_like(tokens)
         else:  # the past length as data, not a Python int, so an exported graph keeps it dynamic
-            position = torch.ones_like(past_k[0, :, 0, :, 0]).sum(-1).to(tokens.dtype)
+            position = torch.ones_like(past_k[:, 0, 0, :, 0]).sum(-1).to(tokens.dtype)
         x = self.embed(tokens[:, None]) + self.pos(position)[:, None]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             k, v = layer.self_attn.keys_values(layer.norm_self(x))
             if past_k is not None:
-                k, v = torch.cat([past_k[i], k], dim=2), torch.cat([past_v[i], v], dim=2)
+                k, v = torch.cat([past_k[:, i], k], dim=2), torch.cat([past_v[:, i], v], dim=2)
             new_k.append(k)
             new_v.append(v)
-            x = layer(x, k, v, None, cross_k[i], cross_v[i])
+            x = layer(x, k, v, None, cross_k[:, i], cross_v[:, i])
         logprobs = self.out(self.norm(x[:, 0])).log_softmax(-1)
-        return logprobs, torch.stack(new_k), torch.stack(new_v)
+        return logprobs, torch.stack(new_k, dim=1), torch.stack(new_v, dim=1)

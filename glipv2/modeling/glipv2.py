@@ -119,6 +119,15 @@ class GLIPv2(nn.Module):
             raise RuntimeError("this model has no caption decoder (trained without captions)")
         return self.caption_decoder.memory(feats)
 
+    def caption_start(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """images -> the first decoding step from the start token: (log-probabilities [B, V],
+        self-attention cache k, v [B, L, H, 1, d], cross-attention k, v [B, L, H, M, d])."""
+        dec = self.caption_decoder
+        cross_k, cross_v = dec.cross_keys_values(self.caption_memory(self.visual(images)))
+        start = torch.full((images.shape[0],), self.cfg.caption_start_index, dtype=torch.int64, device=images.device)
+        logprobs, past_k, past_v = dec.step(start, cross_k, cross_v)
+        return logprobs, past_k, past_v, cross_k, cross_v
+
     @staticmethod
     def top_k(out: DetectorOutput, attention_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keep the k anchors with the best token score, so only K x T leaves the graph.

@@ -1,0 +1,85 @@
+"""Caption decoding around any engine (PyTorch, ONNX Runtime, Triton): greedy and beam search.
+
+numpy only. An engine exposes the caption decoder as two calls (the same split as the
+exported graphs):
+- start(images uint8 [B, 3, H, W]) -> (logprobs [B, V], past_k, past_v, cross_k, cross_v):
+  encodes the image and runs the first step from the start token;
+- step(tokens [N], past_k, past_v, cross_k, cross_v) -> (logprobs [N, V], past_k, past_v).
+Caches are batch-first: [N, L, H, t, d] (self-attention, t grows by one per step) and
+[N, L, H, M, d] (cross-attention, fixed). Every row of a batch moves in lockstep, so several requests
+decode as one batch; a row that is done leaves the batch (its cache rows are dropped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+DEFAULT_MAX_LEN = 30
+MAX_BEAM = 8
+
+
+class CaptionEngine(Protocol):
+    def start(self, images: np.ndarray) -> tuple[np.ndarray, ...]: ...
+
+    def step(self, tokens: np.ndarray, past_k: np.ndarray, past_v: np.ndarray,
+             cross_k: np.ndarray, cross_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # decoder shortlist indices, end token excluded
+    logprob: float  # summed log-probability (end token included when it ended)
+
+    def score(self, length_penalty: float) -> float:
+        return self.logprob / max(1, len(self.tokens) + 1) ** length_penalty
+
+
+def beam_search(engine: CaptionEngine, images: np.ndarray, end_index: int, beam_size: int = 1,
+                max_len: int | Sequence[int] = DEFAULT_MAX_LEN, length_penalty: float = 0.7) -> list[Hypothesis]:
+    """Best hypothesis per image. beam_size 1 is greedy decoding. max_len (tokens before the
+    end token) may differ per image."""
+    b = images.shape[0]
+    limits = [int(max_len)] * b if np.isscalar(max_len) else [int(m) for m in max_len]
+    if len(limits) != b or min(limits, default=1) < 1:
+        raise ValueError("max_len needs one positive length per image")
+    if not 1 <= beam_size <= MAX_BEAM:
+        raise ValueError(f"beam_size must be in 1..{MAX_BEAM}")
+    k = beam_size
+    logprobs, past_k, past_v, cross_k, cross_v = engine.start(images)
+    rows = list(range(b))  # images still decoding; their beams hold consecutive cache rows
+    beams: list[list[Hypothesis]] = [[Hypothesis([], 0.0)] for _ in range(b)]
+    finished: list[list[Hypothesis]] = [[] for _ in range(b)]
+    while True:
+        next_rows: list[int] = []
+        slots: list[int] = []  # cache row each surviving beam continues from
+        offset = 0
+        for r in rows:
+            n = len(beams[r])
+            total = np.asarray([h.logprob for h in beams[r]])[:, None] + logprobs[offset:offset + n]  # [n, V]
+            alive: list[Hypothesis] = []
+            for flat in np.argsort(-total, axis=None, kind="stable")[: 2 * k]:
+                j, tok = divmod(int(flat), total.shape[1])
+                if tok == end_index:
+                    finished[r].append(Hypothesis(list(beams[r][j].tokens), float(total[j, tok])))
+                elif len(alive) < k:
+                    alive.append(Hypothesis(beams[r][j].tokens + [tok], float(total[j, tok])))
+                    slots.append(offset + j)
+            offset += n
+            # Done: k hypotheses ended, or the length limit is reached (alive ones count as ended).
+            if len(finished[r]) >= k or not alive or len(alive[0].tokens) >= limits[r]:
+                finished[r].extend(alive)
+                del slots[len(slots) - len(alive):]
+                continue
+            beams[r] = alive
+            next_rows.append(r)
+        rows = next_rows
+        if not rows:
+            break
+        idx = np.asarray(slots, dtype=np.int64)
+        tokens = np.asarray([h.tokens[-1] for r in rows for h in beams[r]], dtype=np.int64)
+        cross_k, cross_v = cross_k[idx], cross_v[idx]
+        logprobs, past_k, past_v = engine.step(tokens, past_k[idx], past_v[idx], cross_k, cross_v)
+    return [max(f, key=lambda h: h.score(length_penalty)) for f in finished]

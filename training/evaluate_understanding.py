@@ -1,0 +1,92 @@
+"""VQA and caption metrics on a shapes-world val split (vqa_questions.json,
+vqa_annotations.json, captions.json, images/).
+
+- `vqa_accuracy`: the VQA v2 formula averaged over questions, also per question kind
+  (colour, count, exists, relation, extreme = colour of the largest / smallest object).
+- `caption_bleu4`, `caption_cider`: corpus BLEU-4 and CIDEr-D of one caption per image
+  against its reference captions (see training.text_metrics).
+Evaluated images are the first `max_images` of captions.json's image list, and the
+questions on those images.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from glipv2.understanding import Answer, Caption
+from training.data import CaptionDataset, DatasetError, VqaDataset
+from training.text_metrics import bleu, cider_d, vqa_accuracy
+
+AnswerFn = Callable[[Sequence[np.ndarray], Sequence[str]], Sequence[Answer]]
+CaptionFn = Callable[[Sequence[np.ndarray]], Sequence[Caption]]
+
+
+def question_kind(question: str) -> str:
+    q = question.lower()
+    if q.startswith("how many"):
+        return "count"
+    if q.startswith("is there"):
+        return "exists"
+    if q.startswith("what shape is"):
+        return "relation"
+    if "largest" in q or "smallest" in q:
+        return "extreme"
+    return "colour" if q.startswith("what color") else "other"
+
+
+def evaluate_understanding(answer_fn: AnswerFn | None, caption_fn: CaptionFn | None,
+                           val_dir: str | os.PathLike, max_images: int | None = None,
+                           batch_size: int = 8, progress: bool = True) -> dict:
+    root = Path(val_dir)
+    t0 = time.perf_counter()
+    metrics: dict = {}
+    if caption_fn is None and answer_fn is None:
+        return metrics
+    captions = CaptionDataset(root / "captions.json", root / "images")
+    image_ids = captions.image_ids[: max_images or None]
+    keep = set(image_ids)
+    images: dict[int, np.ndarray] = {}
+
+    def image(i: int, load) -> np.ndarray:
+        if i not in images:
+            images[i] = load()
+        return images[i]
+
+    if answer_fn is not None:
+        vqa = VqaDataset(root / "vqa_questions.json", root / "vqa_annotations.json", root / "images")
+        todo = [k for k, (_, _, iid) in enumerate(vqa.questions) if iid in keep]
+        by_kind: dict[str, list[float]] = defaultdict(list)
+        for start in tqdm(range(0, len(todo), batch_size), desc="vqa", unit="batch", disable=not progress):
+            chunk = todo[start:start + batch_size]
+            qs = [vqa.questions[k] for k in chunk]
+            imgs = [image(iid, lambda k=k: vqa[k].image) for k, (_, _, iid) in zip(chunk, qs)]
+            for k, (_, question, _), ans in zip(chunk, qs, answer_fn(imgs, [q for _, q, _ in qs])):
+                by_kind[question_kind(question)].append(vqa_accuracy(ans.answer, vqa.answers[k]))
+        every = [a for v in by_kind.values() for a in v]
+        if not every:
+            raise DatasetError(f"{root}: no questions on the evaluated images")
+        metrics["vqa_accuracy"] = float(np.mean(every))
+        metrics["num_questions"] = len(every)
+        for kind in sorted(by_kind):
+            metrics[f"vqa_accuracy/{kind}"] = float(np.mean(by_kind[kind]))
+    if caption_fn is not None:
+        index = {iid: k for k, iid in enumerate(captions.image_ids)}
+        predicted: dict[int, str] = {}
+        for start in tqdm(range(0, len(image_ids), batch_size), desc="captions", unit="batch", disable=not progress):
+            chunk = image_ids[start:start + batch_size]
+            imgs = [image(iid, lambda iid=iid: captions[index[iid]].image) for iid in chunk]
+            for iid, cap in zip(chunk, caption_fn(imgs)):
+                predicted[iid] = cap.text
+        refs = {iid: captions.captions[iid] for iid in image_ids}
+        metrics["caption_bleu4"] = bleu(predicted, refs)
+        metrics["caption_cider"] = cider_d(predicted, refs)
+        metrics["num_captioned"] = len(predicted)
+    metrics["understanding_seconds"] = time.perf_counter() - t0
+    return metrics
