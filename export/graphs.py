@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from export.layout import CAPTION_START, CAPTION_STEP, DETECTOR, TEXT_ENCODER, VQA
+from glipv2.captioning import MAX_BEAM
 from glipv2.config import MAX_TOKENS, ModelConfig
 from glipv2.modeling.glipv2 import GLIPv2
 
@@ -38,6 +39,7 @@ class GraphSpec:
     dynamic: str  # what the -1 dims count: "tokens" or "steps" ("" = none)
     dynamic_range: tuple[int, int, int]  # min, typical, max of that axis (TensorRT profiles)
     ragged: bool  # requests with different lengths may share a batch (zero padding is masked)
+    batch_multiplier: int = 1  # batch limit = max_batch_size x this (caption steps carry every beam)
 
 
 def graph_specs(cfg: ModelConfig, top_k: int) -> dict[str, GraphSpec]:
@@ -72,7 +74,7 @@ def graph_specs(cfg: ModelConfig, top_k: int) -> dict[str, GraphSpec]:
         specs.append(GraphSpec(CAPTION_STEP, {"tokens": ("TYPE_INT64", [1]), "past_k": past, "past_v": past,
                                               "cross_k": cross, "cross_v": cross},
                                {"logprobs": logprobs, "present_k": past, "present_v": past},
-                               "steps", (1, 16, cfg.caption_max_len - 1), ragged=False))
+                               "steps", (1, 16, cfg.caption_max_len - 1), ragged=False, batch_multiplier=MAX_BEAM))
     return {s.name: s for s in specs}
 
 

@@ -197,6 +197,7 @@ def render_config(
     spec = specs[name]
     _check_settings(flavour, top_k, max_batch_size, settings)
     preferred = _preferred(settings.preferred_batch_sizes, max_batch_size)
+    max_batch_size *= spec.batch_multiplier
     h, w = model_cfg.image_hw
     anchors = sum(math.ceil(h / s) * math.ceil(w / s) for s in model_cfg.strides)  # one per location
     if top_k > anchors:
@@ -297,6 +298,7 @@ def build_manifest(
         name: {
             **{kind: {n: {"dtype": _protocol_dtype(dt), "dims": list(dims)} for n, (dt, dims) in tensors.items()}
                for kind, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs))},
+            "max_batch_size": max_batch_size * spec.batch_multiplier,
             "dynamic_axis": {"counts": spec.dynamic, "min": spec.dynamic_range[0], "opt": spec.dynamic_range[1],
                              "max": spec.dynamic_range[2]} if spec.dynamic else None,
         }

@@ -108,7 +108,7 @@ def profile_shapes(
     - fixed dims (image channels/height/width, the text feature width) as given.
     """
     entry = _model_entry(manifest, model)
-    max_batch = _positive_int(manifest.get("max_batch_size"), "manifest max_batch_size")
+    max_batch = _positive_int(entry.get("max_batch_size", manifest.get("max_batch_size")), "manifest max_batch_size")
     cfg = manifest.get("model_config") if isinstance(manifest.get("model_config"), Mapping) else {}
     max_tokens = _positive_int(manifest.get("max_tokens", cfg.get("max_tokens", DEFAULT_MAX_TOKENS)),
                                "manifest max_tokens")

@@ -18,7 +18,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 DEFAULT_MAX_LEN = 30
-MAX_BEAM = 8
+MAX_BEAM = 5  # Triton's caption_step batch limit is max_batch_size x MAX_BEAM
 
 
 class CaptionEngine(Protocol):
@@ -60,10 +60,11 @@ def beam_search(engine: CaptionEngine, images: np.ndarray, end_index: int, beam_
             n = len(beams[r])
             total = np.asarray([h.logprob for h in beams[r]])[:, None] + logprobs[offset:offset + n]  # [n, V]
             alive: list[Hypothesis] = []
-            for flat in np.argsort(-total, axis=None, kind="stable")[: 2 * k]:
+            for rank, flat in enumerate(np.argsort(-total, axis=None, kind="stable")[: 2 * k]):
                 j, tok = divmod(int(flat), total.shape[1])
                 if tok == end_index:
-                    finished[r].append(Hypothesis(list(beams[r][j].tokens), float(total[j, tok])))
+                    if rank < k:  # an ending outside the k best candidates is not a contender
+                        finished[r].append(Hypothesis(list(beams[r][j].tokens), float(total[j, tok])))
                 elif len(alive) < k:
                     alive.append(Hypothesis(beams[r][j].tokens + [tok], float(total[j, tok])))
                     slots.append(offset + j)

@@ -13,16 +13,16 @@ from service.batcher import MicroBatcher
 from service.errors import BackendUnavailable, install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from service.routes import demo, detect, health, metrics, models
+from service.routes import demo, detect, health, metrics, models, understanding
 from service.settings import Settings
 
 log = logging.getLogger("service")
 
 
-def _wrap_failures(backend: Backend):
+def _wrap_failures(run_batch):
     def run(items):
         try:
-            return backend.run_batch(items)
+            return run_batch(items)
         except Exception as exc:
             log.exception("inference failed")
             raise BackendUnavailable(f"inference failed: {type(exc).__name__}") from exc
@@ -38,36 +38,47 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         be = backend or await asyncio.to_thread(create_backend, settings)
-        batcher = MicroBatcher(
-            _wrap_failures(be),
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            queue_size=settings.queue_size,
-            timeout_s=settings.request_timeout_s,
-            retry_after_s=settings.retry_after_s,
-        )
-        await batcher.start()
-        app.state.backend, app.state.batcher = be, batcher
-        log.info("serving %s (%s backend) from %s", be.manifest.get("preset"), be.name, settings.repository)
+        runs = {"detect": be.run_batch, "vqa": be.run_vqa_batch, "caption": be.run_caption_batch}
+        # One batcher per task: a batch is always one engine call of one kind.
+        batchers = {
+            task: MicroBatcher(
+                _wrap_failures(runs[task]),
+                max_batch_size=settings.max_batch_size,
+                max_wait_ms=settings.max_wait_ms,
+                queue_size=settings.queue_size,
+                timeout_s=settings.request_timeout_s,
+                retry_after_s=settings.retry_after_s,
+            )
+            for task in be.tasks
+        }
+        for b in batchers.values():
+            await b.start()
+        app.state.backend, app.state.batcher, app.state.batchers = be, batchers["detect"], batchers
+        log.info("serving %s (%s backend, tasks: %s) from %s", be.manifest.get("preset"), be.name,
+                 ", ".join(be.tasks), settings.repository)
         try:
             yield
         finally:
-            app.state.backend, app.state.batcher = None, None
-            await batcher.stop()  # drains queued requests before the backend goes
+            app.state.backend, app.state.batcher, app.state.batchers = None, None, {}
+            for b in batchers.values():
+                await b.stop()  # drains queued requests before the backend goes
             be.close()
 
     app = FastAPI(
         title="glipv2-serve",
         version="0.1.0",
-        description="Open-vocabulary detection with GLIPv2. Boxes are xyxy in original-image pixels.",
+        description="Open-vocabulary detection, phrase grounding, visual question answering and captioning "
+                    "with GLIPv2. Boxes are xyxy in original-image pixels.",
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.backend = None
     app.state.batcher = None
+    app.state.batchers = {}
     app.state.metrics = Metrics()
     install_error_handlers(app)
     app.include_router(detect.router)
+    app.include_router(understanding.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

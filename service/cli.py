@@ -1,15 +1,18 @@
-"""The `glipv2` command: `glipv2 detect IMAGE --prompt ...` and `glipv2 serve`.
+"""The `glipv2` command: `glipv2 detect IMAGE --prompt ...`, `glipv2 vqa IMAGE --question ...`,
+`glipv2 caption IMAGE` and `glipv2 serve`.
 
-detect runs the embedded backend (ONNX Runtime, in this process) on one image — the same
-code the gateway runs (service.images for decoding and limits, service.backends for
-tokenizing, the prompt cache, the engine and postprocessing) — prints the detections as a
-table or JSON, and with --out draws the boxes with "phrase score" labels.
+detect, vqa and caption run the embedded backend (ONNX Runtime, in this process) on one
+image — the same code the gateway runs (service.images for decoding and limits,
+service.backends for tokenizing, the prompt cache, the engines, postprocessing and caption
+decoding). detect prints the detections as a table or JSON, and with --out draws the
+boxes with "phrase score" labels; vqa prints the ranked answers; caption the caption.
 
 serve runs the gateway like `python -m service`, with command-line overrides of the
 GLIPV2_* settings.
 
 Exit codes: 0 ok, 2 bad usage or input (missing image, unsupported image format, empty
-or over-long prompt, missing model repository), 1 anything else.
+or over-long prompt or question, missing model repository, a model without the task's
+head), 1 anything else.
 """
 
 from __future__ import annotations
@@ -30,8 +33,14 @@ class CLIError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glipv2", description="GLIPv2 open-vocabulary detection: detect or serve.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{detect,serve}")
+    p = argparse.ArgumentParser(prog="glipv2", description="GLIPv2: detect, answer questions, caption, or serve.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{detect,vqa,caption,serve}")
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--repository", "-r", type=Path, default=Path("model_repository"),
+                       help="rendered model repository (default model_repository)")
+        q.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
+        q.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     d = sub.add_parser("detect", help="detect the prompt's phrases in an image (embedded ONNX Runtime)")
     d.add_argument("image", type=Path, help="JPEG, PNG or WebP file")
@@ -39,10 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", "-o", type=Path, help="write the image with the boxes drawn here (PNG, JPEG or WebP)")
     d.add_argument("--threshold", "-t", type=float, default=0.3, help="minimum score (default 0.3)")
     d.add_argument("--max-detections", type=int, default=100, help="at most this many boxes (default 100)")
-    d.add_argument("--repository", "-r", type=Path, default=Path("model_repository"),
-                   help="rendered model repository (default model_repository)")
-    d.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
-    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    common(d)
+
+    v = sub.add_parser("vqa", help="answer a question about an image (embedded ONNX Runtime)")
+    v.add_argument("image", type=Path, help="JPEG, PNG or WebP file")
+    v.add_argument("--question", "-q", required=True, help="e.g. 'what color is the star?'")
+    v.add_argument("--top-k", type=int, default=5, help="ranked answers to show (default 5)")
+    common(v)
+
+    c = sub.add_parser("caption", help="caption an image (embedded ONNX Runtime)")
+    c.add_argument("image", type=Path, help="JPEG, PNG or WebP file")
+    c.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default); up to 5")
+    c.add_argument("--max-len", type=int, default=None, help="at most this many tokens (default 30)")
+    common(c)
 
     s = sub.add_parser("serve", help="serve the HTTP gateway (like `python -m service`)")
     s.add_argument("--host", help="default GLIPV2_HOST or 127.0.0.1")
@@ -57,30 +75,17 @@ def _parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------ detect
 
 
-def _detect(args: argparse.Namespace) -> dict:
-    from glipv2.image import letterbox
-    from glipv2.text import PromptError
-    from service.backends import BatchItem
+def _open(args: argparse.Namespace):
+    """(decoded image [H, W, 3], EmbeddedBackend) for a command; CLIError on bad input."""
     from service.errors import ServiceError
     from service.images import decode_image
-    from service.routes.detect import _postprocess_config
     from service.settings import Settings
 
-    if not args.prompt.strip():
-        raise CLIError("the prompt is empty: give phrases such as --prompt 'red circle. star.'")
-    if not 0.0 <= args.threshold <= 1.0:
-        raise CLIError(f"--threshold must be in [0, 1], not {args.threshold}")
-    if args.max_detections < 1:
-        raise CLIError("--max-detections must be at least 1")
     if not args.image.is_file():
         raise CLIError(f"{args.image}: no such image file")
     repo = args.repository
     if not (repo / "manifest.json").is_file():
         raise CLIError(f"{repo}: not a model repository (no manifest.json); run `make export` or pass --repository")
-    for model in ("text_encoder", "detector"):
-        if not (repo / model / "1" / "model.onnx").is_file():
-            raise CLIError(f"{repo / model / '1' / 'model.onnx'}: missing; run `make export`")
-
     settings = Settings(repository=repo)
     try:
         pixels_hwc = decode_image(args.image.read_bytes(), settings.max_image_pixels)
@@ -91,8 +96,24 @@ def _detect(args: argparse.Namespace) -> dict:
 
     try:
         backend = EmbeddedBackend(repo, cache_size=0, threads=args.threads)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # a missing ONNX file names `make export`
         raise CLIError(str(exc)) from None
+    return pixels_hwc, backend
+
+
+def _detect(args: argparse.Namespace) -> dict:
+    from glipv2.image import letterbox
+    from glipv2.text import PromptError
+    from service.backends import BatchItem
+    from service.routes.detect import _postprocess_config
+
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty: give phrases such as --prompt 'red circle. star.'")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise CLIError(f"--threshold must be in [0, 1], not {args.threshold}")
+    if args.max_detections < 1:
+        raise CLIError("--max-detections must be at least 1")
+    pixels_hwc, backend = _open(args)
     try:
         try:
             tokenized = backend.tokenize(args.prompt)
@@ -175,6 +196,65 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ vqa, caption
+
+
+def cmd_vqa(args: argparse.Namespace) -> int:
+    from glipv2.image import letterbox
+    from glipv2.text import PromptError
+    from service.backends.base import TaskUnavailable, VqaItem
+
+    if not args.question.strip():
+        raise CLIError("the question is empty: e.g. --question 'what color is the star?'")
+    if not 1 <= args.top_k <= 20:
+        raise CLIError("--top-k must be in 1..20")
+    pixels_hwc, backend = _open(args)
+    try:
+        try:
+            ids = backend.encode_question(args.question)
+        except (PromptError, TaskUnavailable) as exc:
+            raise CLIError(str(exc)) from None
+        answer = backend.run_vqa_batch([VqaItem(letterbox(pixels_hwc, backend.image_hw)[0], ids, args.top_k)])[0]
+    finally:
+        backend.close()
+    result = {"image": str(args.image), "question": args.question, "answer": answer.answer,
+              "score": round(answer.score, 4), "top_answers": [{"answer": a, "score": round(s, 4)} for a, s in answer.top]}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.image}: {args.question}")
+        for a, s in answer.top:
+            print(f"  {s:6.3f}  {a}")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from glipv2.captioning import DEFAULT_MAX_LEN, MAX_BEAM
+    from glipv2.image import letterbox
+    from service.backends.base import CaptionItem
+
+    if not 1 <= args.beam_size <= MAX_BEAM:
+        raise CLIError(f"--beam-size must be in 1..{MAX_BEAM}")
+    pixels_hwc, backend = _open(args)
+    try:
+        if "caption" not in backend.tasks:
+            raise CLIError("this model has no caption decoder (its checkpoint was trained without captions)")
+        limit = backend.caption_max_len
+        max_len = args.max_len or min(DEFAULT_MAX_LEN, limit)
+        if not 1 <= max_len <= limit:
+            raise CLIError(f"--max-len must be in 1..{limit} for this model")
+        item = CaptionItem(letterbox(pixels_hwc, backend.image_hw)[0], args.beam_size, max_len)
+        caption = backend.run_caption_batch([item])[0]
+    finally:
+        backend.close()
+    if args.json:
+        print(json.dumps({"image": str(args.image), "caption": caption.text, "logprob": round(caption.logprob, 4),
+                          "num_tokens": caption.num_tokens}, indent=2))
+    else:
+        print(f"{args.image}: {caption.text}")
+    return 0
+
+
 # ------------------------------------------------------------------------------- serve
 
 
@@ -205,7 +285,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"detect": cmd_detect, "serve": cmd_serve}[args.command](args)
+        return {"detect": cmd_detect, "vqa": cmd_vqa, "caption": cmd_caption, "serve": cmd_serve}[args.command](args)
     except CLIError as exc:
         print(f"glipv2: error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from glipv2.text import PromptError, PromptTooLongError
+from service.backends.base import TaskUnavailable
 
 log = logging.getLogger("service")
 
@@ -56,6 +57,12 @@ class InvalidInput(ServiceError):
     status_code = 422
 
 
+class NotSupported(ServiceError):
+    """The served model lacks what the request needs (e.g. a VQA head)."""
+
+    status_code = 501
+
+
 class Overloaded(ServiceError):
     """The batcher's queue is full: retry later."""
 
@@ -82,6 +89,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.detail)
         return _json(exc.status_code, exc.body(), exc.headers)
+
+    @app.exception_handler(TaskUnavailable)
+    async def _task_unavailable(request: Request, exc: TaskUnavailable) -> JSONResponse:
+        return _json(NotSupported.status_code, {"detail": str(exc)})
 
     @app.exception_handler(PromptError)
     async def _prompt_error(request: Request, exc: PromptError) -> JSONResponse:

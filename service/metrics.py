@@ -39,7 +39,8 @@ class Metrics:
             self.latency_sum[route] += seconds
             self.latency_n[route] += 1
 
-    def render(self, batcher=None, backend=None) -> str:
+    def render(self, batchers: dict | None = None, backend=None) -> str:
+        """batchers: task name -> MicroBatcher."""
         out: list[str] = []
         with self._lock:
             out += ["# HELP glipv2_requests_total HTTP requests by method, route and status.",
@@ -54,16 +55,18 @@ class Metrics:
                 out.append(f"glipv2_request_duration_seconds_bucket{_labels(route=route, le='+Inf')} {self.latency_n[route]}")
                 out.append(f"glipv2_request_duration_seconds_sum{_labels(route=route)} {self.latency_sum[route]:.6f}")
                 out.append(f"glipv2_request_duration_seconds_count{_labels(route=route)} {self.latency_n[route]}")
-        if batcher is not None:
-            sizes = dict(batcher.batch_sizes)
-            out += ["# HELP glipv2_batch_size Images per engine call.", "# TYPE glipv2_batch_size histogram"]
-            for bound in BATCH_BUCKETS:
-                out.append(f'glipv2_batch_size_bucket{{le="{bound}"}} {sum(n for s, n in sizes.items() if s <= bound)}')
-            out.append(f'glipv2_batch_size_bucket{{le="+Inf"}} {sum(sizes.values())}')
-            out.append(f"glipv2_batch_size_sum {sum(s * n for s, n in sizes.items())}")
-            out.append(f"glipv2_batch_size_count {sum(sizes.values())}")
-            out += ["# HELP glipv2_queue_depth Images waiting in the batcher.", "# TYPE glipv2_queue_depth gauge",
-                    f"glipv2_queue_depth {batcher.depth}"]
+        if batchers:
+            out += ["# HELP glipv2_batch_size Images per engine call, by task.", "# TYPE glipv2_batch_size histogram"]
+            for task, batcher in batchers.items():
+                sizes = dict(batcher.batch_sizes)
+                for bound in BATCH_BUCKETS:
+                    n = sum(c for s, c in sizes.items() if s <= bound)
+                    out.append(f"glipv2_batch_size_bucket{_labels(task=task, le=str(bound))} {n}")
+                out.append(f"glipv2_batch_size_bucket{_labels(task=task, le='+Inf')} {sum(sizes.values())}")
+                out.append(f"glipv2_batch_size_sum{_labels(task=task)} {sum(s * n for s, n in sizes.items())}")
+                out.append(f"glipv2_batch_size_count{_labels(task=task)} {sum(sizes.values())}")
+            out += ["# HELP glipv2_queue_depth Images waiting in the batcher, by task.", "# TYPE glipv2_queue_depth gauge"]
+            out += [f"glipv2_queue_depth{_labels(task=task)} {b.depth}" for task, b in batchers.items()]
         if backend is not None:
             stats = backend.stats()
             for key, help_ in (("cache_hits", "Prompts whose text features came from the cache."),

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from glipv2.captioning import MAX_BEAM
+
 # A prompt of more than 256 tokens is refused after tokenization (422 naming the limit);
 # these character limits only bound the work spent before that.
 MAX_PROMPT_CHARS = 4096
@@ -140,6 +142,77 @@ class GroundResponse(BaseModel):
     timings: Timings
 
 
+MAX_QUESTION_CHARS = 2048
+MAX_TOP_ANSWERS = 20
+
+
+class VqaItem(_ImageSource):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(None, description="JPEG, PNG or WebP, base64 or a data URL", min_length=1)
+    url: str | None = Field(None, min_length=1, max_length=MAX_URL_CHARS, description=_URL_DESCRIPTION)
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS,
+                          description="a question about the image; at most 256 tokens",
+                          examples=["what color is the star?"])
+
+
+class VqaRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[VqaItem] = Field(min_length=1, description="one or more images, each with its question; batched")
+    top_k: int = Field(5, ge=1, le=MAX_TOP_ANSWERS, description="how many ranked answers to return")
+
+
+class ScoredAnswer(BaseModel):
+    answer: str
+    score: float = Field(ge=0.0, le=1.0, description="sigmoid score (answers are scored independently)")
+
+
+class VqaResult(BaseModel):
+    width: int
+    height: int
+    question: str
+    answer: str = Field(description="the best answer of the model's answer vocabulary")
+    score: float = Field(ge=0.0, le=1.0)
+    top_answers: list[ScoredAnswer] = Field(description="best first")
+
+
+class VqaResponse(BaseModel):
+    model: str
+    results: list[VqaResult]
+    timings: Timings
+
+
+class CaptionItem(_ImageSource):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(None, description="JPEG, PNG or WebP, base64 or a data URL", min_length=1)
+    url: str | None = Field(None, min_length=1, max_length=MAX_URL_CHARS, description=_URL_DESCRIPTION)
+
+
+class CaptionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[CaptionItem] = Field(min_length=1, description="one or more images; decoded as one batch")
+    max_len: int | None = Field(None, ge=1, le=255,
+                                description="at most this many tokens (default 30; the model's limit applies)")
+    beam_size: int = Field(1, ge=1, le=MAX_BEAM, description="1 = greedy decoding; more keeps that many hypotheses")
+
+
+class CaptionResult(BaseModel):
+    width: int
+    height: int
+    caption: str
+    logprob: float = Field(description="summed token log-probability of the caption")
+    num_tokens: int
+
+
+class CaptionResponse(BaseModel):
+    model: str
+    results: list[CaptionResult]
+    timings: Timings
+
+
 class ModelInfo(BaseModel):
     name: str
     inputs: dict[str, dict]
@@ -157,6 +230,8 @@ class ModelsResponse(BaseModel):
     token_buckets: list[int]
     top_k: int
     postprocess: dict
+    tasks: list[str] = Field(description="what this model serves: detect, vqa, caption")
+    answer_vocabulary: list[str] | None = None
     models: list[ModelInfo]
 
 

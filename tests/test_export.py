@@ -10,7 +10,8 @@ from onnx import helper
 from export.onnx_export import export_onnx
 from export.onnx_runtime import OrtEngine
 from export.trt_ops import graph_ops, unsupported_ops
-from export.verify import LOGIT_TOLERANCE, ParityReport, compare_detections, compare_outputs, main, sample_images
+from export.verify import (LOGIT_TOLERANCE, ParityReport, compare_detections, compare_outputs, compare_understanding,
+                           main, sample_images)
 from glipv2.checkpoint import load_model
 from glipv2.text import Tokenizer
 
@@ -28,8 +29,22 @@ def exported(tmp_path_factory):
     return model, out
 
 
+ALL_GRAPHS = ("text_encoder", "detector", "vqa", "caption_start", "caption_step")
+
+
+def test_the_demo_model_exports_every_task(exported):
+    _, out = exported
+    assert sorted(p.stem for p in out.glob("*.onnx")) == sorted(ALL_GRAPHS)
+
+
 def test_graphs_pass_the_checker_with_dynamic_axes(exported):
     _, out = exported
+    for name in ALL_GRAPHS:
+        onnx.checker.check_model(onnx.load(str(out / f"{name}.onnx")), full_check=True)
+    step = onnx.load(str(out / "caption_step.onnx")).graph
+    for tensor in [*step.input, *step.output]:
+        if tensor.name in ("past_k", "past_v", "present_k", "present_v"):
+            assert tensor.type.tensor_type.shape.dim[3].dim_param == "steps", tensor.name
     for name in ("text_encoder", "detector"):
         graph = onnx.load(str(out / f"{name}.onnx"))
         onnx.checker.check_model(graph, full_check=True)
@@ -46,7 +61,7 @@ def test_graphs_pass_the_checker_with_dynamic_axes(exported):
 
 def test_every_op_is_one_tensorrt_parses(exported):
     _, out = exported
-    for name in ("text_encoder", "detector"):
+    for name in ALL_GRAPHS:
         assert unsupported_ops(out / f"{name}.onnx") == {}, name
     assert "TopK" in graph_ops(onnx.load(str(out / "detector.onnx")).graph)  # selection is in the graph
     assert "NonMaxSuppression" not in graph_ops(onnx.load(str(out / "detector.onnx")).graph)
@@ -80,6 +95,19 @@ def test_same_detections_on_shapes_images(exported):
     compare_detections(model, out, sample_images(None, 6), 100, Tokenizer(), report)
     assert report.detections > 0
     assert report.detection_mismatches == []
+
+
+def test_same_answers_and_captions_on_shapes_images(exported):
+    """VQA logits and caption log-probabilities within 1e-3 at other batch sizes and cache
+    lengths than the export's; then the same answers and the same greedy and beam-3
+    captions from the PyTorch model and from ONNX Runtime."""
+    model, out = exported
+    report = ParityReport()
+    compare_understanding(model, OrtEngine(out), sample_images(None, 4), Tokenizer(), report)
+    assert report.max_abs["answer_logits"] <= LOGIT_TOLERANCE
+    assert report.max_abs["caption_logprobs"] <= LOGIT_TOLERANCE
+    assert report.answers == 4 * 5 and report.answer_mismatches == []
+    assert report.captions == 4 * 2 and report.caption_mismatches == []
 
 
 @needs_demo

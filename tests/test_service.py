@@ -375,8 +375,9 @@ def test_concurrent_requests_form_batches(backend_settings):
     assert stats["backend"]["cache_hits"] == 13, stats
     # the Prometheus view of the same: fewer than 16 engine calls carried the 16 images
     lines = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
-    assert lines['glipv2_batch_size_bucket{le="1"}'] != lines["glipv2_batch_size_count"]
-    assert int(lines["glipv2_batch_size_sum"]) == 16 and int(lines["glipv2_batch_size_count"]) < 16
+    assert lines['glipv2_batch_size_bucket{task="detect",le="1"}'] != lines['glipv2_batch_size_count{task="detect"}']
+    assert int(lines['glipv2_batch_size_sum{task="detect"}']) == 16
+    assert int(lines['glipv2_batch_size_count{task="detect"}']) < 16
     assert lines['glipv2_requests_total{method="POST",route="/v1/detect",status="200"}'] == "16"
     assert lines["glipv2_prompt_cache_hits_total"] == "13"
 

@@ -33,12 +33,13 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 STROKE = np.array([0, 255, 255])  # BOX_COLOUR in service/static/demo.js
 PROMPT = "circle. square. triangle. star. hexagon. cross."
 PAGE_IDS = ("detect-form", "image", "prompt", "threshold", "threshold-value", "api-key", "detect",
-            "status", "error", "canvas", "results", "results-body")
+            "status", "error", "canvas", "results", "results-body", "question", "ask", "beam",
+            "caption-button", "answer", "caption")
 
 
 def _model_files_present() -> bool:
     return (REPO / "tokenizer.json").is_file() and all(
-        (REPO / m / "1" / "model.onnx").is_file() for m in ("text_encoder", "detector"))
+        (REPO / m / "1" / "model.onnx").is_file() for m in ("text_encoder", "detector", "vqa", "caption_step"))
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +198,35 @@ def test_browser_shows_api_error(server, browser, tmp_path):
                         files={"image": ("x.png", b"this is text, not a PNG", "image/png")}, timeout=30)
     assert direct.status_code in (415, 422) and error.text == direct.json()["detail"]
     assert browser.find_element(By.ID, "results").get_attribute("hidden") is not None
+
+
+def test_browser_asks_and_captions(server, browser, tmp_path):
+    """Ask about the uploaded image and caption it: the page shows what the API answers."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    scene, _ = _scene_png(tmp_path / "scene.png", seed=11)
+    question = f"how many {scene.objects[0].shape}s are there?".replace("crosss", "crosses")
+    browser.get(server + "/")
+    browser.find_element(By.ID, "image").send_keys(str(tmp_path / "scene.png"))
+    box = browser.find_element(By.ID, "question")
+    box.clear()
+    box.send_keys(question)
+
+    def run(button: str, target: str, prefix: str) -> str:
+        browser.find_element(By.ID, button).click()
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, target).text.startswith(prefix)
+                                         or d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
+        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", \
+            browser.find_element(By.ID, "error").text
+        return browser.find_element(By.ID, target).text
+
+    png = (tmp_path / "scene.png").read_bytes()
+    shown = run("ask", "answer", "Answer: ")
+    direct = httpx.post(server + "/v1/vqa/upload", data={"question": question, "top_k": "3"},
+                        files={"image": ("s.png", png, "image/png")}, timeout=30).json()["results"][0]
+    assert shown.startswith(f"Answer: {direct['answer']} ")
+    shown = run("caption-button", "caption", "Caption: ")
+    direct = httpx.post(server + "/v1/caption/upload", files={"image": ("s.png", png, "image/png")},
+                        timeout=30).json()["results"][0]
+    assert shown == "Caption: " + direct["caption"]

@@ -147,3 +147,21 @@ def test_draw_detections_labels():
     assert (drawn[30:91, 20] != 255).any(axis=1).all()  # left edge
     assert (drawn[12:30, 20:60] != 255).any()  # label above the box
     assert (drawn[50:70, 40:60] == 255).all()  # inside untouched
+
+
+@needs_onnx
+def test_vqa_and_caption_commands(scene_png, capsys):
+    path, scene = scene_png
+    shape = scene.objects[0].shape
+    plural = {"cross": "crosses"}.get(shape, shape + "s")
+    assert main(["vqa", str(path), "-q", f"how many {plural} are there?", "-r", str(REPO), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"] == str(sum(o.shape == shape for o in scene.objects))
+    assert len(out["top_answers"]) == 5
+    assert main(["caption", str(path), "-r", str(REPO), "--beam-size", "2"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"{path}: ") and any(o.shape in text for o in scene.objects)
+    assert "question is empty" in _error(capsys, ["vqa", str(path), "-q", " ", "-r", str(REPO)])
+    assert "tokens" in _error(capsys, ["vqa", str(path), "-q", "why " * 300, "-r", str(REPO)])
+    assert "--beam-size" in _error(capsys, ["caption", str(path), "--beam-size", "9", "-r", str(REPO)])
+    assert "--max-len" in _error(capsys, ["caption", str(path), "--max-len", "500", "-r", str(REPO)])

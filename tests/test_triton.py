@@ -30,7 +30,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO_ROOT / "demo" / "tiny.pt"
-MODELS = ("text_encoder", "detector")
+MODELS = ("text_encoder", "detector", "vqa", "caption_start", "caption_step")
 TOP_K = 100
 MAX_BATCH = 8
 N_CONCURRENT = 64
@@ -236,7 +236,7 @@ def test_server_ready_and_models_loaded(server, client):
         assert client.is_model_ready(m)
         cfg = client.get_model_config(m, as_json=True)["config"]
         assert cfg["backend"] == "python", cfg
-        assert int(cfg["max_batch_size"]) == MAX_BATCH
+        assert int(cfg["max_batch_size"]) == MAX_BATCH * (5 if m == "caption_step" else 1)  # steps carry beams
         assert "dynamic_batching" in cfg
 
 
@@ -309,3 +309,47 @@ def test_malformed_requests_are_refused_and_server_keeps_serving(server, client,
     res = client.infer("detector", [_input(k, v) for k, v in good.items()], client_timeout=120)
     assert res.as_numpy("boxes").shape == (1, TOP_K, 4)
     assert res.as_numpy("logits").shape == (1, TOP_K, feats.shape[1])
+
+
+def _infer(client, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    result = client.infer(model, [_input(k, v) for k, v in inputs.items()],
+                          outputs=[grpcclient.InferRequestedOutput(o) for o in outputs])
+    return [result.as_numpy(o) for o in outputs]
+
+
+def test_vqa_and_caption_graphs_equal_onnxruntime(server, client, ort):
+    """The understanding graphs through the real server (python backend, cpu flavour):
+    concurrent VQA requests with questions of different lengths, and a caption start +
+    two lockstep steps, each equal to ONNX Runtime on the same files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    questions = _tokens([["what color is the star?"], ["how many circles are there?", "is there a red square"]])
+    images = rng.integers(0, 256, (4, 3, 256, 256), dtype=np.uint8)
+
+    def vqa(i):
+        ids, mask = questions[i % 2]
+        feats = ort.encode_text(ids, mask)
+        inputs = {"images": images[i:i + 1], "token_features": feats, "attention_mask": mask}
+        got = _infer(client, "vqa", inputs, ["answer_logits"])[0]
+        return np.abs(got - ort.vqa(images[i:i + 1], feats, mask)).max()
+
+    with ThreadPoolExecutor(4) as pool:
+        assert max(pool.map(vqa, range(4))) <= ATOL
+
+    start = _infer(client, "caption_start", {"images": images[:3]},
+                   ["logprobs", "present_k", "present_v", "cross_k", "cross_v"])
+    ref = ort.captioner.start(images[:3])
+    for a, b in zip(start, ref):
+        assert np.abs(a - b).max() <= ATOL
+    past_k, past_v, cross_k, cross_v = ref[1], ref[2], ref[3], ref[4]
+    tokens = ref[0].argmax(1)
+    for _ in range(2):
+        got = _infer(client, "caption_step", {"tokens": tokens.reshape(-1, 1).astype(np.int64), "past_k": past_k,
+                                              "past_v": past_v, "cross_k": cross_k, "cross_v": cross_v},
+                     ["logprobs", "present_k", "present_v"])
+        want = ort.captioner.step(tokens, past_k, past_v, cross_k, cross_v)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and np.abs(a - b).max() <= ATOL
+        _, past_k, past_v = want
+        tokens = want[0].argmax(1)

@@ -9,8 +9,10 @@ have different token lengths arrive together: execute() pads every token axis (t
 declared -1 in the config) with zeros to the longest length of this execution (a zero
 attention mask marks the padding, which the graphs ignore), concatenates along the batch,
 runs ONNX Runtime once, and splits the outputs back per request, slicing each output's
-token axis back to that request's length. A malformed request gets an error response of
-its own; the others in the execution are still served.
+token axis back to that request's length (plus any growth: the caption step's cache
+output is one step longer than its input; its config is not ragged, so Triton only batches
+caches of equal length). A malformed request gets an error response of its own; the
+others in the execution are still served.
 
 Tensors cross the python-backend boundary through DLPack when numpy >= 2: the backend
 stubs of Triton 2.51 (the nvidia-pytriton wheel) are built with a pybind11 that predates
@@ -229,7 +231,11 @@ class TritonPythonModel:
             for spec, result in zip(self.outputs, results):
                 part = result[start:start + batch]
                 if spec.token_axis is not None and tokens is not None:
-                    part = part.take(np.arange(tokens), axis=spec.token_axis)
+                    # The output's axis may be longer than the inputs' (a decoder cache grows by
+                    # one step): keep this request's length plus that growth.
+                    keep = tokens + result.shape[spec.token_axis] - longest
+                    if keep != part.shape[spec.token_axis]:
+                        part = part.take(np.arange(keep), axis=spec.token_axis)
                 outs.append(np.ascontiguousarray(part, dtype=spec.dtype))
             per_request.append(outs)
             start += batch

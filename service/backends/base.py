@@ -1,18 +1,21 @@
-"""What every backend does: tokenized prompts + letterboxed images -> detections.
+"""What every backend does: tokenized prompts + letterboxed images -> detections; questions
++ images -> answers; images -> captions.
 
 EngineBackend holds what the embedded and Triton backends share. Text features are
 cached per prompt (LRU keyed by token ids): every prompt is encoded alone and unpadded,
 so a cached prompt skips the text encoder and a hit gives the same bits as a miss (the
 features never depend on the batch). A batch pads the features of prompts of different
 lengths to the smallest token bucket that fits the longest, with the attention mask zero
-on padding, and runs the detector once.
+on padding, and runs the detector once. Questions share the cache and the padding and run
+the vqa graph once per batch; captions are decoded by glipv2.captioning's beam search over
+the caption_start / caption_step graphs, one lockstep decode per batch (per beam size).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,8 +23,10 @@ from typing import Protocol
 import numpy as np
 
 from glipv2.boxes import Letterbox
+from glipv2.captioning import beam_search
 from glipv2.postprocess import Detections, PostprocessConfig, postprocess
-from glipv2.text import Prompt, TokenizedPrompt, Tokenizer, bucket_length, build_prompt, tokenize
+from glipv2.text import Prompt, TokenizedPrompt, Tokenizer, bucket_length, build_prompt, encode_question, tokenize
+from glipv2.understanding import Answer, Caption, rank_answers
 
 MANIFEST_FORMAT = "glipv2-serve-repository/1"
 
@@ -47,6 +52,24 @@ class BatchItem:
     postprocess: PostprocessConfig
 
 
+@dataclass
+class VqaItem:
+    pixels: np.ndarray  # uint8 [3, H, W], letterboxed
+    question_ids: np.ndarray  # int64 [T], [CLS] ... [SEP]
+    top_k: int
+
+
+@dataclass
+class CaptionItem:
+    pixels: np.ndarray  # uint8 [3, H, W], letterboxed
+    beam_size: int
+    max_len: int
+
+
+class TaskUnavailable(RuntimeError):
+    """The served model lacks the head a task needs (trained without VQA or captions)."""
+
+
 class Backend(Protocol):
     name: str
     manifest: dict
@@ -57,6 +80,10 @@ class Backend(Protocol):
     def run_batch(self, items: list[BatchItem]) -> list[Detections]:
         """Blocking: one engine call for the whole batch (called in a worker thread)."""
         ...
+
+    def run_vqa_batch(self, items: list[VqaItem]) -> list[Answer]: ...
+
+    def run_caption_batch(self, items: list[CaptionItem]) -> list[Caption]: ...
 
     def ping(self) -> None:
         """Blocking: raise if the backend cannot answer."""
@@ -101,8 +128,9 @@ class FeatureCache:
 
 
 class EngineBackend:
-    """Tokenizer, prompt-feature cache, bucket padding and postprocessing around two
-    engine calls that subclasses provide: _encode_text and _detect."""
+    """Tokenizer, prompt-feature cache, bucket padding, postprocessing and caption decoding
+    around the engine calls that subclasses provide: _encode_text, _detect, _vqa,
+    _caption_start and _caption_step."""
 
     name = "engine"
 
@@ -116,6 +144,22 @@ class EngineBackend:
         self.cache = FeatureCache(cache_size)
         self.text_encoder_calls = 0
         self.detector_calls = 0
+        self.vqa_calls = 0
+        self.caption_steps = 0
+        self.answers: list[str] = list(self.manifest.get("answer_vocabulary") or [])
+        caption = self.manifest.get("caption") or {}
+        self.caption_tokens = np.asarray(caption.get("tokens", []), dtype=np.int64)
+        self.caption_max_len = int(caption.get("max_len", 0))
+        self.caption_end = int(np.flatnonzero(self.caption_tokens == caption["end_id"])[0]) if caption else -1
+
+    @property
+    def tasks(self) -> list[str]:
+        """What this model serves: detect (always), vqa, caption."""
+        return ["detect"] + ["vqa"] * bool(self.answers) + ["caption"] * bool(self.caption_max_len)
+
+    def models(self) -> list[str]:
+        """The graphs the backend calls (those of the manifest)."""
+        return list(self.manifest["models"])
 
     # engine calls ------------------------------------------------------------
     def _encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -124,6 +168,17 @@ class EngineBackend:
 
     def _detect(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray):
         """uint8 [B, 3, H, W], float32 [B, T, D], int64 [B, T] -> boxes [B, K, 4], logits [B, K, T], centerness [B, K]."""
+        raise NotImplementedError
+
+    def _vqa(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """uint8 [B, 3, H, W], question features, mask -> answer logits [B, A]."""
+        raise NotImplementedError
+
+    def _caption_start(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def _caption_step(self, tokens: np.ndarray, past_k: np.ndarray, past_v: np.ndarray,
+                      cross_k: np.ndarray, cross_v: np.ndarray) -> tuple[np.ndarray, ...]:
         raise NotImplementedError
 
     def ping(self) -> None:
@@ -136,28 +191,38 @@ class EngineBackend:
         without tokens, more than max_tokens tokens."""
         return tokenize(self.tokenizer, prompt if isinstance(prompt, Prompt) else build_prompt(prompt))
 
-    def features(self, prompt: TokenizedPrompt) -> np.ndarray:
-        """Token features [T, D] of one prompt, from the cache or the text encoder."""
-        key = prompt.input_ids.astype(np.int64).tobytes()
+    def encode_question(self, question: str) -> np.ndarray:
+        """Question -> token ids; PromptError (-> 422) when empty or over max_tokens."""
+        if not self.answers:
+            raise TaskUnavailable("this model has no VQA head (its checkpoint was trained without VQA)")
+        return encode_question(self.tokenizer, question)
+
+    def features(self, input_ids: np.ndarray) -> np.ndarray:
+        """Token features [T, D] of one prompt or question, from the cache or the text encoder."""
+        key = input_ids.astype(np.int64).tobytes()
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        ids = np.ascontiguousarray(prompt.input_ids[None], dtype=np.int64)
+        ids = np.ascontiguousarray(input_ids[None], dtype=np.int64)
         feats = np.asarray(self._encode_text(ids, np.ones_like(ids))[0], dtype=np.float32)
         self.text_encoder_calls += 1
         self.cache.put(key, feats)
         return feats
 
     # batch ---------------------------------------------------------------------
-    def run_batch(self, items: list[BatchItem]) -> list[Detections]:
-        feats = [self.features(it.prompt) for it in items]
+    def _padded_features(self, sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Features of each id sequence, padded to the bucket of the longest, and the mask."""
+        feats = [self.features(ids) for ids in sequences]
         tp = bucket_length(max(f.shape[0] for f in feats), self.buckets)
-        b, d = len(items), feats[0].shape[1]
-        features = np.zeros((b, tp, d), dtype=np.float32)
-        mask = np.zeros((b, tp), dtype=np.int64)
+        features = np.zeros((len(feats), tp, feats[0].shape[1]), dtype=np.float32)
+        mask = np.zeros((len(feats), tp), dtype=np.int64)
         for i, f in enumerate(feats):
             features[i, : f.shape[0]] = f
             mask[i, : f.shape[0]] = 1
+        return features, mask
+
+    def run_batch(self, items: list[BatchItem]) -> list[Detections]:
+        features, mask = self._padded_features([it.prompt.input_ids for it in items])
         images = np.ascontiguousarray(np.stack([it.pixels for it in items]))
         boxes, logits, ctr = self._detect(images, features, mask)
         self.detector_calls += 1
@@ -168,6 +233,36 @@ class EngineBackend:
             for i, it in enumerate(items)
         ]
 
+    def run_vqa_batch(self, items: list[VqaItem]) -> list[Answer]:
+        features, mask = self._padded_features([it.question_ids for it in items])
+        logits = self._vqa(np.ascontiguousarray(np.stack([it.pixels for it in items])), features, mask)
+        self.vqa_calls += 1
+        return [rank_answers(logits[i:i + 1], self.answers, it.top_k)[0] for i, it in enumerate(items)]
+
+    # the CaptionEngine protocol of glipv2.captioning
+    def start(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        self.caption_steps += 1
+        return self._caption_start(images)
+
+    def step(self, tokens, past_k, past_v, cross_k, cross_v) -> tuple[np.ndarray, ...]:
+        self.caption_steps += 1
+        return self._caption_step(tokens, past_k, past_v, cross_k, cross_v)
+
+    def run_caption_batch(self, items: list[CaptionItem]) -> list[Caption]:
+        """One lockstep decode per beam size in the batch (usually one)."""
+        if not self.caption_max_len:
+            raise TaskUnavailable("this model has no caption decoder (its checkpoint was trained without captions)")
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, it in enumerate(items):
+            groups[it.beam_size].append(i)
+        out: list[Caption | None] = [None] * len(items)
+        for beam, idx in groups.items():
+            pixels = np.ascontiguousarray(np.stack([items[i].pixels for i in idx]))
+            hyps = beam_search(self, pixels, self.caption_end, beam, [items[i].max_len for i in idx])
+            for i, h in zip(idx, hyps):
+                out[i] = Caption(self.tokenizer.decode(self.caption_tokens[h.tokens]), h.logprob, len(h.tokens))
+        return out
+
     def stats(self) -> dict:
         return {
             "cache_hits": self.cache.hits,
@@ -175,6 +270,8 @@ class EngineBackend:
             "cache_size": len(self.cache),
             "text_encoder_calls": self.text_encoder_calls,
             "detector_calls": self.detector_calls,
+            "vqa_calls": self.vqa_calls,
+            "caption_decoder_calls": self.caption_steps,
         }
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ class EmbeddedBackend(EngineBackend):
 
     def __init__(self, repository: Path, cache_size: int = 1024, threads: int = 0, spinning: bool = False) -> None:
         super().__init__(repository, cache_size)
-        for model in ("text_encoder", "detector"):
+        for model in self.models():
             path = self.repository / model / "1" / "model.onnx"
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing; run `make export` to write the ONNX files")
@@ -28,6 +28,15 @@ class EmbeddedBackend(EngineBackend):
 
     def _detect(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray):
         return self.engine.detect(images, features, attention_mask)
+
+    def _vqa(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.engine.vqa(images, features, attention_mask)
+
+    def _caption_start(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        return self.engine.captioner.start(images)
+
+    def _caption_step(self, tokens, past_k, past_v, cross_k, cross_v) -> tuple[np.ndarray, ...]:
+        return self.engine.captioner.step(tokens, past_k, past_v, cross_k, cross_v)
 
     def ping(self) -> None:
         ids = np.array([[self.tokenizer.cls_id, self.tokenizer.sep_id]], dtype=np.int64)

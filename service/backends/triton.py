@@ -24,7 +24,6 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from service.backends.base import EngineBackend
 
-MODELS = ("text_encoder", "detector")
 PING_TIMEOUT_S = 5.0
 
 
@@ -33,9 +32,10 @@ class _Protocol:
 
     name = "?"
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, models: list[str]) -> None:
         self.url = url
         self.timeout_s = float(timeout_s)
+        self.models = models
 
     def _client(self):
         raise NotImplementedError
@@ -59,12 +59,12 @@ class _Protocol:
         return [result.as_numpy(o) for o in outputs]
 
     def ready(self) -> None:
-        """Raise ConnectionError unless the server and both models are ready."""
+        """Raise ConnectionError unless the server and every model are ready."""
         where = f"triton at {self.url} ({self.name})"
         try:
             c, kw = self._client(), self._call_kw(PING_TIMEOUT_S)
             not_ready = None if c.is_server_ready(**kw) else "server"
-            not_ready = not_ready or next((m for m in MODELS if not c.is_model_ready(m, **kw)), None)
+            not_ready = not_ready or next((m for m in self.models if not c.is_model_ready(m, **kw)), None)
         except InferenceServerException as exc:
             raise ConnectionError(f"{where}: {exc.message()}") from None
         except Exception as exc:  # http: socket errors (ConnectionRefusedError), gevent timeouts
@@ -81,8 +81,8 @@ class _Protocol:
 class _Grpc(_Protocol):
     name = "grpc"
 
-    def __init__(self, url: str, timeout_s: float) -> None:
-        super().__init__(url, timeout_s)
+    def __init__(self, url: str, timeout_s: float, models: list[str]) -> None:
+        super().__init__(url, timeout_s, models)
         import tritonclient.grpc as grpcclient
 
         self._mod = grpcclient
@@ -107,8 +107,8 @@ class _Http(_Protocol):
 
     name = "http"
 
-    def __init__(self, url: str, timeout_s: float) -> None:
-        super().__init__(url, timeout_s)
+    def __init__(self, url: str, timeout_s: float, models: list[str]) -> None:
+        super().__init__(url, timeout_s, models)
         import tritonclient.http as httpclient
 
         self._mod = httpclient
@@ -148,9 +148,9 @@ class TritonBackend(EngineBackend):
         self.url = url
         self.http_url = http_url or None
         self.timeout_s = float(timeout_s)
-        self.protocols: list[_Protocol] = [_Grpc(url, self.timeout_s)]
+        self.protocols: list[_Protocol] = [_Grpc(url, self.timeout_s, self.models())]
         if self.http_url:
-            self.protocols.append(_Http(self.http_url, self.timeout_s))
+            self.protocols.append(_Http(self.http_url, self.timeout_s, self.models()))
         self._active: _Protocol | None = None
         self._select_lock = threading.Lock()
 
@@ -187,6 +187,19 @@ class TritonBackend(EngineBackend):
         return tuple(self._infer("detector", {"images": images, "token_features": features,
                                               "attention_mask": attention_mask},
                                  ["boxes", "logits", "centerness"]))
+
+    def _vqa(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self._infer("vqa", {"images": images, "token_features": features, "attention_mask": attention_mask},
+                           ["answer_logits"])[0]
+
+    def _caption_start(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self._infer("caption_start", {"images": images},
+                                 ["logprobs", "present_k", "present_v", "cross_k", "cross_v"]))
+
+    def _caption_step(self, tokens, past_k, past_v, cross_k, cross_v) -> tuple[np.ndarray, ...]:
+        inputs = {"tokens": np.asarray(tokens, dtype=np.int64).reshape(-1, 1), "past_k": past_k, "past_v": past_v,
+                  "cross_k": cross_k, "cross_v": cross_v}
+        return tuple(self._infer("caption_step", inputs, ["logprobs", "present_k", "present_v"]))
 
     def ping(self) -> None:
         active = self._active

@@ -11,39 +11,28 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
-from glipv2.image import letterbox
-from glipv2.postprocess import PostprocessConfig
 from glipv2.phrases import noun_phrases
+from glipv2.postprocess import PostprocessConfig
 from glipv2.text import EmptyPromptError, Prompt, prompt_from_spans
 from service.backends import Backend, BatchItem
 from service.deps import BackendDep, BatcherDep, SettingsDep, require_api_key
-from service.errors import InvalidInput, PayloadTooLarge
-from service.images import ImageURL, decode_base64, decode_image, fetch_url, parse_allowlist
+from service.routes.inputs import (Source, check_image_count, error_responses, load_images, read_upload, source_of,
+                                   timings)
 from service.schemas import (
     MAX_PROMPT_CHARS,
     Detection,
     DetectRequest,
     DetectResponse,
-    ErrorResponse,
     GroundImageResult,
     GroundRequest,
     GroundResponse,
     ImageResult,
-    Timings,
 )
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["detect"], dependencies=[Depends(require_api_key)])
 
-_ERRORS = {
-    403: {"model": ErrorResponse, "description": "image URL's host (or its redirect's) is not on GLIPV2_URL_ALLOWLIST"},
-    413: {"model": ErrorResponse, "description": "body, image bytes or image pixels over a limit"},
-    415: {"model": ErrorResponse, "description": "image is not JPEG, PNG or WebP"},
-    422: {"model": ErrorResponse, "description": "bad base64, corrupt image, empty or over-long prompt (256 tokens), "
-          "image URLs disabled or unfetchable, (/ground) a caption without noun phrases"},
-    503: {"model": ErrorResponse, "description": "queue full (Retry-After) or model not loaded"},
-    504: {"model": ErrorResponse, "description": "request took longer than the timeout"},
-}
+_ERRORS = error_responses("empty or over-long prompt (256 tokens), (/ground) a caption without noun phrases")
 
 
 def _postprocess_config(backend: Backend, score_threshold: float | None, max_detections: int | None) -> PostprocessConfig:
@@ -56,44 +45,21 @@ def _postprocess_config(backend: Backend, score_threshold: float | None, max_det
     return PostprocessConfig(**fields)
 
 
-Source = str | bytes | ImageURL
-
-
-def _source(item) -> Source:
-    """A request item's image: base64 text or an ImageURL (the schema ensures exactly one)."""
-    return ImageURL(item.url) if item.url is not None else item.image
-
-
-def _raw(image: Source, settings: Settings) -> bytes:
-    if isinstance(image, ImageURL):
-        return fetch_url(image.url, parse_allowlist(settings.url_allowlist), max_bytes=settings.max_body_bytes,
-                         timeout_s=settings.url_timeout_s, max_redirects=settings.url_max_redirects)
-    return decode_base64(image, settings.max_body_bytes) if isinstance(image, str) else image
-
-
 def _prepare(backend: Backend, settings: Settings, images: list[Source], prompts: list, cfg: PostprocessConfig
              ) -> tuple[list[BatchItem], list[tuple[int, int]]]:
     """Blocking (run in a thread): tokenize every prompt first (cheap, fails fast), then
-    fetch/decode (base64 str, raw bytes or an allowed URL) and letterbox every image."""
+    fetch/decode and letterbox every image."""
     tokenized = [backend.tokenize(p) for p in prompts]
-    items, sizes = [], []
-    for image, prompt in zip(images, tokenized):
-        raw = _raw(image, settings)
-        pixels_hwc = decode_image(raw, settings.max_image_pixels)
-        pixels, lb = letterbox(pixels_hwc, backend.image_hw)
-        items.append(BatchItem(pixels=pixels, letterbox=lb, prompt=prompt, postprocess=cfg))
-        sizes.append((pixels_hwc.shape[1], pixels_hwc.shape[0]))
-    return items, sizes
+    loaded = load_images(backend, settings, images)
+    items = [BatchItem(pixels=im.pixels, letterbox=im.letterbox, prompt=prompt, postprocess=cfg)
+             for im, prompt in zip(loaded, tokenized)]
+    return items, [im.size for im in loaded]
 
 
 async def _detect(settings: Settings, backend: Backend, batcher, images: list[Source], prompts: list,
                   cfg: PostprocessConfig) -> DetectResponse:
     started = time.perf_counter()
-    if len(images) > settings.max_images_per_request:
-        raise PayloadTooLarge(
-            f"{len(images)} images in one request; the limit is {settings.max_images_per_request}",
-            limit=settings.max_images_per_request,
-        )
+    check_image_count(settings, len(images))
     items, sizes = await asyncio.to_thread(_prepare, backend, settings, images, prompts, cfg)
     decoded = time.perf_counter()
     timed = await batcher.submit_many(items)
@@ -109,23 +75,15 @@ async def _detect(settings: Settings, backend: Backend, batcher, images: list[So
             ],
         ))
     done = time.perf_counter()
-    return DetectResponse(
-        model=backend.manifest.get("preset", "glipv2"),
-        results=results,
-        timings=Timings(
-            decode_ms=round((decoded - started) * 1000, 3),
-            queue_ms=round(max(t.queue_ms for t in timed), 3),
-            inference_ms=round(max(t.run_ms for t in timed), 3),
-            total_ms=round((done - started) * 1000, 3),
-        ),
-    )
+    return DetectResponse(model=backend.manifest.get("preset", "glipv2"), results=results,
+                          timings=timings(started, decoded, done, timed))
 
 
 @router.post("/detect", response_model=DetectResponse, responses=_ERRORS,
              summary="Detect the phrases of a prompt in one or more images (JSON, base64 images)")
 async def detect(req: DetectRequest, settings: SettingsDep, backend: BackendDep, batcher: BatcherDep) -> DetectResponse:
     cfg = _postprocess_config(backend, req.score_threshold, req.max_detections)
-    return await _detect(settings, backend, batcher, [_source(it) for it in req.images],
+    return await _detect(settings, backend, batcher, [source_of(it) for it in req.images],
                          [it.prompt for it in req.images], cfg)
 
 
@@ -150,7 +108,7 @@ async def ground(req: GroundRequest, settings: SettingsDep, backend: BackendDep,
     (rule-based chunker, glipv2.phrases) and each result's `phrase_spans` says which."""
     cfg = _postprocess_config(backend, req.score_threshold, req.max_detections)
     built = [ground_prompt(it.caption, it.phrases) for it in req.images]
-    out = await _detect(settings, backend, batcher, [_source(it) for it in req.images],
+    out = await _detect(settings, backend, batcher, [source_of(it) for it in req.images],
                         [p for p, _ in built], cfg)
     return GroundResponse(
         model=out.model,
@@ -176,7 +134,4 @@ async def detect_upload(
     max_detections: Annotated[int | None, Form(ge=1, le=1000)] = None,
 ) -> DetectResponse:
     cfg = _postprocess_config(backend, score_threshold, max_detections)
-    raw = await image.read()
-    if not raw:
-        raise InvalidInput("the uploaded image is empty")
-    return await _detect(settings, backend, batcher, [raw], [prompt], cfg)
+    return await _detect(settings, backend, batcher, [await read_upload(image)], [prompt], cfg)

@@ -13,5 +13,5 @@ router = APIRouter(tags=["metrics"])
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> PlainTextResponse:
     state = request.app.state
-    text = state.metrics.render(state.batcher, state.backend)
+    text = state.metrics.render(state.batchers, state.backend)
     return PlainTextResponse(text, media_type=CONTENT_TYPE)

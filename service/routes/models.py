@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from service.deps import BackendDep, BatcherDep, require_api_key
 from service.schemas import ModelInfo, ModelsResponse
@@ -17,12 +17,15 @@ async def models(backend: BackendDep) -> ModelsResponse:
         format=m["format"], flavour=m["flavour"], preset=m["preset"], checkpoint=m.get("checkpoint", {}),
         backend=backend.name, image_hw=list(m["image"]["hw"]), max_tokens=m["max_tokens"],
         token_buckets=list(m["token_buckets"]), top_k=m["top_k"], postprocess=m.get("postprocess", {}),
+        tasks=backend.tasks, answer_vocabulary=m.get("answer_vocabulary"),
         models=[ModelInfo(name=name, inputs=spec["inputs"], outputs=spec["outputs"])
                 for name, spec in m["models"].items()],
     )
 
 
 @router.get("/stats")
-async def stats(backend: BackendDep, batcher: BatcherDep) -> dict:
-    """Counters: batches formed and their sizes, queue depth, prompt-cache hits/misses."""
-    return {"batcher": batcher.stats(), "backend": backend.stats()}
+async def stats(request: Request, backend: BackendDep, batcher: BatcherDep) -> dict:
+    """Counters: batches formed and their sizes (per task), queue depth, prompt-cache hits/misses."""
+    batchers = getattr(request.app.state, "batchers", None) or {"detect": batcher}
+    return {"batcher": batcher.stats(), "batchers": {k: b.stats() for k, b in batchers.items()},
+            "backend": backend.stats()}

@@ -1,5 +1,6 @@
 // Demo page: upload an image + prompt to /v1/detect/upload, draw the returned boxes
-// (xyxy pixels of the original image) on a canvas at the image's own resolution.
+// (xyxy pixels of the original image) on a canvas at the image's own resolution; ask a
+// question about the same image (/v1/vqa/upload) or caption it (/v1/caption/upload).
 "use strict";
 const BOX_COLOUR = "#00ffff";  // cyan: none of the shapes world's colours
 const $ = (id) => document.getElementById(id);
@@ -108,7 +109,59 @@ async function detect(event) {
   }
 }
 
+// POST the chosen image + fields to an /upload route; the parsed body, or an Error with the API's message.
+async function upload(route, fields) {
+  const file = $("image").files[0];
+  if (!file) throw new Error("Choose an image first.");
+  const form = new FormData();
+  form.append("image", file);
+  for (const [k, v] of Object.entries(fields)) form.append(k, v);
+  const headers = {};
+  if ($("api-key").value) headers["X-API-Key"] = $("api-key").value;
+  const resp = await fetch(route, { method: "POST", body: form, headers });
+  const body = await resp.json().catch(() => null);
+  if (!resp.ok) throw new Error(errorText(resp.status, body));
+  return body;
+}
+
+async function runTask(button, target, busyText, work) {
+  showError("");
+  button.disabled = true;
+  target.textContent = busyText;
+  document.body.dataset.state = "busy";
+  try {
+    target.textContent = await work();
+    document.body.dataset.state = "done";
+  } catch (err) {
+    showError(err.message);
+    target.textContent = "";
+    document.body.dataset.state = "error";
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function ask() {
+  return runTask($("ask"), $("answer"), "Thinking…", async () => {
+    const question = $("question").value.trim();
+    if (!question) throw new Error("Type a question, e.g. \"what color is the star?\"");
+    const body = await upload("/v1/vqa/upload", { question, top_k: "3" });
+    const r = body.results[0];
+    const others = r.top_answers.slice(1).map((a) => a.answer + " " + a.score.toFixed(2)).join(", ");
+    return "Answer: " + r.answer + " (" + r.score.toFixed(2) + ")" + (others ? "; then " + others : "");
+  });
+}
+
+function caption() {
+  return runTask($("caption-button"), $("caption"), "Captioning…", async () => {
+    const body = await upload("/v1/caption/upload", { beam_size: $("beam").value || "1" });
+    return "Caption: " + body.results[0].caption;
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  $("ask").addEventListener("click", ask);
+  $("caption-button").addEventListener("click", caption);
   $("threshold").addEventListener("input", () => {
     $("threshold-value").textContent = Number($("threshold").value).toFixed(2);
   });

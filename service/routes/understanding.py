@@ -1,0 +1,135 @@
+"""POST /v1/vqa (image + question -> answer, score, ranked answers) and POST /v1/caption
+(image -> caption, greedy or beam search), JSON with base64 images or allowed URLs, plus
+multipart /upload variants for one image. Same limits and errors as /v1/detect; each
+task has its own micro-batcher, so concurrent questions run as one vqa call and
+concurrent caption requests decode as one batch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+
+from glipv2.captioning import DEFAULT_MAX_LEN, MAX_BEAM
+from service.backends.base import CaptionItem, VqaItem
+from service.batcher import MicroBatcher
+from service.deps import BackendDep, SettingsDep, require_api_key
+from service.errors import BackendUnavailable, InvalidInput, NotSupported
+from service.routes.inputs import Source, check_image_count, error_responses, load_images, read_upload, source_of, timings
+from service.schemas import (MAX_QUESTION_CHARS, MAX_TOP_ANSWERS, CaptionRequest, CaptionResponse, CaptionResult,
+                             ScoredAnswer, VqaRequest, VqaResponse, VqaResult)
+
+router = APIRouter(prefix="/v1", tags=["understanding"], dependencies=[Depends(require_api_key)])
+
+
+def _batcher(request: Request, task: str) -> MicroBatcher:
+    backend = getattr(request.app.state, "backend", None)
+    if backend is not None and task not in backend.tasks:
+        what = "VQA head" if task == "vqa" else "caption decoder"
+        raise NotSupported(f"the served model has no {what}; export a checkpoint trained with "
+                           f"{'VQA' if task == 'vqa' else 'captions'} (see docs/architecture.md)")
+    batcher = (getattr(request.app.state, "batchers", None) or {}).get(task)
+    if batcher is None:
+        raise BackendUnavailable("the model is not loaded")
+    return batcher
+
+
+def vqa_batcher(request: Request) -> MicroBatcher:
+    return _batcher(request, "vqa")
+
+
+def caption_batcher(request: Request) -> MicroBatcher:
+    return _batcher(request, "caption")
+
+
+VqaBatcher = Annotated[MicroBatcher, Depends(vqa_batcher)]
+CaptionBatcher = Annotated[MicroBatcher, Depends(caption_batcher)]
+
+
+async def _vqa(settings, backend, batcher: MicroBatcher, images: list[Source], questions: list[str],
+               top_k: int) -> VqaResponse:
+    started = time.perf_counter()
+    check_image_count(settings, len(images))
+
+    def prepare() -> tuple[list[VqaItem], list[tuple[int, int]]]:
+        ids = [backend.encode_question(q) for q in questions]  # 422 before any image work
+        loaded = load_images(backend, settings, images)
+        return [VqaItem(im.pixels, q, top_k) for im, q in zip(loaded, ids)], [im.size for im in loaded]
+
+    items, sizes = await asyncio.to_thread(prepare)
+    decoded = time.perf_counter()
+    timed = await batcher.submit_many(items)
+    results = [
+        VqaResult(width=w, height=h, question=q, answer=t.value.answer, score=round(t.value.score, 4),
+                  top_answers=[ScoredAnswer(answer=a, score=round(s, 4)) for a, s in t.value.top])
+        for q, (w, h), t in zip(questions, sizes, timed)
+    ]
+    return VqaResponse(model=backend.manifest.get("preset", "glipv2"), results=results,
+                       timings=timings(started, decoded, time.perf_counter(), timed))
+
+
+def _max_len(backend, requested: int | None) -> int:
+    limit = backend.caption_max_len
+    if requested is not None and requested > limit:
+        raise InvalidInput(f"max_len {requested} is over this model's limit of {limit} tokens", limit=limit)
+    return requested or min(DEFAULT_MAX_LEN, limit)
+
+
+async def _caption(settings, backend, batcher: MicroBatcher, images: list[Source], max_len: int | None,
+                   beam_size: int) -> CaptionResponse:
+    started = time.perf_counter()
+    check_image_count(settings, len(images))
+    length = _max_len(backend, max_len)
+
+    def prepare() -> tuple[list[CaptionItem], list[tuple[int, int]]]:
+        loaded = load_images(backend, settings, images)
+        return [CaptionItem(im.pixels, beam_size, length) for im in loaded], [im.size for im in loaded]
+
+    items, sizes = await asyncio.to_thread(prepare)
+    decoded = time.perf_counter()
+    timed = await batcher.submit_many(items)
+    results = [CaptionResult(width=w, height=h, caption=t.value.text, logprob=round(t.value.logprob, 4),
+                             num_tokens=t.value.num_tokens) for (w, h), t in zip(sizes, timed)]
+    return CaptionResponse(model=backend.manifest.get("preset", "glipv2"), results=results,
+                           timings=timings(started, decoded, time.perf_counter(), timed))
+
+
+@router.post("/vqa", response_model=VqaResponse, responses=error_responses("empty or over-long question (256 tokens)"),
+             summary="Answer a question about each image (JSON, base64 images)")
+async def vqa(req: VqaRequest, settings: SettingsDep, backend: BackendDep, batcher: VqaBatcher) -> VqaResponse:
+    return await _vqa(settings, backend, batcher, [source_of(it) for it in req.images],
+                      [it.question for it in req.images], req.top_k)
+
+
+@router.post("/vqa/upload", response_model=VqaResponse,
+             responses=error_responses("empty or over-long question (256 tokens)"),
+             summary="Answer a question about one uploaded image (multipart/form-data)")
+async def vqa_upload(
+    settings: SettingsDep, backend: BackendDep, batcher: VqaBatcher,
+    image: Annotated[UploadFile, File(description="JPEG, PNG or WebP file")],
+    question: Annotated[str, Form(min_length=1, max_length=MAX_QUESTION_CHARS)],
+    top_k: Annotated[int, Form(ge=1, le=MAX_TOP_ANSWERS)] = 5,
+) -> VqaResponse:
+    return await _vqa(settings, backend, batcher, [await read_upload(image)], [question], top_k)
+
+
+@router.post("/caption", response_model=CaptionResponse, responses=error_responses("max_len over the model's limit"),
+             summary="Caption each image (JSON, base64 images)")
+async def caption(req: CaptionRequest, settings: SettingsDep, backend: BackendDep,
+                  batcher: CaptionBatcher) -> CaptionResponse:
+    return await _caption(settings, backend, batcher, [source_of(it) for it in req.images], req.max_len,
+                          req.beam_size)
+
+
+@router.post("/caption/upload", response_model=CaptionResponse,
+             responses=error_responses("max_len over the model's limit"),
+             summary="Caption one uploaded image (multipart/form-data)")
+async def caption_upload(
+    settings: SettingsDep, backend: BackendDep, batcher: CaptionBatcher,
+    image: Annotated[UploadFile, File(description="JPEG, PNG or WebP file")],
+    max_len: Annotated[int | None, Form(ge=1, le=255)] = None,
+    beam_size: Annotated[int, Form(ge=1, le=MAX_BEAM)] = 1,
+) -> CaptionResponse:
+    return await _caption(settings, backend, batcher, [await read_upload(image)], max_len, beam_size)

@@ -1,0 +1,184 @@
+"""POST /v1/vqa and /v1/caption end to end: the real app over HTTP (httpx), real ONNX
+Runtime and a real tritonserver (both backends), the demo model, freshly generated
+shapes-world images the model never saw (seeds no training run uses)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from tests.test_service import REPO, _b64, _scenes, _settings, _shared_triton
+from training.shapes_world import COLOURS, PLURALS, SHAPES, vqa_pairs
+
+UNDERSTANDING = ("vqa", "caption_start", "caption_step")
+pytestmark = pytest.mark.skipif(
+    not all((REPO / m / "1" / "model.onnx").is_file() for m in ("text_encoder", "detector", *UNDERSTANDING)),
+    reason="model_repository has no VQA / caption ONNX files: run `make export`",
+)
+
+
+@pytest.fixture(scope="module", params=["embedded", "triton"])
+def settings(request):
+    extra = {"backend": request.param}
+    if request.param == "triton":
+        extra["triton_url"] = _shared_triton().url_grpc
+
+    def make(**kw):
+        return _settings(**{**extra, **kw})
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    with TestClient(create_app(settings())) as c:
+        yield c
+
+
+def _qa(n_scenes: int, seed: int):
+    """(image, question, answer) for every question the generator asks about fresh scenes."""
+    out = []
+    rng = np.random.default_rng([seed, 1])
+    for scene, img in _scenes(n_scenes, seed):
+        out += [(img, q, a) for q, a in vqa_pairs(scene, rng)]
+    return out
+
+
+def test_vqa_answers_most_questions_right(client):
+    qa = _qa(12, seed=4242)
+    right = 0
+    for start in range(0, len(qa), 8):  # the per-request image limit
+        chunk = qa[start:start + 8]
+        r = client.post("/v1/vqa", json={"images": [{"image": _b64(img), "question": q} for img, q, _ in chunk],
+                                         "top_k": 3})
+        assert r.status_code == 200, r.text
+        for (_, q, a), res in zip(chunk, r.json()["results"]):
+            assert res["question"] == q and len(res["top_answers"]) == 3
+            assert res["answer"] == res["top_answers"][0]["answer"] and 0 <= res["score"] <= 1
+            right += res["answer"] == a
+    assert len(qa) > 50 and right / len(qa) >= 0.75, f"{right} of {len(qa)} answers right"
+
+
+_NAMED = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(list(SHAPES) + list(PLURALS.values())) + r")\b")
+
+
+def _singular(word: str) -> str:
+    return next(s for s in SHAPES if word in (s, PLURALS[s]))
+
+
+def test_captions_name_the_objects(client):
+    """Recall: the scene's (colour, shape) pairs the caption names; precision: the pairs it
+    names that are in the scene."""
+    scenes = _scenes(16, seed=777)
+    named = present = correct = mentioned = 0
+    for start in range(0, len(scenes), 8):
+        chunk = scenes[start:start + 8]
+        r = client.post("/v1/caption", json={"images": [{"image": _b64(img)} for _, img in chunk]})
+        assert r.status_code == 200, r.text
+        for (scene, _), res in zip(chunk, r.json()["results"]):
+            pairs = {(c, _singular(s)) for c, s in _NAMED.findall(res["caption"])}
+            truth = {(o.colour, o.shape) for o in scene.objects}
+            named += len(truth & pairs)
+            present += len(truth)
+            correct += len(pairs & truth)
+            mentioned += len(pairs)
+            assert res["num_tokens"] > 0 and res["logprob"] <= 0
+    assert named / present >= 0.7, f"named {named} of {present} objects"
+    assert correct / max(1, mentioned) >= 0.7, f"{correct} of {mentioned} named objects exist"
+
+
+def test_batched_captions_equal_single_and_beam_search(client):
+    scenes = _scenes(3, seed=99)
+    items = [{"image": _b64(img)} for _, img in scenes]
+    together = client.post("/v1/caption", json={"images": items, "max_len": 20}).json()["results"]
+    for item, res in zip(items, together):
+        alone = client.post("/v1/caption", json={"images": [item], "max_len": 20}).json()["results"][0]
+        assert alone["caption"] == res["caption"]
+        assert abs(alone["logprob"] - res["logprob"]) < 1e-3
+    beam = client.post("/v1/caption", json={"images": items, "beam_size": 3}).json()["results"]
+    assert all(r["caption"] for r in beam)
+    short = client.post("/v1/caption", json={"images": items[:1], "max_len": 2}).json()["results"][0]
+    assert short["num_tokens"] <= 2
+
+
+def test_upload_routes(client):
+    (scene, img), = _scenes(1, seed=31)
+    png = __import__("base64").b64decode(_b64(img))
+    r = client.post("/v1/vqa/upload", files={"image": ("s.png", png, "image/png")},
+                    data={"question": f"how many {PLURALS[scene.objects[0].shape]} are there?"})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["answer"].isdigit()
+    r = client.post("/v1/caption/upload", files={"image": ("s.png", png, "image/png")}, data={"beam_size": "2"})
+    assert r.status_code == 200 and r.json()["results"][0]["caption"]
+
+
+def test_bad_requests_get_clear_errors(client):
+    (_, img), = _scenes(1, seed=5)
+    image = _b64(img)
+
+    def vqa(question, **kw):
+        return client.post("/v1/vqa", json={"images": [{"image": image, "question": question}], **kw})
+
+    r = vqa("what " * 300 + "?")
+    assert r.status_code == 422 and r.json()["limit"] == 256 and "256" in r.json()["detail"]
+    assert vqa("").status_code == 422
+    r = vqa("   ")
+    assert r.status_code == 422 and "empty" in r.json()["detail"]
+    assert vqa("what color?", top_k=0).status_code == 422
+    assert client.post("/v1/vqa", json={"images": [{"image": "not base64!", "question": "q?"}]}).status_code == 422
+    assert client.post("/v1/vqa", json={"images": [{"image": image, "question": "q?"}] * 9}).status_code == 413
+    assert client.post("/v1/vqa", json={"images": [{"image": image}]}).status_code == 422  # no question
+    cap = client.post("/v1/caption", json={"images": [{"image": image}], "max_len": 200})
+    assert cap.status_code == 422 and "limit" in cap.json()["detail"]
+    assert client.post("/v1/caption", json={"images": [{"image": image}], "beam_size": 6}).status_code == 422
+    assert client.post("/v1/caption", json={"images": []}).status_code == 422
+    assert client.get("/v1/models").json()["tasks"] == ["detect", "vqa", "caption"]
+
+
+async def _concurrent(app, calls):
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=120) as ac:
+            responses = await asyncio.gather(*(ac.post(path, json=body) for path, body in calls))
+            stats = (await ac.get("/v1/stats")).json()
+    return responses, stats
+
+
+def test_concurrent_questions_and_captions_are_batched(settings):
+    scenes = _scenes(8, seed=55)
+    calls = [("/v1/vqa", {"images": [{"image": _b64(img), "question": "how many circles are there?"}]})
+             for _, img in scenes]
+    calls += [("/v1/caption", {"images": [{"image": _b64(img)}]}) for _, img in scenes]
+    app = create_app(settings(max_wait_ms=100.0, max_batch_size=8))
+    responses, stats = asyncio.run(_concurrent(app, calls))
+    assert [r.status_code for r in responses] == [200] * 16
+    for task in ("vqa", "caption"):
+        b = stats["batchers"][task]
+        assert b["items"] == 8 and b["max_batch_seen"] > 1, (task, b)
+    assert stats["backend"]["text_encoder_calls"] == 1  # one distinct question
+
+
+def test_a_detection_only_model_says_501(tmp_path):
+    """A repository exported from a checkpoint without the heads (as before VQA existed)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(*UNDERSTANDING))
+    manifest = json.loads((repo / "manifest.json").read_text())
+    manifest["models"] = {k: v for k, v in manifest["models"].items() if k not in UNDERSTANDING}
+    manifest["answer_vocabulary"] = manifest["caption"] = None
+    (repo / "manifest.json").write_text(json.dumps(manifest))
+    (_, img), = _scenes(1, seed=5)
+    with TestClient(create_app(_settings(repository=repo))) as c:
+        r = c.post("/v1/vqa", json={"images": [{"image": _b64(img), "question": "what color is the star?"}]})
+        assert r.status_code == 501 and "VQA head" in r.json()["detail"]
+        r = c.post("/v1/caption", json={"images": [{"image": _b64(img)}]})
+        assert r.status_code == 501 and "caption decoder" in r.json()["detail"]
+        assert c.get("/v1/models").json()["tasks"] == ["detect"]
+        assert c.post("/v1/detect", json={"images": [{"image": _b64(img), "prompt": "star."}]}).status_code == 200

@@ -1,0 +1,182 @@
+"""VQA head, caption decoder, beam search, multi-task batches and training."""
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from glipv2.captioning import beam_search
+from glipv2.checkpoint import CheckpointError, init_weights
+from glipv2.modeling.glipv2 import build_model
+from glipv2.predict import TorchUnderstanding
+from training.batch import Collator
+from training.data import ShapesWorldDataset
+from training.train import config_from_args, train
+from training.vocab import shapes_vocabularies
+
+
+@pytest.fixture(scope="module")
+def vocabularies(tokenizer):
+    return shapes_vocabularies(0, tokenizer, scan=300)
+
+
+@pytest.fixture()
+def mt_model(small_cfg, vocabularies):
+    torch.manual_seed(0)
+    answers, tokens = vocabularies
+    return build_model(small_cfg.replace(vqa_answers=answers, caption_tokens=tokens)).eval()
+
+
+def test_vocabularies_cover_the_shapes_world(vocabularies, tokenizer):
+    answers, tokens = vocabularies
+    assert {"yes", "no", "red", "circle", "0", "1"} <= set(answers)
+    assert answers[0] in ("yes", "no", "1")  # most frequent first
+    words = {tokenizer.id_to_token(i) for i in tokens}
+    assert {"[CLS]", "[SEP]", "[UNK]", "red", "circle", "left", "of"} <= words
+
+
+def test_vqa_head_ignores_padding(mt_model, tokenizer):
+    """A question padded with extra masked tokens gets the same answer logits."""
+    ids = torch.from_numpy(tokenizer.encode("what color is the star?").ids)[None]
+    images = torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        text = mt_model.encode_text(ids, torch.ones_like(ids))
+        a = mt_model.vqa(images, text, torch.ones_like(ids))
+        padded = torch.cat([text, torch.randn(1, 5, text.shape[-1])], dim=1)
+        mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 5, dtype=ids.dtype)], dim=1)
+        b = mt_model.vqa(images, padded, mask)
+    assert a.shape == (1, len(mt_model.cfg.vqa_answers))
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_cached_decoding_equals_teacher_forcing(mt_model):
+    dec = mt_model.caption_decoder
+    images = torch.randint(0, 256, (3, 3, 128, 128), dtype=torch.uint8)
+    tokens = torch.randint(0, len(mt_model.cfg.caption_tokens), (3, 9))
+    tokens[:, 0] = mt_model.cfg.caption_start_index
+    with torch.no_grad():
+        memory = mt_model.caption_memory(mt_model.visual(images))
+        full = dec(memory, tokens).log_softmax(-1)
+        logprobs, past_k, past_v, cross_k, cross_v = mt_model.caption_start(images)
+        assert torch.allclose(logprobs, full[:, 0], atol=1e-5)
+        for t in range(1, 9):
+            logprobs, past_k, past_v = dec.step(tokens[:, t], cross_k, cross_v, past_k, past_v)
+            assert past_k.shape[3] == t + 1
+            assert torch.allclose(logprobs, full[:, t], atol=1e-5), t
+
+
+@dataclass
+class MarkovEngine:
+    """A toy CaptionEngine: next-token log-probabilities depend only on the last token
+    (table[last]); caches carry the last token so rows can be checked after reordering."""
+
+    table: np.ndarray  # [V, V] log-probabilities
+    first: np.ndarray  # [V]
+
+    def start(self, images):
+        n = images.shape[0]
+        past = np.zeros((n, 1, 1, 1, 1), np.float32)
+        return np.tile(self.first, (n, 1)), past, past, np.zeros((n, 1, 1, 1, 1), np.float32), past
+
+    def step(self, tokens, past_k, past_v, cross_k, cross_v):
+        grow = np.concatenate([past_k, tokens.reshape(-1, 1, 1, 1, 1).astype(np.float32)], axis=3)
+        return self.table[tokens], grow, grow
+
+
+def _toy() -> MarkovEngine:
+    # tokens: 0 = end, 1 = "a", 2 = "b", 3 = "c". Greedy takes "a" (0.6) then is stuck with
+    # a 0.5/0.5 split; "b" (0.4) leads to a sure end: beam search finds [b] with p 0.4 > 0.3.
+    lp = np.log(np.full((4, 4), 1e-9))
+    first = np.log(np.array([1e-9, 0.6, 0.4, 1e-9]))
+    lp[1] = np.log([0.5, 1e-9, 1e-9, 0.5])
+    lp[2] = np.log([1.0, 1e-9, 1e-9, 1e-9])
+    lp[3] = np.log([1.0, 1e-9, 1e-9, 1e-9])
+    return MarkovEngine(lp, first)
+
+
+def test_beam_search_finds_what_greedy_misses():
+    images = np.zeros((2, 3, 4, 4), np.uint8)
+    greedy = beam_search(_toy(), images, end_index=0, beam_size=1, length_penalty=0.0)
+    beam = beam_search(_toy(), images, end_index=0, beam_size=2, length_penalty=0.0)
+    assert [h.tokens for h in greedy] == [[1], [1]]  # "a", then end (0.5) over "c" (0.5): first wins
+    assert greedy[0].logprob == pytest.approx(np.log(0.3))
+    assert [h.tokens for h in beam] == [[2], [2]]
+    assert beam[0].logprob == pytest.approx(np.log(0.4))
+
+
+def test_beam_search_length_limits_per_row():
+    table = np.full((4, 4), 0.3)
+    table[:, 0] = 1e-12  # an end is never among the best candidates: only the limit stops a row
+    table[1, 1] = 0.9
+    first = np.array([1e-12, 0.8, 0.1, 0.1])
+    engine = MarkovEngine(np.log(table / table.sum(1, keepdims=True)), np.log(first))
+    hyps = beam_search(engine, np.zeros((3, 3, 4, 4), np.uint8), 0, beam_size=2, max_len=[2, 5, 1])
+    assert [h.tokens for h in hyps] == [[1, 1], [1] * 5, [1]]
+    with pytest.raises(ValueError):
+        beam_search(engine, np.zeros((1, 3, 4, 4), np.uint8), 0, beam_size=9)
+
+
+def test_batched_captions_equal_one_at_a_time(mt_model):
+    cap = TorchUnderstanding(mt_model).captioner
+    images = [np.random.default_rng(i).integers(0, 256, (100 + 20 * i, 140, 3), dtype=np.uint8) for i in range(4)]
+    for beam in (1, 3):
+        together = [c.text for c in cap.caption(images, beam, max_len=[6, 3, 6, 4])]
+        alone = [cap.caption([im], beam, max_len=m)[0].text for im, m in zip(images, [6, 3, 6, 4])]
+        assert together == alone
+
+
+def test_vqa_pipeline_ranks_answers(mt_model):
+    vqa = TorchUnderstanding(mt_model).vqa
+    images = [np.zeros((64, 64, 3), np.uint8)] * 2
+    out = vqa.answer(images, ["how many circles are there?", "is there a red square?"], top_k=4)
+    assert len(out) == 2 and len(out[0].top) == 4
+    assert out[0].answer == out[0].top[0][0]
+    assert [s for _, s in out[0].top] == sorted((s for _, s in out[0].top), reverse=True)
+
+
+def test_collator_builds_vqa_and_caption_targets(tokenizer, vocabularies):
+    answers, tokens = vocabularies
+    ds = ShapesWorldDataset(0, 100, understanding=True)
+    samples = [ds[i] for i in range(4)]
+    batch = Collator(tokenizer, (128, 128), answers=answers, caption_tokens=tokens)(samples, step_seed=3)
+    index = {a: i for i, a in enumerate(answers)}
+    for i, s in enumerate(samples):
+        assert batch.answer_scores[i].tolist() == [float(k == index[s.answers[0]]) for k in range(len(answers))]
+        ids = [tokens[j] for j in batch.caption_in[i].tolist()]
+        assert ids[0] == tokenizer.cls_id
+        n = int((batch.caption_out[i] >= 0).sum())
+        assert tokens[batch.caption_out[i, n - 1]] == tokenizer.sep_id
+        text = tokenizer.decode([tokens[j] for j in batch.caption_out[i, : n - 1].tolist()])
+        assert text in [c.lower() for c in s.captions]
+        assert batch.question_mask[i].sum() == len(tokenizer.encode(s.question).ids)
+
+
+SMALL = ["--model", "image_hw=[128,128]", "--workers", "0", "--threads", "2", "--batch-size", "4",
+         "--warmup-steps", "2", "--log-every", "1", "--save-every", "1000"]
+
+
+def test_multitask_training_from_a_detection_checkpoint(tmp_path):
+    det = tmp_path / "det"
+    train(config_from_args([*SMALL, "--out-dir", str(det), "--max-steps", "2"]))
+    ckpt = det / "checkpoints" / "step_00000002.pt"
+    mt = tmp_path / "mt"
+    cfg = config_from_args([*SMALL, "--out-dir", str(mt), "--max-steps", "4", "--loss-vqa", "1",
+                            "--loss-caption", "1", "--init-from", str(ckpt)])
+    train(cfg)
+    records = [json.loads(line) for line in (mt / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert all(np.isfinite(r["vqa"]) and np.isfinite(r["caption"]) for r in train_records)
+    assert train_records[0]["vqa"] > 0 and train_records[0]["caption"] > 0
+    # detection weights came from the checkpoint (they moved only by 4 steps of lr ~2e-3 warm-up)
+    saved = torch.load(mt / "checkpoints" / "step_00000004.pt", weights_only=False)
+    assert saved["model_config"]["vqa_answers"] and saved["model_config"]["caption_tokens"]
+
+
+def test_init_from_refuses_another_model(tmp_path, small_cfg):
+    det = tmp_path / "det"
+    train(config_from_args([*SMALL, "--out-dir", str(det), "--max-steps", "1"]))
+    other = build_model(small_cfg.replace(fusion_layers=1))
+    with pytest.raises(CheckpointError, match="another model"):
+        init_weights(other, other.cfg, det / "checkpoints" / "step_00000001.pt")
