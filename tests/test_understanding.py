@@ -57,7 +57,8 @@ def test_cached_decoding_equals_teacher_forcing(mt_model):
     tokens = torch.randint(0, len(mt_model.cfg.caption_tokens), (3, 9))
     tokens[:, 0] = mt_model.cfg.caption_start_index
     with torch.no_grad():
-        memory = mt_model.caption_memory(mt_model.visual(images))
+        feats = mt_model.visual(images)
+        memory = mt_model.caption_memory(mt_model.appearance(images, feats))
         full = dec(memory, tokens).log_softmax(-1)
         logprobs, past_k, past_v, cross_k, cross_v = mt_model.caption_start(images)
         assert torch.allclose(logprobs, full[:, 0], atol=1e-5)

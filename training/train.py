@@ -345,12 +345,14 @@ class TrainingStep(torch.nn.Module):
                 text = model.encode_text(batch.input_ids, batch.attention_mask)
             out = model.detect_features(feats, text, batch.attention_mask)
             answers = captions = None
+            if model.vqa_head is not None or model.caption_decoder is not None:
+                looks = model.appearance(batch.images, feats)
             if model.vqa_head is not None and batch.question_ids is not None:
                 if question is None:
                     question = model.encode_text(batch.question_ids, batch.question_mask)
-                answers = model.answer(model.detect_features(feats, question, batch.question_mask), batch.question_mask)
+                answers = model.answer(feats, looks, question, batch.question_mask)
             if model.caption_decoder is not None and batch.caption_in is not None:
-                captions = model.caption_decoder(model.caption_memory(feats), batch.caption_in)
+                captions = model.caption_decoder(model.caption_memory(looks), batch.caption_in)
         losses = self.loss_fn(model, _float_outputs(out), batch)
         cfg = self.loss_fn.cfg
         if answers is not None and cfg.vqa > 0:

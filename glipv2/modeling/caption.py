@@ -48,7 +48,7 @@ class CaptionDecoder(nn.Module):
         h, w = cfg.image_hw
         # Memory: P4 plus P3 pooled to P4's grid (small objects), then P5.
         self.memory_sizes = [math.ceil(h / 16) * math.ceil(w / 16), math.ceil(h / 32) * math.ceil(w / 32)]
-        self.memory_proj = nn.Linear(cfg.fpn_channels, d)
+        self.memory_proj = nn.Linear(cfg.fpn_channels + 3, d)  # appearance maps: FPN + mean colour
         self.memory_pos = nn.Parameter(torch.zeros(1, sum(self.memory_sizes), d))
         self.memory_norm = nn.LayerNorm(d)
         self.embed = nn.Embedding(len(cfg.caption_tokens), d)
@@ -61,7 +61,7 @@ class CaptionDecoder(nn.Module):
 
     # ------------------------------------------------------------------ image side
     def memory(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        """FPN maps (P3, P4, P5, ...) -> memory tokens [B, M, D]."""
+        """Appearance maps of P3, P4, P5, ... (GLIPv2.appearance) -> memory tokens [B, M, D]."""
         p3, p4, p5 = feats[0], feats[1], feats[2]
         p4 = p4 + nn.functional.avg_pool2d(p3, 2, 2, ceil_mode=True)
         flat = torch.cat([p4.flatten(2), p5.flatten(2)], dim=2).transpose(1, 2)  # [B, M, C]

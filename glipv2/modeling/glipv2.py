@@ -72,15 +72,29 @@ class GLIPv2(nn.Module):
                 return self.language(input_ids, attention_mask)
         return self.language(input_ids, attention_mask)
 
-    def visual(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """images [B, 3, H, W] RGB 0-255 (any dtype) -> FPN maps; shared by every task."""
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
         h, w = self.cfg.image_hw
         torch._assert(images.shape[-2] == h and images.shape[-1] == w, "images must be letterboxed to cfg.image_hw")
         x = images.to(self.pixel_mean.dtype)
         if self.cfg.bgr:
             x = x.flip(1)
-        x = (x - self.pixel_mean) / self.pixel_std
-        return self.fpn(self.backbone(x))
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def visual(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images [B, 3, H, W] RGB 0-255 (any dtype) -> FPN maps; shared by every task."""
+        return self.fpn(self.backbone(self.normalize(images)))
+
+    def appearance(self, images: torch.Tensor, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """FPN maps with the image's mean colour over each cell appended ([B, C + 3, h, w]).
+
+        What the understanding heads read. Measured on the detection-trained tiny model: a
+        linear probe reads an object's colour from the raw pixels at its centre every time,
+        but from the FPN feature there only 23% of the time (chance: 17%); the BatchNorm
+        backbone keeps shape and drops absolute colour, which "what color is..." and
+        captions need. The pooled pixels give it back at no cost."""
+        x = self.normalize(images)
+        return [torch.cat([f, nn.functional.avg_pool2d(x, s, s, ceil_mode=True)], dim=1)
+                for f, s in zip(feats, self.cfg.strides)]
 
     def detect(self, images: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> DetectorOutput:
         """images [B, 3, H, W] RGB 0-255 (any dtype) + token features -> per-anchor outputs."""
@@ -104,26 +118,33 @@ class GLIPv2(nn.Module):
             text_features = self.encode_text(input_ids, attention_mask)
         return self.detect(images, text_features, attention_mask)
 
-    def answer(self, out: DetectorOutput, text_mask: torch.Tensor) -> torch.Tensor:
-        """A detector pass whose prompt was the question -> answer logits [B, num_answers]."""
+    def answer(self, feats: list[torch.Tensor], looks: list[torch.Tensor], question: torch.Tensor,
+               question_mask: torch.Tensor) -> torch.Tensor:
+        """FPN maps, their appearance maps and question token features -> answer logits
+        [B, num_answers], through a detector pass whose prompt is the question."""
         if self.vqa_head is None:
             raise RuntimeError("this model has no VQA head (trained without VQA data)")
-        return self.vqa_head(out.boxes, out.logits, out.centerness, out.head.regions, out.head.fused_text, text_mask)
+        out = self.detect_features(feats, question, question_mask)
+        return self.vqa_head(looks, out.boxes, out.logits, out.centerness, out.head.regions, out.head.fused_text,
+                             question_mask)
 
     def vqa(self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
         """images + question token features -> answer logits [B, num_answers]."""
-        return self.answer(self.detect(images, question, question_mask), question_mask)
+        feats = self.visual(images)
+        return self.answer(feats, self.appearance(images, feats), question, question_mask)
 
-    def caption_memory(self, feats: list[torch.Tensor]) -> torch.Tensor:
+    def caption_memory(self, looks: list[torch.Tensor]) -> torch.Tensor:
+        """Appearance maps (see `appearance`) -> the caption decoder's memory."""
         if self.caption_decoder is None:
             raise RuntimeError("this model has no caption decoder (trained without captions)")
-        return self.caption_decoder.memory(feats)
+        return self.caption_decoder.memory(looks)
 
     def caption_start(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """images -> the first decoding step from the start token: (log-probabilities [B, V],
         self-attention cache k, v [B, L, H, 1, d], cross-attention k, v [B, L, H, M, d])."""
         dec = self.caption_decoder
-        cross_k, cross_v = dec.cross_keys_values(self.caption_memory(self.visual(images)))
+        feats = self.visual(images)
+        cross_k, cross_v = dec.cross_keys_values(self.caption_memory(self.appearance(images, feats)))
         start = torch.full((images.shape[0],), self.cfg.caption_start_index, dtype=torch.int64, device=images.device)
         logprobs, past_k, past_v = dec.step(start, cross_k, cross_v)
         return logprobs, past_k, past_v, cross_k, cross_v

@@ -4,9 +4,18 @@ The question is the prompt of an ordinary detector pass, so deep fusion has alre
 conditioned every anchor on it and every anchor has region-token alignment logits. The
 head reads that pass:
 - queries: a learned [ANSWER] token plus the fused question tokens;
-- keys: every anchor, as its region embedding + its predicted box (position and size, for
-  "left of" and "largest") + its alignment summary (how well it matches the question);
-- two layers of (query self-attention, cross-attention to the anchors, feed-forward);
+- keys: every anchor, as its region embedding + its appearance (the FPN feature at its
+  location and the cell's mean colour, see GLIPv2.appearance) + its predicted box
+  (position and size, for "left of" and "largest") + its alignment summary (how well it
+  matches the question);
+- two layers of (query self-attention, cross-attention to the anchors, feed-forward). A
+  question token's cross-attention is biased by the log of its detection score, so
+  "star" reads the star's anchors from the first step on: learning to find
+  30 anchors of 1,344 from uniform attention was too slow to happen in a CPU budget (the
+  first demo run answered every colour question with the prior);
+- the subject's appearance: anchors pooled by their best question token's (sharpened)
+  detection score, fed to the classifier unprojected (with only the attention path,
+  colour questions stayed at the prior after 1,150 steps);
 - counting features: softmax attention averages, so "how many" gets its own signal, the
   number of peaks of each token's score map (3x3 max-pool peak picking, as CenterNet
   does instead of NMS) weighted by a learned per-token weight.
@@ -33,10 +42,12 @@ class VqaLayer(nn.Module):
         self.cross_attn = Attention(dim, heads)
         self.ff = feed_forward(dim, 4 * dim)
 
-    def forward(self, q: torch.Tensor, q_bias: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, q_bias: torch.Tensor, anchors: torch.Tensor,
+                grounding: torch.Tensor) -> torch.Tensor:
+        """grounding: additive cross-attention bias [B, 1, Nq, A]."""
         h = self.norm_self(q)
         q = q + self.self_attn(h, h, q_bias)
-        q = q + self.cross_attn(self.norm_cross(q), anchors)
+        q = q + self.cross_attn(self.norm_cross(q), anchors, grounding)
         return q + self.ff(self.norm_ff(q))
 
 
@@ -49,20 +60,26 @@ class VqaHead(nn.Module):
         self.answer_query = nn.Parameter(torch.zeros(1, 1, d))
         self.question_proj = nn.Linear(cfg.text_dim, d)
         self.region_proj = nn.Linear(cfg.proj_dim, d)
+        self.visual_proj = nn.Linear(cfg.fpn_channels + 3, d)
         self.geometry_proj = nn.Linear(5, d)
         self.match_proj = nn.Linear(3, d)
         self.anchor_norm = nn.LayerNorm(d)
         self.layers = nn.ModuleList(VqaLayer(d, 4) for _ in range(cfg.vqa_layers))
         self.token_weight = nn.Linear(cfg.text_dim, 1)
         self.norm = nn.LayerNorm(d)
+        self.grounding_scale = nn.Parameter(torch.tensor(8.0))
+        self.norm_tokens = nn.LayerNorm(d)
+        self.norm_grounded = nn.LayerNorm(cfg.fpn_channels)
         n_count = len(cfg.strides) + 1
-        self.classifier = nn.Sequential(nn.Linear(d + n_count, 2 * d), nn.GELU(), nn.Linear(2 * d, len(cfg.vqa_answers)))
+        self.classifier = nn.Sequential(nn.Linear(2 * d + cfg.fpn_channels + 3 + n_count, 2 * d), nn.GELU(),
+                                        nn.Linear(2 * d, len(cfg.vqa_answers)))
 
-    def forward(self, boxes: torch.Tensor, logits: torch.Tensor, centerness: torch.Tensor, regions: torch.Tensor,
-                fused_text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Detector outputs for the question prompt -> answer logits [B, num_answers].
+    def forward(self, looks: list[torch.Tensor], boxes: torch.Tensor, logits: torch.Tensor, centerness: torch.Tensor,
+                regions: torch.Tensor, fused_text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """FPN maps + detector outputs for the question prompt -> answer logits [B, num_answers].
 
-        boxes [B, A, 4] input pixels, logits [B, A, T], centerness [B, A], regions [B, A, P],
+        looks: appearance maps [B, C + 3, H, W] (anchors are their locations, level-major), boxes
+        [B, A, 4] input pixels, logits [B, A, T], centerness [B, A], regions [B, A, P],
         fused_text [B, T, Dt], text_mask [B, T]."""
         real = text_mask[:, None, :] > 0
         scores = logits.sigmoid() * centerness.sigmoid()[..., None] * real  # [B, A, T]
@@ -71,16 +88,40 @@ class VqaHead(nn.Module):
             (logits * real).sum(-1) / real.sum(-1).clamp(min=1),
             centerness,
         ], dim=-1)
-        anchors = self.anchor_norm(self.region_proj(regions) + self.geometry_proj(self._geometry(boxes))
-                                   + self.match_proj(match))
+        visual = torch.cat([f.flatten(2) for f in looks], dim=2).transpose(1, 2)  # [B, A, C + 3]
+        anchors = self.anchor_norm(self.region_proj(regions) + self.visual_proj(visual)
+                                   + self.geometry_proj(self._geometry(boxes)) + self.match_proj(match))
         b = boxes.shape[0]
         q = torch.cat([self.answer_query.expand(b, -1, -1), self.question_proj(fused_text)], dim=1)
         q_mask = torch.cat([text_mask.new_ones(b, 1), text_mask], dim=1)
         bias = padding_bias(q_mask)
+        # [ANSWER] attends freely; token t starts from where it is grounded.
+        # log of the detection score sigmoid(logit) * sigmoid(centerness): attention in
+        # proportion to how well the anchor is the token's object
+        log_score = nn.functional.logsigmoid(logits) + nn.functional.logsigmoid(centerness)[..., None]
+        # Sharpened: the object's anchors score only a few nats above the 1,300 background
+        # ones, which together would outweigh it in a plain softmax (measured).
+        token_bias = (log_score.clamp(min=-30.0) * self.grounding_scale).transpose(1, 2)  # [B, T, A]
+        grounding = torch.cat([torch.zeros_like(token_bias[:, :1]), token_bias], dim=1)[:, None]
         for layer in self.layers:
-            q = layer(q, bias, anchors)
-        counts = self._counts(scores, fused_text, text_mask)
-        return self.classifier(torch.cat([self.norm(q[:, 0]), counts], dim=-1))
+            q = layer(q, bias, anchors, grounding)
+        weights = self._token_weights(fused_text, text_mask)  # [B, T]
+        tokens = (q[:, 1:] * weights[..., None]).sum(1)
+        # The subject's appearance, unprojected: anchors pooled by their best question
+        # token's detection score (the named shape outscores the question's other words).
+        # A short linear path from colour to answer.
+        subject = token_bias.masked_fill(text_mask[..., None] == 0, -1e4).amax(1)  # [B, A]: best token per anchor
+        grounded = torch.matmul(subject.softmax(-1)[:, None], visual)[:, 0]  # [B, C + 3]
+        counts = self._counts(scores, weights)
+        # The mean colour (3 channels, already normalised) bypasses the LayerNorm, in which 64
+        # feature channels would drown it.
+        c = grounded.shape[-1] - 3
+        grounded = torch.cat([self.norm_grounded(grounded[:, :c]), grounded[:, c:]], dim=-1)
+        return self.classifier(torch.cat([self.norm(q[:, 0]), self.norm_tokens(tokens), grounded, counts], dim=-1))
+
+    def _token_weights(self, fused_text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """A learned softmax over the question's real tokens: which ones name the subject."""
+        return self.token_weight(fused_text)[..., 0].masked_fill(text_mask == 0, -1e4).softmax(-1)
 
     def _geometry(self, boxes: torch.Tensor) -> torch.Tensor:
         h, w = self.image_hw
@@ -88,10 +129,9 @@ class VqaHead(nn.Module):
         bw, bh = x1 - x0, y1 - y0
         return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, bw, bh, (bw * bh).sqrt()], dim=-1)
 
-    def _counts(self, scores: torch.Tensor, fused_text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def _counts(self, scores: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Soft object counts: per level, the score mass at local maxima, token-weighted."""
         b, _, t = scores.shape
-        w = self.token_weight(fused_text)[..., 0].masked_fill(text_mask == 0, -1e4).softmax(-1)  # [B, T]
         out, start = [], 0
         for h, wd in self.level_hw:
             s = scores[:, start:start + h * wd].transpose(1, 2).reshape(b * t, 1, h, wd)
