@@ -26,6 +26,7 @@ from export.repository import (
     RepositoryError,
     SettingsError,
     build_manifest,
+    model_signatures,
     render_config,
     render_repository,
 )
@@ -170,7 +171,7 @@ def test_manifest():
     m = build_manifest(cfg, DEMO, ckpt, "gpu", 100, 8)
     assert list(m) == ["format", "flavour", "checkpoint", "preset", "model_config", "tokenizer", "max_tokens",
                        "token_buckets", "image", "top_k", "max_batch_size", "models", "postprocess",
-                       "answer_vocabulary"]
+                       "answer_vocabulary", "caption"]
     assert m["format"] == FORMAT and m["flavour"] == "gpu"
     assert m["checkpoint"] == {"path": "demo/tiny.pt", "sha256": file_sha256(DEMO), "step": ckpt["step"],
                                "metrics": json.loads(json.dumps(ckpt.get("metrics", {})))}
@@ -178,7 +179,14 @@ def test_manifest():
     assert m["tokenizer"] == "tokenizer.json" and m["max_tokens"] == 256
     assert m["token_buckets"] == list(DEFAULT_BUCKETS)
     assert m["image"] == {"hw": [256, 256], "dtype": "uint8", "layout": "NCHW", "channels": "RGB", "pad_value": 114}
-    assert (m["top_k"], m["max_batch_size"], m["answer_vocabulary"]) == (100, 8, None)
+    assert (m["top_k"], m["max_batch_size"]) == (100, 8)
+    assert m["answer_vocabulary"] == list(cfg.vqa_answers) and "red" in m["answer_vocabulary"]
+    assert m["caption"] == {"tokens": list(cfg.caption_tokens), "start_id": 101, "end_id": 102,
+                            "max_len": cfg.caption_max_len - 1}
+    assert set(m["models"]) == {"text_encoder", "detector", "vqa", "caption_start", "caption_step"}
+    assert m["models"]["caption_step"]["max_batch_size"] == 8 * 5  # every beam of every image
+    assert m["models"]["caption_step"]["dynamic_axis"] == {"counts": "steps", "min": 1, "opt": 16,
+                                                           "max": cfg.caption_max_len - 1}
     assert m["models"]["text_encoder"]["inputs"] == {"input_ids": {"dtype": "INT64", "dims": [-1]},
                                                      "attention_mask": {"dtype": "INT64", "dims": [-1]}}
     assert m["models"]["detector"]["outputs"]["logits"] == {"dtype": "FP32", "dims": [100, -1]}

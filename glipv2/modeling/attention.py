@@ -55,3 +55,23 @@ def padding_bias(mask: torch.Tensor) -> torch.Tensor:
 
 def feed_forward(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm self-attention, cross-attention, feed-forward, each residual.
+
+    Keys and values come in already projected (`Attention.keys_values`), so the caption
+    decoder can pass its caches and the VQA head its anchors."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm_self, self.norm_cross, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads)
+        self.cross_attn = Attention(dim, heads)
+        self.ff = feed_forward(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor, self_k: torch.Tensor, self_v: torch.Tensor, self_bias: torch.Tensor | None,
+                cross_k: torch.Tensor, cross_v: torch.Tensor, cross_bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn.attend(self.norm_self(x), self_k, self_v, self_bias)
+        x = x + self.cross_attn.attend(self.norm_cross(x), cross_k, cross_v, cross_bias)
+        return x + self.ff(self.norm_ff(x))

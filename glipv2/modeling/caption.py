@@ -21,23 +21,8 @@ import torch
 from torch import nn
 
 from glipv2.config import ModelConfig
-from glipv2.modeling.attention import Attention, feed_forward
+from glipv2.modeling.attention import TransformerLayer
 
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.norm_self, self.norm_cross, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, heads)
-        self.cross_attn = Attention(dim, heads)
-        self.ff = feed_forward(dim, 4 * dim)
-
-    def forward(self, x: torch.Tensor, self_k: torch.Tensor, self_v: torch.Tensor, self_bias: torch.Tensor | None,
-                cross_k: torch.Tensor, cross_v: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn.attend(self.norm_self(x), self_k, self_v, self_bias)
-        x = x + self.cross_attn.attend(self.norm_cross(x), cross_k, cross_v)
-        return x + self.ff(self.norm_ff(x))
 
 
 class CaptionDecoder(nn.Module):
@@ -53,7 +38,7 @@ class CaptionDecoder(nn.Module):
         self.memory_norm = nn.LayerNorm(d)
         self.embed = nn.Embedding(len(cfg.caption_tokens), d)
         self.pos = nn.Embedding(cfg.caption_max_len, d)
-        self.layers = nn.ModuleList(DecoderLayer(d, cfg.caption_heads) for _ in range(cfg.caption_layers))
+        self.layers = nn.ModuleList(TransformerLayer(d, cfg.caption_heads) for _ in range(cfg.caption_layers))
         self.norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, len(cfg.caption_tokens))
         nn.init.normal_(self.memory_pos, std=0.02)

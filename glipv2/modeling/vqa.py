@@ -31,24 +31,7 @@ import torch
 from torch import nn
 
 from glipv2.config import ModelConfig
-from glipv2.modeling.attention import Attention, feed_forward, padding_bias
-
-
-class VqaLayer(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.norm_self, self.norm_cross, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, heads)
-        self.cross_attn = Attention(dim, heads)
-        self.ff = feed_forward(dim, 4 * dim)
-
-    def forward(self, q: torch.Tensor, q_bias: torch.Tensor, anchors: torch.Tensor,
-                grounding: torch.Tensor) -> torch.Tensor:
-        """grounding: additive cross-attention bias [B, 1, Nq, A]."""
-        h = self.norm_self(q)
-        q = q + self.self_attn(h, h, q_bias)
-        q = q + self.cross_attn(self.norm_cross(q), anchors, grounding)
-        return q + self.ff(self.norm_ff(q))
+from glipv2.modeling.attention import TransformerLayer, padding_bias
 
 
 class VqaHead(nn.Module):
@@ -64,7 +47,7 @@ class VqaHead(nn.Module):
         self.geometry_proj = nn.Linear(5, d)
         self.match_proj = nn.Linear(3, d)
         self.anchor_norm = nn.LayerNorm(d)
-        self.layers = nn.ModuleList(VqaLayer(d, 4) for _ in range(cfg.vqa_layers))
+        self.layers = nn.ModuleList(TransformerLayer(d, 4) for _ in range(cfg.vqa_layers))
         self.token_weight = nn.Linear(cfg.text_dim, 1)
         self.norm = nn.LayerNorm(d)
         self.grounding_scale = nn.Parameter(torch.tensor(8.0))
@@ -104,7 +87,9 @@ class VqaHead(nn.Module):
         token_bias = (log_score.clamp(min=-30.0) * self.grounding_scale).transpose(1, 2)  # [B, T, A]
         grounding = torch.cat([torch.zeros_like(token_bias[:, :1]), token_bias], dim=1)[:, None]
         for layer in self.layers:
-            q = layer(q, bias, anchors, grounding)
+            self_k, self_v = layer.self_attn.keys_values(layer.norm_self(q))
+            cross_k, cross_v = layer.cross_attn.keys_values(anchors)
+            q = layer(q, self_k, self_v, bias, cross_k, cross_v, grounding)
         weights = self._token_weights(fused_text, text_mask)  # [B, T]
         tokens = (q[:, 1:] * weights[..., None]).sum(1)
         # The subject's appearance, unprojected: anchors pooled by their best question
