@@ -303,7 +303,8 @@ def test_models_from_manifest(client, backend_kind):
     body = r.json()
     assert body["backend"] == backend_kind and body["preset"] == "tiny"
     assert body["image_hw"] == [256, 256] and body["max_tokens"] == 256
-    assert {m["name"] for m in body["models"]} == {"text_encoder", "detector"}
+    assert {m["name"] for m in body["models"]} == {"text_encoder", "detector", "vqa", "caption_start", "caption_step"}
+    assert body["tasks"] == ["detect", "vqa", "caption"] and "red" in body["answer_vocabulary"]
 
 
 def test_health_and_request_id(client):

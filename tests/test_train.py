@@ -102,3 +102,20 @@ def test_torchrun_two_processes_with_accumulation(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["contrastive"] > 0 for r in records)
+
+
+def test_torchrun_multitask(tmp_path):
+    """Every task under DDP (gloo, two ranks): the VQA and caption losses run inside the
+    wrapped step like the others."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [*SMALL, "--out-dir", str(tmp_path), "--max-steps", "2", "--save-every", "2", "--threads", "1",
+            "--loss-vqa", "1", "--loss-caption", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.train", *args],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["vqa"] > 0 and r["caption"] > 0 for r in records)
+    ckpt = torch.load(tmp_path / "checkpoints" / "step_00000002.pt", weights_only=False)
+    assert any(k.startswith("caption_decoder.") for k in ckpt["model"])
