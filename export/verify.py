@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from export.layout import model_file
 from export.onnx_export import export_onnx
 from export.onnx_runtime import OrtEngine, OrtPredictor
 from glipv2.checkpoint import CheckpointError, load_model
@@ -197,15 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.verify", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--onnx-dir", type=Path, help="folder with text_encoder.onnx and detector.onnx (default: export now)")
+    p.add_argument("--onnx-dir", type=Path,
+                   help="an export folder (<graph>.onnx) or a Triton repository (default: export now)")
     p.add_argument("--data", type=Path, help="a generated split (default: draw fresh shapes-world images)")
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument("--top-k", type=int, default=100, help="the K the detector graph was exported with")
     p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
     for name in ("text_encoder", "detector"):
-        if args.onnx_dir is not None and not (args.onnx_dir / f"{name}.onnx").is_file():
-            print(f"error: {args.onnx_dir / (name + '.onnx')} does not exist", file=sys.stderr)
+        if args.onnx_dir is not None and not model_file(args.onnx_dir, name, "onnx").is_file():
+            print(f"error: {model_file(args.onnx_dir, name, 'onnx')} does not exist", file=sys.stderr)
             return 2
     try:
         report = verify(args.checkpoint, args.onnx_dir, args.data, args.num_images, args.top_k)
