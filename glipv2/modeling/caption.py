@@ -36,6 +36,10 @@ class CaptionDecoder(nn.Module):
         self.memory_proj = nn.Linear(cfg.fpn_channels + 3, d)  # appearance maps: FPN + mean colour
         self.memory_pos = nn.Parameter(torch.zeros(1, sum(self.memory_sizes), d))
         self.memory_norm = nn.LayerNorm(d)
+        # The cells' mean colour enters again after the LayerNorm, through its own small MLP:
+        # as 3 of the 67 projected channels it was drowned (measured: colour-shape pairs right
+        # in 14% of captions; 44% with this, after the same 300 decoder-only steps).
+        self.colour_embed = nn.Sequential(nn.Linear(3, d), nn.GELU(), nn.Linear(d, d))
         self.embed = nn.Embedding(len(cfg.caption_tokens), d)
         self.pos = nn.Embedding(cfg.caption_max_len, d)
         self.layers = nn.ModuleList(TransformerLayer(d, cfg.caption_heads) for _ in range(cfg.caption_layers))
@@ -49,8 +53,8 @@ class CaptionDecoder(nn.Module):
         """Appearance maps of P3, P4, P5, ... (GLIPv2.appearance) -> memory tokens [B, M, D]."""
         p3, p4, p5 = feats[0], feats[1], feats[2]
         p4 = p4 + nn.functional.avg_pool2d(p3, 2, 2, ceil_mode=True)
-        flat = torch.cat([p4.flatten(2), p5.flatten(2)], dim=2).transpose(1, 2)  # [B, M, C]
-        return self.memory_norm(self.memory_proj(flat) + self.memory_pos)
+        flat = torch.cat([p4.flatten(2), p5.flatten(2)], dim=2).transpose(1, 2)  # [B, M, C + 3]
+        return self.memory_norm(self.memory_proj(flat) + self.memory_pos) + self.colour_embed(flat[..., -3:])
 
     def cross_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory [B, M, D] -> cross-attention keys, values [B, L, H, M, d] (computed once per image)."""
