@@ -62,3 +62,17 @@ def test_cider_averages_over_references():
     one = cider_d({"a": "red circle", "b": "blue star"}, refs)
     assert 0 < one < 10
     assert cider_d({"a": "blue star", "b": "red circle"}, refs) < one / 4
+
+
+def test_caption_object_recall_reads_colour_shape_mentions():
+    from training.evaluate_understanding import caption_object_recall
+
+    instances = {"categories": [{"id": 1, "name": "circle"}, {"id": 4, "name": "star"}],
+                 "annotations": [{"image_id": 1, "category_id": 1, "colour": "red"},
+                                 {"image_id": 1, "category_id": 4, "colour": "blue"},
+                                 {"image_id": 1, "category_id": 4, "colour": "blue"},
+                                 {"image_id": 2, "category_id": 1, "colour": "green"}]}
+    got = caption_object_recall({1: "a red circle above two yellow stars", 2: "a green circle"}, instances)
+    # shapes: circle, star (image 1) + circle (image 2): 3 of 3; pairs: red circle, blue star,
+    # green circle: red circle and green circle named, "yellow stars" is the wrong colour -> 2 of 3
+    assert got == {"caption_shape_recall": 1.0, "caption_pair_recall": pytest.approx(2 / 3)}

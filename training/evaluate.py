@@ -415,7 +415,8 @@ def evaluate_detection(predict_fn: PredictFn, val_dir: str | os.PathLike,
 
 # --------------------------------------------------------------------------- reporting
 _ORDER = ("num_images", "shape_ap", "shape_ap50", "colour_ap", "colour_ap50",
-          "recall@1", "phrase_ap50", "vqa_accuracy", "caption_bleu4", "caption_cider")
+          "recall@1", "phrase_ap50", "vqa_accuracy", "caption_bleu4", "caption_cider", "caption_shape_recall",
+          "caption_pair_recall")
 
 
 def format_table(metrics: dict) -> str:

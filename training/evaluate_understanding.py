@@ -5,6 +5,10 @@ vqa_annotations.json, captions.json, images/).
   (colour, count, exists, relation, extreme = colour of the largest / smallest object).
 - `caption_bleu4`, `caption_cider`: corpus BLEU-4 and CIDEr-D of one caption per image
   against its reference captions (see training.text_metrics).
+- `caption_shape_recall`, `caption_pair_recall`: the share of the images' distinct shapes,
+  and of their distinct (colour, shape) pairs, that the captions name (from
+  instances.json's categories and colours): what n-gram metrics do not show, whether the
+  caption says the right colour of the right shape.
 Evaluated images are the first `max_images` of captions.json's image list, and the
 questions on those images.
 """
@@ -21,8 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from glipv2.understanding import Answer, Caption
-from training.data import CaptionDataset, DatasetError, VqaDataset
-from training.text_metrics import bleu, cider_d, vqa_accuracy
+from training.data import CaptionDataset, DatasetError, VqaDataset, load_json
+from training.shapes_world import COLOURS, PLURALS, SHAPES
+from training.text_metrics import bleu, caption_tokens, cider_d, vqa_accuracy
 
 AnswerFn = Callable[[Sequence[np.ndarray], Sequence[str]], Sequence[Answer]]
 CaptionFn = Callable[[Sequence[np.ndarray]], Sequence[Caption]]
@@ -39,6 +44,36 @@ def question_kind(question: str) -> str:
     if "largest" in q or "smallest" in q:
         return "extreme"
     return "colour" if q.startswith("what color") else "other"
+
+
+def _named_pairs(caption: str) -> set[tuple[str | None, str]]:
+    """(colour, shape) for "red circles"-like mentions and (None, shape) for every shape word."""
+    words = caption_tokens(caption)
+    out: set[tuple[str | None, str]] = set()
+    for i, w in enumerate(words):
+        shape = next((s for s in SHAPES if w in (s, PLURALS[s])), None)
+        if shape is not None:
+            out.add((None, shape))
+            if i and words[i - 1] in COLOURS:
+                out.add((words[i - 1], shape))
+    return out
+
+
+def caption_object_recall(predicted: dict[int, str], instances: dict) -> dict[str, float]:
+    names = {c["id"]: c["name"] for c in instances.get("categories", [])}
+    truth: dict[int, set] = defaultdict(set)
+    for a in instances.get("annotations", []):
+        if a.get("image_id") in predicted and a.get("colour"):
+            truth[a["image_id"]].add((a["colour"], names.get(a["category_id"])))
+    shapes_hit = shapes_all = pairs_hit = pairs_all = 0
+    for iid, objects in truth.items():
+        named = _named_pairs(predicted[iid])
+        shapes = {s for _, s in objects}
+        shapes_hit += sum((None, s) in named for s in shapes)
+        shapes_all += len(shapes)
+        pairs_hit += len(objects & named)
+        pairs_all += len(objects)
+    return {"caption_shape_recall": shapes_hit / max(1, shapes_all), "caption_pair_recall": pairs_hit / max(1, pairs_all)}
 
 
 def evaluate_understanding(answer_fn: AnswerFn | None, caption_fn: CaptionFn | None,
@@ -88,5 +123,7 @@ def evaluate_understanding(answer_fn: AnswerFn | None, caption_fn: CaptionFn | N
         metrics["caption_bleu4"] = bleu(predicted, refs)
         metrics["caption_cider"] = cider_d(predicted, refs)
         metrics["num_captioned"] = len(predicted)
+        if (root / "instances.json").is_file():
+            metrics.update(caption_object_recall(predicted, load_json(root / "instances.json")))
     metrics["understanding_seconds"] = time.perf_counter() - t0
     return metrics
