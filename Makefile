@@ -44,7 +44,7 @@ val-data: $(DATA)/val/instances.json
 
 # Trains the tiny preset on the shapes world in two stages on a 2-core CPU: detection and
 # grounding (28.5 minutes measured), then every task together, detection, grounding, VQA
-# and captioning, from those weights (16.5 minutes measured); evaluates the result on the
+# and captioning, from those weights (15.5 minutes measured); evaluates the result on the
 # 500-image val split and writes the small demo checkpoint.
 demo-model: setup val-data
 	$(PY) -m training.train --config configs/demo.json --out-dir $(RUN) --val-dir $(DATA)/val
