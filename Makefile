@@ -69,10 +69,11 @@ serve: setup
 	GLIPV2_HOST=$(HOST) GLIPV2_PORT=$(PORT) GLIPV2_REPOSITORY=$(REPOSITORY) $(PY) -m service
 
 # Benchmarks print ratios measured side by side in one run; results go to bench/results/.
-bench: setup repository
+bench: setup repository triton-server
 	$(PY) -m bench.export_latency --checkpoint $(CHECKPOINT)
 	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 1
 	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 3
+	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 1 --backend triton
 
 clean:
 	rm -rf $(VENV) data runs .cache

@@ -1,7 +1,9 @@
 """Caption throughput: images decoded one request at a time vs as one batch, side by side.
 
 `python -m bench.caption_throughput` runs the gateway's embedded backend (ONNX Runtime on
-model_repository/, the code /v1/caption calls) on freshly drawn shapes-world images:
+model_repository/, the code /v1/caption calls) on freshly drawn shapes-world images
+(`--backend triton`: the Triton backend against the local tritonserver serving the same
+repository, cpu flavour; the decoder caches then travel with every step request):
 - sequential: one run_caption_batch call per image (what a gateway without batching does);
 - batched: run_caption_batch on batches of --batch images (what the micro-batcher forms
   under concurrent load: every row decodes in lockstep, finished rows leave the batch).
@@ -39,9 +41,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam-size", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", choices=("embedded", "triton"), default="embedded")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
-    backend = EmbeddedBackend(args.repository, threads=args.threads)
+    server = None
+    if args.backend == "triton":
+        from export.local_triton import TritonServer, install
+        from service.backends.triton import TritonBackend
+
+        server = TritonServer(args.repository, root=install())
+        server.start()
+        server.wait_ready(timeout=120)
+        backend = TritonBackend(args.repository, server.url_grpc)
+    else:
+        backend = EmbeddedBackend(args.repository, threads=args.threads)
+    try:
+        return _run(args, backend)
+    finally:
+        backend.close()
+        if server is not None:
+            server.stop()
+            server.cleanup()
+
+
+def _run(args: argparse.Namespace, backend) -> int:
     if "caption" not in backend.tasks:
         print(f"error: {args.repository} has no caption decoder", file=sys.stderr)
         return 2
@@ -67,20 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     row = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.machine(), "device": "cpu", "threads": args.threads,
+        "machine": platform.machine(), "device": "cpu", "backend": args.backend, "threads": args.threads,
         "repository": str(args.repository), "images": args.images, "batch": args.batch, "beam_size": args.beam_size,
         "sequential_s": med["sequential"], "batched_s": med["batched"],
         "sequential_images_per_s": args.images / med["sequential"], "batched_images_per_s": args.images / med["batched"],
         "speedup_batched_over_sequential": med["sequential"] / med["batched"],
     }
-    print(f"captions of {args.images} images, beam {args.beam_size}, {args.threads} threads: "
+    print(f"captions of {args.images} images, {args.backend}, beam {args.beam_size}, {args.threads} threads: "
           f"sequential {row['sequential_images_per_s']:.1f} img/s, batch {args.batch} "
           f"{row['batched_images_per_s']:.1f} img/s ({row['speedup_batched_over_sequential']:.2f}x)")
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as f:
             f.write(json.dumps(row) + "\n")
-    backend.close()
     return 0
 
 
