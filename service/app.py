@@ -39,11 +39,17 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     async def lifespan(app: FastAPI):
         be = backend or await asyncio.to_thread(create_backend, settings)
         runs = {"detect": be.run_batch, "vqa": be.run_vqa_batch, "caption": be.run_caption_batch}
+        # Never batch more than the repository was rendered for: Triton refuses larger
+        # batches (and caption steps carry every beam within the repository's step limit).
+        max_batch = min(settings.max_batch_size, int(be.manifest.get("max_batch_size") or settings.max_batch_size))
+        if max_batch < settings.max_batch_size:
+            log.warning("GLIPV2_MAX_BATCH_SIZE=%d is over the repository's max_batch_size; batching %d",
+                        settings.max_batch_size, max_batch)
         # One batcher per task: a batch is always one engine call of one kind.
         batchers = {
             task: MicroBatcher(
                 _wrap_failures(runs[task]),
-                max_batch_size=settings.max_batch_size,
+                max_batch_size=max_batch,
                 max_wait_ms=settings.max_wait_ms,
                 queue_size=settings.queue_size,
                 timeout_s=settings.request_timeout_s,

@@ -101,6 +101,7 @@ class MicroBatcher(Generic[T, R]):
 
     def stats(self) -> dict:
         return {
+            "max_batch_size": self.max_batch_size,
             "batches": self.batches,
             "items": self.items,
             "skipped": self.skipped,

@@ -187,3 +187,15 @@ def test_a_detection_only_model_says_501(tmp_path):
         assert r.status_code == 501 and "caption decoder" in r.json()["detail"]
         assert c.get("/v1/models").json()["tasks"] == ["detect"]
         assert c.post("/v1/detect", json={"images": [{"image": _b64(img), "prompt": "star."}]}).status_code == 200
+
+
+def test_batches_never_exceed_the_repository(settings):
+    """GLIPV2_MAX_BATCH_SIZE over the manifest's max_batch_size (8) is capped: a Triton
+    model would refuse the larger batch."""
+    (_, img), = _scenes(1, seed=8)
+    with TestClient(create_app(settings(max_batch_size=16))) as c:
+        batchers = c.get("/v1/stats").json()["batchers"]
+        assert {b["max_batch_size"] for b in batchers.values()} == {8}
+        r = c.post("/v1/caption", json={"images": [{"image": _b64(img)}] * 8, "beam_size": 5})
+        assert r.status_code == 200, r.text
+        assert len({res["caption"] for res in r.json()["results"]}) == 1
