@@ -1,6 +1,5 @@
 """The GLIPv2 module: shapes, mixed prompts in one batch, batched == single, top-K."""
 
-import numpy as np
 import pytest
 import torch
 
