@@ -15,7 +15,6 @@ gateway all read names, dtypes and dims from it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 from export.layout import CAPTION_START, CAPTION_STEP, DETECTOR, TEXT_ENCODER, VQA
 from glipv2.captioning import MAX_BEAM
 from glipv2.config import MAX_TOKENS, ModelConfig
+from glipv2.modeling.caption import memory_length
 from glipv2.modeling.glipv2 import GLIPv2
 
 # name -> (dtype as in Triton, dims without the batch axis; -1 = the graph's dynamic axis)
@@ -62,9 +62,8 @@ def graph_specs(cfg: ModelConfig, top_k: int) -> dict[str, GraphSpec]:
     if cfg.caption_tokens:
         layers, heads = cfg.caption_layers, cfg.caption_heads
         d = cfg.caption_dim // heads
-        memory = math.ceil(h / 16) * math.ceil(w / 16) + math.ceil(h / 32) * math.ceil(w / 32)  # P4 + P5 tokens
         logprobs = ("TYPE_FP32", [len(cfg.caption_tokens)])
-        cross = ("TYPE_FP32", [layers, heads, memory, d])
+        cross = ("TYPE_FP32", [layers, heads, memory_length(cfg), d])
         past = ("TYPE_FP32", [layers, heads, -1, d])
         specs.append(GraphSpec(CAPTION_START, {"images": image},
                                {"logprobs": logprobs, "present_k": ("TYPE_FP32", [layers, heads, 1, d]),

@@ -25,7 +25,6 @@ requests land on a few shapes the dynamic batcher can merge.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import string
@@ -198,8 +197,7 @@ def render_config(
     _check_settings(flavour, top_k, max_batch_size, settings)
     preferred = _preferred(settings.preferred_batch_sizes, max_batch_size)
     max_batch_size *= spec.batch_multiplier
-    h, w = model_cfg.image_hw
-    anchors = sum(math.ceil(h / s) * math.ceil(w / s) for s in model_cfg.strides)  # one per location
+    anchors = sum(h * w for h, w in model_cfg.level_hw)  # one per location
     if top_k > anchors:
         raise SettingsError(f"top_k={top_k} exceeds the {anchors} anchors of a {model_cfg.image_hw} input")
     # python backend pads token axes; engines need dense batches (the gateway pads to buckets)

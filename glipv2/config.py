@@ -107,6 +107,12 @@ class ModelConfig:
         return cls(**tuples)
 
     @property
+    def level_hw(self) -> list[tuple[int, int]]:
+        """(height, width) of each FPN level's map: one anchor per location."""
+        h, w = self.image_hw
+        return [(math.ceil(h / s), math.ceil(w / s)) for s in self.strides]
+
+    @property
     def caption_start_index(self) -> int:
         """Decoder index (position in caption_tokens) of the start token."""
         return self.caption_tokens.index(self.caption_start_id)

@@ -376,7 +376,7 @@ def _float_outputs(out):
 
 def _anchors_per_level(cfg: ModelConfig) -> list[int]:
     h, w = cfg.image_hw
-    return [math.ceil(h / s) * math.ceil(w / s) for s in cfg.strides]
+    return [h * w for h, w in cfg.level_hw]
 
 
 def save_checkpoint(path: Path, model: GLIPv2, model_cfg: ModelConfig, optimizer, scheduler, scaler, step: int,

@@ -25,8 +25,6 @@ style multi-label: trained with binary cross-entropy against soft scores).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -39,7 +37,7 @@ class VqaHead(nn.Module):
         super().__init__()
         d = cfg.vqa_dim
         self.image_hw = cfg.image_hw
-        self.level_hw = [(math.ceil(cfg.image_hw[0] / s), math.ceil(cfg.image_hw[1] / s)) for s in cfg.strides]
+        self.level_hw = cfg.level_hw
         self.answer_query = nn.Parameter(torch.zeros(1, 1, d))
         self.question_proj = nn.Linear(cfg.text_dim, d)
         self.region_proj = nn.Linear(cfg.proj_dim, d)
