@@ -23,10 +23,9 @@ from typing import Protocol
 import numpy as np
 
 from glipv2.boxes import Letterbox
-from glipv2.captioning import beam_search
 from glipv2.postprocess import Detections, PostprocessConfig, postprocess
 from glipv2.text import Prompt, TokenizedPrompt, Tokenizer, bucket_length, build_prompt, encode_question, tokenize
-from glipv2.understanding import Answer, Caption, rank_answers
+from glipv2.understanding import Answer, Caption, CaptionPipeline, rank_answers
 
 MANIFEST_FORMAT = "glipv2-serve-repository/1"
 
@@ -148,14 +147,15 @@ class EngineBackend:
         self.caption_steps = 0
         self.answers: list[str] = list(self.manifest.get("answer_vocabulary") or [])
         caption = self.manifest.get("caption") or {}
-        self.caption_tokens = np.asarray(caption.get("tokens", []), dtype=np.int64)
         self.caption_max_len = int(caption.get("max_len", 0))
-        self.caption_end = int(np.flatnonzero(self.caption_tokens == caption["end_id"])[0]) if caption else -1
+        # The shared decoding (beam search, shortlist ids -> text) with this backend as its engine.
+        self.captioner = CaptionPipeline(self, self.image_hw, caption["tokens"], self.caption_max_len + 1,
+                                         caption["end_id"], self.tokenizer) if caption else None
 
     @property
     def tasks(self) -> list[str]:
         """What this model serves: detect (always), vqa, caption."""
-        return ["detect"] + ["vqa"] * bool(self.answers) + ["caption"] * bool(self.caption_max_len)
+        return ["detect"] + ["vqa"] * bool(self.answers) + ["caption"] * (self.captioner is not None)
 
     def models(self) -> list[str]:
         """The graphs the backend calls (those of the manifest)."""
@@ -250,7 +250,7 @@ class EngineBackend:
 
     def run_caption_batch(self, items: list[CaptionItem]) -> list[Caption]:
         """One lockstep decode per beam size in the batch (usually one)."""
-        if not self.caption_max_len:
+        if self.captioner is None:
             raise TaskUnavailable("this model has no caption decoder (its checkpoint was trained without captions)")
         groups: dict[int, list[int]] = defaultdict(list)
         for i, it in enumerate(items):
@@ -258,9 +258,8 @@ class EngineBackend:
         out: list[Caption | None] = [None] * len(items)
         for beam, idx in groups.items():
             pixels = np.ascontiguousarray(np.stack([items[i].pixels for i in idx]))
-            hyps = beam_search(self, pixels, self.caption_end, beam, [items[i].max_len for i in idx])
-            for i, h in zip(idx, hyps):
-                out[i] = Caption(self.tokenizer.decode(self.caption_tokens[h.tokens]), h.logprob, len(h.tokens))
+            for i, caption in zip(idx, self.captioner.caption_pixels(pixels, beam, [items[i].max_len for i in idx])):
+                out[i] = caption
         return out
 
     def stats(self) -> dict:
