@@ -72,16 +72,17 @@ class GLIPv2(nn.Module):
                 return self.language(input_ids, attention_mask)
         return self.language(input_ids, attention_mask)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        h, w = self.cfg.image_hw
-        torch._assert(images.shape[-2] == h and images.shape[-1] == w, "images must be letterboxed to cfg.image_hw")
-        x = images.to(self.pixel_mean.dtype)
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """RGB 0-255 (any dtype, any spatial size) -> the backbone's input scale and order."""
+        x = pixels.to(self.pixel_mean.dtype)
         if self.cfg.bgr:
             x = x.flip(1)
         return (x - self.pixel_mean) / self.pixel_std
 
     def visual(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images [B, 3, H, W] RGB 0-255 (any dtype) -> FPN maps; shared by every task."""
+        h, w = self.cfg.image_hw
+        torch._assert(images.shape[-2] == h and images.shape[-1] == w, "images must be letterboxed to cfg.image_hw")
         return self.fpn(self.backbone(self.normalize(images)))
 
     def appearance(self, images: torch.Tensor, feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -92,8 +93,10 @@ class GLIPv2(nn.Module):
         but from the FPN feature there only 23% of the time (chance: 17%); the BatchNorm
         backbone keeps shape and drops absolute colour, which "what color is..." and
         captions need. The pooled pixels give it back at no cost."""
-        x = self.normalize(images)
-        return [torch.cat([f, nn.functional.avg_pool2d(x, s, s, ceil_mode=True)], dim=1)
+        # Pool, then normalise the small maps (the normalisation is per-channel affine, so the
+        # order does not matter and the full-size image is not normalised a second time).
+        x = images.to(self.pixel_mean.dtype)
+        return [torch.cat([f, self.normalize(nn.functional.avg_pool2d(x, s, s, ceil_mode=True))], dim=1)
                 for f, s in zip(feats, self.cfg.strides)]
 
     def detect(self, images: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> DetectorOutput:
