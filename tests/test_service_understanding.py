@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shutil
 
 import httpx
@@ -16,7 +15,8 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from tests.test_service import REPO, _b64, _scenes, _settings, _shared_triton
-from training.shapes_world import COLOURS, PLURALS, SHAPES, vqa_pairs
+from training.evaluate_understanding import named_objects
+from training.shapes_world import PLURALS, vqa_pairs
 
 UNDERSTANDING = ("vqa", "caption_start", "caption_step")
 pytestmark = pytest.mark.skipif(
@@ -67,14 +67,6 @@ def test_vqa_answers_most_questions_right(client):
     assert len(qa) > 50 and right / len(qa) >= 0.75, f"{right} of {len(qa)} answers right"
 
 
-_SHAPE_WORD = re.compile(r"\b(" + "|".join(list(SHAPES) + list(PLURALS.values())) + r")\b")
-_NAMED = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(list(SHAPES) + list(PLURALS.values())) + r")\b")
-
-
-def _singular(word: str) -> str:
-    return next(s for s in SHAPES if word in (s, PLURALS[s]))
-
-
 def test_captions_name_the_objects(client):
     """Per image, recall: the scene's shapes, and its (colour, shape) pairs, that the
     caption names; precision: the shapes it names that are in the scene."""
@@ -86,11 +78,12 @@ def test_captions_name_the_objects(client):
         assert r.status_code == 200, r.text
         for (scene, _), res in zip(chunk, r.json()["results"]):
             assert res["num_tokens"] > 0 and res["logprob"] <= 0
-            shapes = {_singular(w) for w in _SHAPE_WORD.findall(res["caption"])}
+            named = named_objects(res["caption"])
+            shapes = {shape for colour, shape in named if colour is None}
             truth = {o.shape for o in scene.objects}
             shape_hits, shape_present = shape_hits + len(truth & shapes), shape_present + len(truth)
             shape_true, shape_named = shape_true + len(shapes & truth), shape_named + len(shapes)
-            pairs = {(c, _singular(w)) for c, w in _NAMED.findall(res["caption"])}
+            pairs = {(colour, shape) for colour, shape in named if colour is not None}
             truth_pairs = {(o.colour, o.shape) for o in scene.objects}
             pair_hits, pair_present = pair_hits + len(truth_pairs & pairs), pair_present + len(truth_pairs)
     print(f"shapes named {shape_hits}/{shape_present}, named shapes present {shape_true}/{shape_named}, "

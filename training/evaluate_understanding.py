@@ -46,7 +46,7 @@ def question_kind(question: str) -> str:
     return "colour" if q.startswith("what color") else "other"
 
 
-def _named_pairs(caption: str) -> set[tuple[str | None, str]]:
+def named_objects(caption: str) -> set[tuple[str | None, str]]:
     """(colour, shape) for "red circles"-like mentions and (None, shape) for every shape word."""
     words = caption_tokens(caption)
     out: set[tuple[str | None, str]] = set()
@@ -67,7 +67,7 @@ def caption_object_recall(predicted: dict[int, str], instances: dict) -> dict[st
             truth[a["image_id"]].add((a["colour"], names.get(a["category_id"])))
     shapes_hit = shapes_all = pairs_hit = pairs_all = 0
     for iid, objects in truth.items():
-        named = _named_pairs(predicted[iid])
+        named = named_objects(predicted[iid])
         shapes = {s for _, s in objects}
         shapes_hit += sum((None, s) in named for s in shapes)
         shapes_all += len(shapes)
