@@ -8,7 +8,7 @@ DATA   := data/shapes
 RUN    ?= runs/demo
 CHECKPOINT ?= demo/tiny.pt
 
-.PHONY: setup test test-all demo-model train evaluate val-data clean serve bench
+.PHONY: setup test test-all demo-model train evaluate val-data clean serve bench mutants
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ setup: $(STAMP)
 
 test: setup triton-server browser repository
 	$(PY) -m pytest -q -m "not slow"
+
+# Mutation check (issue 16): each mutant in mutants/*.toml is put into a scratch copy of
+# this tree, one at a time, and only its named tests run there; reports survivors and
+# stale entries, and fails unless every mutant is killed. MUTANTS="glob ..." selects by id
+# or list file (e.g. MUTANTS="nms-* service.toml"), JOBS sets the copies run side by side.
+MUTANTS ?=
+JOBS    ?= 2
+mutants: setup triton-server browser repository
+	$(PY) mutants/run.py -j $(JOBS) $(foreach m,$(MUTANTS),-k '$(m)')
 
 # Debian's chromium + chromedriver for the demo page's browser test
 # (tests/test_service_browser.py); installed only when missing (CI runs as root).

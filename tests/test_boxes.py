@@ -131,6 +131,22 @@ def test_nms_hand_made():
     assert nms(boxes, scores, 0.7).tolist() == [0, 1, 3, 2]
 
 
+def test_nms_keeps_box_at_iou_threshold():
+    # IoU exactly equal to the threshold is kept (suppression needs IoU > threshold, as in
+    # torchvision); all values are exact in binary floating point.
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 5], [0, 0, 10, 2.5]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7], np.float32)
+    # IoU(0, 1) = 0.5, IoU(0, 2) = 0.25, IoU(1, 2) = 0.5
+    assert nms(boxes, scores, 0.5).tolist() == [0, 1, 2]
+    assert nms(boxes, scores, 0.25).tolist() == [0, 2]
+    assert nms(boxes, scores, np.nextafter(0.25, 0)).tolist() == [0]
+    assert nms(boxes, scores, np.nextafter(0.5, 0)).tolist() == [0, 2]
+    # The same boundary through the per-phrase path (its shifted coordinates stay exact).
+    groups = np.array([3, 3, 9])
+    assert batched_nms(boxes, scores, groups, 0.5).tolist() == [0, 1, 2]
+    assert batched_nms(boxes, scores, np.array([3, 3, 3]), np.nextafter(0.5, 0)).tolist() == [0, 2]
+
+
 def test_nms_empty():
     assert nms(np.zeros((0, 4)), np.zeros(0), 0.5).tolist() == []
     assert batched_nms(np.zeros((0, 4)), np.zeros(0), np.zeros(0, int), 0.5).tolist() == []
