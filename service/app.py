@@ -12,7 +12,7 @@ from service.backends import Backend, create_backend
 from service.batcher import MicroBatcher
 from service.errors import BackendUnavailable, install_error_handlers
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from service.routes import demo, detect, health, metrics, models, understanding
 from service.settings import Settings
 
@@ -91,5 +91,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(demo.router)
     # Added last = outermost: every response, including a 413, carries the request id.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    exact, prefixes = settings.open_paths()
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key and settings.api_key.get_secret_value(),
+                       open_exact=exact, open_prefixes=prefixes)
     app.add_middleware(RequestIdMiddleware, metrics=app.state.metrics)
     return app

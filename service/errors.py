@@ -73,6 +73,9 @@ class Overloaded(ServiceError):
 
 
 class BackendUnavailable(ServiceError):
+    """The model is not loaded, the gateway is stopping, or the backend failed a call
+    (Triton down). Answered 503 with Retry-After, like Overloaded."""
+
     status_code = 503
 
 
@@ -88,7 +91,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.detail)
-        return _json(exc.status_code, exc.body(), exc.headers)
+        headers = dict(exc.headers)
+        if exc.status_code == 503:  # every 503 says when to come back (the README promises it)
+            headers.setdefault("Retry-After", str(request.app.state.settings.retry_after_s))
+        return _json(exc.status_code, exc.body(), headers)
 
     @app.exception_handler(TaskUnavailable)
     async def _task_unavailable(request: Request, exc: TaskUnavailable) -> JSONResponse:

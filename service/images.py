@@ -13,6 +13,7 @@ import binascii
 import http.client
 import io
 import re
+import struct
 import urllib.error
 import urllib.request
 import warnings
@@ -46,6 +47,12 @@ def decode_base64(data: str, max_bytes: int | None = None) -> bytes:
     return raw
 
 
+# What PIL's format plugins raise on truncated or corrupt data: not only OSError (a
+# truncated PNG IHDR or APNG chunk raises ValueError, others struct.error, EOFError,
+# IndexError, SyntaxError). All of them are the caller's bad input: 422, never a 500.
+_CORRUPT = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error)
+
+
 def decode_image(raw: bytes, max_pixels: int) -> np.ndarray:
     """Bytes -> uint8 [H, W, 3] RGB, orientation applied. 415 for other formats, 413 over
     max_pixels (checked before decoding), 422 for a corrupt file."""
@@ -59,7 +66,7 @@ def decode_image(raw: bytes, max_pixels: int) -> np.ndarray:
         ) from None
     except Image.DecompressionBombError:
         raise PayloadTooLarge(f"image has more than {max_pixels} pixels", limit=max_pixels) from None
-    except OSError as exc:
+    except _CORRUPT as exc:  # e.g. ValueError "Truncated IHDR chunk" from a 28-byte PNG
         raise InvalidInput(f"image cannot be read: {exc}") from None
     with img:
         w, h = img.size
@@ -77,7 +84,7 @@ def decode_image(raw: bytes, max_pixels: int) -> np.ndarray:
                 rgb = oriented.convert("RGB")
         except Image.DecompressionBombError:
             raise PayloadTooLarge(f"image has more than {max_pixels} pixels", limit=max_pixels) from None
-        except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
+        except _CORRUPT as exc:  # truncated or corrupt data
             raise InvalidInput(f"image cannot be decoded: {exc}") from None
     return np.asarray(rgb, dtype=np.uint8)
 

@@ -21,6 +21,11 @@ def _labels(**kv: str) -> str:
     return "{" + inner + "}"
 
 
+# The methods the API has (plus the ones clients and probes commonly send); any other
+# method token is counted as "other", so a caller cannot add series by inventing methods.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -30,6 +35,7 @@ class Metrics:
         self.latency_n: dict[str, int] = defaultdict(int)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method if method in KNOWN_METHODS else "other"
         with self._lock:
             self.requests[(method, route, int(status))] += 1
             counts = self.latency_counts[route]

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request ids (header + logs + access log) and the body size limit."""
+"""Pure ASGI middleware: request ids (header + logs + access log), the API key check
+(before any body is read) and the body size limit."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextvars
 import json
 import logging
 import re
+import secrets
 import time
 import uuid
 
@@ -61,6 +63,44 @@ class RequestIdMiddleware:
                 route = getattr(scope.get("route"), "path", None) or "unmatched"
                 self.metrics.observe_request(scope["method"], route, status, seconds)
             request_id_var.reset(token)
+
+
+async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """A complete JSON response, from middleware (before the app sees the request)."""
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class ApiKeyMiddleware:
+    """With an API key set, 401 for every request without the right X-API-Key header
+    except the settings' open endpoints; checked on the headers, so an unauthenticated
+    caller never gets a body read, buffered or parsed. (The routes' require_api_key
+    dependency checks again and puts the scheme in the OpenAPI schema.)"""
+
+    def __init__(self, app, api_key: str | None, open_exact: tuple[str, ...] = (),
+                 open_prefixes: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.open_exact = frozenset(open_exact)
+        self.open_prefixes = tuple(open_prefixes)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self.key is None:
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if path in self.open_exact or path.startswith(self.open_prefixes):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"x-api-key", b"")
+        if not secrets.compare_digest(given, self.key):
+            await send_json(send, 401, {"detail": "missing or wrong X-API-Key header"},
+                            [(b"www-authenticate", b"APIKey")])
+            return
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -14,6 +14,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 _PLACEHOLDERS = {"changeme", "change-me", "changethis", "secret", "password", "apikey", "api-key", ""}
 
 
+# The endpoints GLIPV2_OPEN_ENDPOINTS can leave open when an API key is set (a path
+# ending in '*' is a prefix).
+OPEN_ENDPOINTS: dict[str, tuple[str, ...]] = {
+    "live": ("/health/live",),
+    "ready": ("/health/ready",),
+    "metrics": ("/metrics",),
+    "docs": ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"),
+    "demo": ("/", "/static/*"),
+}
+
+
 class Settings(BaseSettings):
     """Every field can be set as GLIPV2_<FIELD> (e.g. GLIPV2_MAX_BATCH_SIZE=16)."""
 
@@ -42,7 +53,15 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(16, ge=1, le=256)
 
     api_key: SecretStr | None = Field(None, description="if set, requests need the X-API-Key header")
+    open_endpoints: str = Field(
+        "live,demo",
+        description="with an API key set, what stays open without it (comma-separated): 'live' "
+        "(/health/live), 'ready' (/health/ready, which runs the text encoder), 'metrics' (/metrics), "
+        "'docs' (/docs, /redoc, /openapi.json), 'demo' (the page at / and its assets; it sends the key the "
+        "user types). Everything else needs the key")
     prompt_cache_size: int = Field(1024, ge=0, description="prompts whose text features are kept (LRU)")
+    prompt_cache_mb: int = Field(64, ge=0, description="and at most this many MiB of them (one 256-token prompt "
+                                 "of the tiny model is 0.4 MB)")
 
     url_allowlist: str | None = Field(
         None,
@@ -55,6 +74,21 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
+
+    @field_validator("open_endpoints")
+    @classmethod
+    def _known_endpoints(cls, v: str) -> str:
+        names = [n.strip() for n in v.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(OPEN_ENDPOINTS))
+        if unknown:
+            raise ValueError(f"unknown open_endpoints {unknown}; choose from {sorted(OPEN_ENDPOINTS)}")
+        return ",".join(names)
+
+    def open_paths(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(exact paths, path prefixes) that need no API key."""
+        names = [n for n in self.open_endpoints.split(",") if n]
+        paths = [p for n in names for p in OPEN_ENDPOINTS[n]]
+        return tuple(p for p in paths if not p.endswith("*")), tuple(p[:-1] for p in paths if p.endswith("*"))
 
     @field_validator("api_key")
     @classmethod

@@ -14,10 +14,12 @@ def create_backend(settings: Settings) -> Backend:
         from service.backends.embedded import EmbeddedBackend
 
         return EmbeddedBackend(settings.repository, cache_size=settings.prompt_cache_size,
-                              threads=settings.threads, spinning=settings.ort_spinning)
+                              cache_bytes=settings.prompt_cache_mb * 1024 * 1024, threads=settings.threads,
+                              spinning=settings.ort_spinning)
     if settings.backend == "triton":
         from service.backends.triton import TritonBackend
 
         return TritonBackend(settings.repository, settings.triton_url, cache_size=settings.prompt_cache_size,
-                             timeout_s=settings.request_timeout_s, http_url=settings.triton_http_url)
+                             timeout_s=settings.request_timeout_s, http_url=settings.triton_http_url,
+                             cache_bytes=settings.prompt_cache_mb * 1024 * 1024)
     raise ValueError(f"unknown backend {settings.backend!r}")

@@ -94,12 +94,16 @@ class Backend(Protocol):
 
 
 class FeatureCache:
-    """Thread-safe LRU: token ids (bytes) -> token features [T, D]."""
+    """Thread-safe LRU: token ids (bytes) -> token features [T, D], bounded by entry count
+    and by bytes (keys + arrays): one 256-token prompt of a 384-wide encoder is 0.4 MB, so
+    a count alone let 1024 long prompts hold about 400 MB."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.capacity = int(capacity)
+        self.max_bytes = int(max_bytes)
         self._data: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self.nbytes = 0
         self.hits = 0
         self.misses = 0
 
@@ -114,13 +118,18 @@ class FeatureCache:
             return value
 
     def put(self, key: bytes, value: np.ndarray) -> None:
-        if self.capacity <= 0:
+        size = len(key) + value.nbytes
+        if self.capacity <= 0 or size > self.max_bytes:
             return
         with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.nbytes -= len(key) + old.nbytes
             self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
+            self.nbytes += size
+            while len(self._data) > self.capacity or self.nbytes > self.max_bytes:
+                k, v = self._data.popitem(last=False)
+                self.nbytes -= len(k) + v.nbytes
 
     def __len__(self) -> int:
         return len(self._data)
@@ -133,14 +142,14 @@ class EngineBackend:
 
     name = "engine"
 
-    def __init__(self, repository: Path, cache_size: int = 1024) -> None:
+    def __init__(self, repository: Path, cache_size: int = 1024, cache_bytes: int = 64 * 1024 * 1024) -> None:
         self.repository = Path(repository)
         self.manifest = load_manifest(self.repository)
         self.image_hw = tuple(self.manifest["image"]["hw"])
         self.max_tokens = int(self.manifest["max_tokens"])
         self.buckets = tuple(sorted(self.manifest["token_buckets"]))
         self.tokenizer = Tokenizer(self.repository / self.manifest["tokenizer"], max_tokens=self.max_tokens)
-        self.cache = FeatureCache(cache_size)
+        self.cache = FeatureCache(cache_size, cache_bytes)
         self.text_encoder_calls = 0
         self.detector_calls = 0
         self.vqa_calls = 0
@@ -267,6 +276,7 @@ class EngineBackend:
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,
             "cache_size": len(self.cache),
+            "cache_bytes": self.cache.nbytes,
             "text_encoder_calls": self.text_encoder_calls,
             "detector_calls": self.detector_calls,
             "vqa_calls": self.vqa_calls,

@@ -15,8 +15,9 @@ class EmbeddedBackend(EngineBackend):
 
     name = "embedded"
 
-    def __init__(self, repository: Path, cache_size: int = 1024, threads: int = 0, spinning: bool = False) -> None:
-        super().__init__(repository, cache_size)
+    def __init__(self, repository: Path, cache_size: int = 1024, threads: int = 0, spinning: bool = False,
+                 cache_bytes: int = 64 * 1024 * 1024) -> None:
+        super().__init__(repository, cache_size, cache_bytes)
         for model in self.models():
             path = self.repository / model / "1" / "model.onnx"
             if not path.is_file():

@@ -25,6 +25,11 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from service.backends.base import EngineBackend
 
 PING_TIMEOUT_S = 5.0
+# gRPC retries a lost connection with exponential backoff, up to 120 s between attempts by
+# default: after a Triton restart the gateway stayed down 12.8 s (35 s outage) and 24.6 s
+# (94 s outage). Capping the backoff at 0.5 s makes it reconnect within about that of
+# Triton listening again; a reconnect attempt to a local port costs next to nothing.
+RECONNECT_BACKOFF_MS = 500
 
 
 class _Protocol:
@@ -86,7 +91,15 @@ class _Grpc(_Protocol):
         import tritonclient.grpc as grpcclient
 
         self._mod = grpcclient
-        self._c = grpcclient.InferenceServerClient(url)  # thread-safe; connects lazily
+        max_msg = grpcclient.MAX_GRPC_MESSAGE_SIZE
+        # tritonclient's own defaults (message sizes, no keepalive pings) plus the backoff cap.
+        self._c = grpcclient.InferenceServerClient(url, channel_args=[  # thread-safe; connects lazily
+            ("grpc.max_send_message_length", max_msg),
+            ("grpc.max_receive_message_length", max_msg),
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+            ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+        ])
 
     def _module(self):
         return self._mod
@@ -143,8 +156,8 @@ class TritonBackend(EngineBackend):
     name = "triton"
 
     def __init__(self, repository: Path, url: str, cache_size: int = 1024, timeout_s: float = 30.0,
-                 http_url: str | None = None) -> None:
-        super().__init__(repository, cache_size)
+                 http_url: str | None = None, cache_bytes: int = 64 * 1024 * 1024) -> None:
+        super().__init__(repository, cache_size, cache_bytes)
         self.url = url
         self.http_url = http_url or None
         self.timeout_s = float(timeout_s)

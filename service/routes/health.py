@@ -28,11 +28,14 @@ async def ready(request: Request):
     (tiny) text-encoder call within 5 s."""
     backend = getattr(request.app.state, "backend", None)
     batcher = getattr(request.app.state, "batcher", None)
+    retry = {"Retry-After": str(request.app.state.settings.retry_after_s)}
     if backend is None or batcher is None:
-        return JSONResponse(status_code=503, content={"status": "unavailable", "detail": "model not loaded"})
+        return JSONResponse(status_code=503, content={"status": "unavailable", "detail": "model not loaded"},
+                            headers=retry)
     try:
         await asyncio.wait_for(asyncio.to_thread(backend.ping), READY_TIMEOUT_S)
     except Exception as exc:  # any failure means not ready; the reason goes to the caller and the log
         log.warning("readiness check failed: %r", exc)
-        return JSONResponse(status_code=503, content={"status": "unavailable", "detail": f"backend: {exc!r}"})
+        return JSONResponse(status_code=503, content={"status": "unavailable", "detail": f"backend: {exc!r}"},
+                            headers=retry)
     return HealthResponse(status="ok")
