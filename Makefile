@@ -94,7 +94,9 @@ clean:
 FLAVOUR    ?= cpu
 TOP_K      ?= 100
 MAX_BATCH  ?= 8
-REPOSITORY ?= model_repository
+# the committed cpu repository is model_repository/; GPU flavours render into their own folder
+# (model_repository-gpu, model_repository-gpu-onnx; not in git) so they never overwrite it
+REPOSITORY ?= $(if $(filter cpu,$(FLAVOUR)),model_repository,model_repository-$(FLAVOUR))
 
 # The gateway and Triton tests serve model_repository/: render its ONNX files when missing.
 .PHONY: repository

@@ -20,17 +20,27 @@ from export.repository import (
     MAX_QUEUE_DELAY_US,
     MAX_QUEUE_SIZE,
     QUEUE_TIMEOUT_US,
+    TRT_CACHE_DIR,
     BatchingSettings,
     RepositoryError,
     SettingsError,
+    default_repository,
     render_repository,
+    repository_is_current,
 )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="a glipv2-serve checkpoint (e.g. demo/tiny.pt)")
-    p.add_argument("--out", type=Path, default=Path("model_repository"), help="repository folder (replaced)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="repository folder (replaced; built model.plan files are kept); default model_repository "
+                        "for cpu, model_repository-<flavour> for the GPU flavours")
+    p.add_argument("--force", action="store_true", help="replace a repository of another flavour")
+    p.add_argument("--if-changed", action="store_true",
+                   help="do nothing when the repository already is what this command would render")
+    p.add_argument("--trt-cache-dir", default=TRT_CACHE_DIR,
+                   help="gpu-onnx: ONNX Runtime's TensorRT engine cache inside the Triton container (mount a volume)")
     p.add_argument("--flavour", choices=FLAVOURS, default="cpu",
                    help="cpu: python backend + ONNX Runtime; gpu: tensorrt_plan; gpu-onnx: onnxruntime + TensorRT fp16")
     p.add_argument("--top-k", type=int, default=100, help="anchors kept inside the detector graph")
@@ -54,19 +64,26 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"{msg}  ({time.perf_counter() - t0:.1f} s)" if msg.startswith("[") else msg, flush=True)
 
+    if args.out is None:
+        args.out = default_repository(args.flavour)
     if not args.checkpoint.is_file():
         print(f"error: checkpoint {args.checkpoint} does not exist (train one with `make demo-model`)",
               file=sys.stderr)
         return 2
+    settings = BatchingSettings(
+        preferred_batch_sizes=args.preferred_batch_sizes, max_queue_delay_us=args.max_queue_delay_us,
+        max_queue_size=args.max_queue_size, queue_timeout_us=args.queue_timeout_us,
+        instance_count=args.instances, cpu_threads=args.cpu_threads, trt_cache_dir=args.trt_cache_dir,
+    )
     try:
+        if args.if_changed and repository_is_current(args.checkpoint, args.out, args.flavour, args.top_k,
+                                                     args.max_batch_size, settings):
+            print(f"{args.out} is up to date ({args.flavour}, checkpoint {args.checkpoint}): nothing to do")
+            return 0
         out = render_repository(
             args.checkpoint, args.out, flavour=args.flavour, top_k=args.top_k,
-            max_batch_size=args.max_batch_size, log=log,
-            settings=BatchingSettings(
-                preferred_batch_sizes=args.preferred_batch_sizes, max_queue_delay_us=args.max_queue_delay_us,
-                max_queue_size=args.max_queue_size, queue_timeout_us=args.queue_timeout_us,
-                instance_count=args.instances, cpu_threads=args.cpu_threads,
-            ),
+            max_batch_size=args.max_batch_size, log=log, replace_flavour=args.force,
+            settings=settings,
         )
     except (CheckpointError, SettingsError) as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)

@@ -19,3 +19,9 @@ def model_file(root: str | os.PathLike, model: str, ext: str) -> Path:
     triton = root / model / "1" / f"model.{ext}"
     flat = root / f"{model}.{ext}"
     return flat if not triton.exists() and flat.exists() else triton
+
+
+def opt_batch(max_batch_size: int) -> int:
+    """The batch size TensorRT optimises for (a profile's opt shape): half the maximum.
+    One rule for the gpu flavour's plans and the gpu-onnx flavour's engines."""
+    return max(1, int(max_batch_size) // 2)

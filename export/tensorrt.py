@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from export.layout import DETECTOR, TEXT_ENCODER, model_file
+from export.layout import DETECTOR, TEXT_ENCODER, model_file, opt_batch as default_opt_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -113,7 +113,7 @@ def profile_shapes(
     max_tokens = _positive_int(manifest.get("max_tokens", cfg.get("max_tokens", DEFAULT_MAX_TOKENS)),
                                "manifest max_tokens")
     if opt_batch is None:
-        opt_batch = max(1, max_batch // 2)
+        opt_batch = default_opt_batch(max_batch)
     if opt_tokens is None:
         buckets = sorted(b for b in manifest.get("token_buckets") or () if isinstance(b, int) and 0 < b <= max_tokens)
         opt_tokens = buckets[len(buckets) // 2] if buckets else min(32, max_tokens)

@@ -16,7 +16,7 @@ import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export import build, onnx_export, trt_ops
+from export import build, graphs, onnx_export, trt_ops
 from export.repository import (
     FLAVOURS,
     FORMAT,
@@ -28,7 +28,11 @@ from export.repository import (
     build_manifest,
     model_signatures,
     render_config,
+    ENGINES_KEY,
+    TRT_CACHE_DIR,
+    default_repository,
     render_repository,
+    repository_is_current,
 )
 from glipv2.config import ModelConfig, get_preset
 from glipv2.text import DEFAULT_BUCKETS, default_tokenizer_path
@@ -105,6 +109,69 @@ def test_config_parses_with_tritons_schema(flavour, model, tiny_cfg):
         assert cfg.platform == "tensorrt_plan" and kind == "KIND_GPU"
         assert cfg.default_model_filename == "model.plan"
         assert not any(t.allow_ragged_batch for t in cfg.input)
+
+
+@pytest.fixture(scope="module")
+def demo_cfg() -> ModelConfig:
+    """The demo model's config: it has the VQA and caption heads (five graphs)."""
+    if not DEMO.is_file():
+        pytest.skip("demo/tiny.pt (the committed demo model) is missing; `make demo-model` writes it")
+    from glipv2.checkpoint import read_checkpoint
+
+    return ModelConfig.from_dict(read_checkpoint(DEMO)["model_config"])
+
+
+def _trt_parameters(cfg_text: str) -> dict[str, str]:
+    (acc,) = parse(cfg_text).optimization.execution_accelerators.gpu_execution_accelerator
+    return dict(acc.parameters)
+
+
+def test_gpu_onnx_engine_cache_is_one_level_with_a_prefix_per_model(demo_cfg):
+    """ONNX Runtime's TensorRT provider creates only the last level of trt_engine_cache_path:
+    the path must sit right below the root (compose mounts a volume there), and the models
+    share it through per-model prefixes."""
+    prefixes = set()
+    for model in graphs.graph_specs(demo_cfg, 100):
+        params = _trt_parameters(render_config(model, "gpu-onnx", demo_cfg))
+        assert params["trt_engine_cache_enable"] == "1"
+        assert params["trt_engine_cache_path"] == TRT_CACHE_DIR
+        assert Path(TRT_CACHE_DIR).is_absolute() and Path(TRT_CACHE_DIR).parent == Path("/")
+        assert not TRT_CACHE_DIR.startswith("/tmp")  # a mounted volume keeps engines across restarts
+        prefixes.add(params["trt_engine_cache_prefix"])
+    assert prefixes == set(graphs.graph_specs(demo_cfg, 100))
+    custom = render_config("detector", "gpu-onnx", demo_cfg, settings=BatchingSettings(trt_cache_dir="/engines"))
+    assert _trt_parameters(custom)["trt_engine_cache_path"] == "/engines"
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_preferred_batch_sizes_scale_with_the_beams(flavour, demo_cfg):
+    """caption_step runs every beam of every image: max batch 8 x 5 beams = 40, and its
+    preferred sizes are 20 and 40 (not 4 and 8, which the batcher would cut at)."""
+    for model, spec in graphs.graph_specs(demo_cfg, 100).items():
+        cfg = parse(render_config(model, flavour, demo_cfg, max_batch_size=8))
+        m = spec.batch_multiplier
+        assert cfg.max_batch_size == 8 * m
+        assert list(cfg.dynamic_batching.preferred_batch_size) == [4 * m, 8 * m]
+    step = parse(render_config("caption_step", flavour, demo_cfg, max_batch_size=8,
+                               settings=BatchingSettings(preferred_batch_sizes=[2, 8])))
+    assert list(step.dynamic_batching.preferred_batch_size) == [10, 40]
+
+
+def test_gpu_onnx_profiles_equal_the_plans_profiles(demo_cfg):
+    """The gpu-onnx engines and the gpu flavour's plans are built for the same (min, opt,
+    max) shapes: the profile export.tensorrt gives from the manifest."""
+    from export.tensorrt import profile_shapes
+    from glipv2.checkpoint import read_checkpoint
+
+    manifest = build_manifest(demo_cfg, DEMO, read_checkpoint(DEMO), "gpu-onnx", 100, 8)
+    for model in manifest["models"]:
+        params = _trt_parameters(render_config(model, "gpu-onnx", demo_cfg, 100, 8))
+        got = {}
+        for i, kind in enumerate(("min", "opt", "max")):
+            for item in params[f"trt_profile_{kind}_shapes"].split(","):
+                name, dims = item.split(":")
+                got.setdefault(name, [None, None, None])[i] = tuple(int(d) for d in dims.split("x"))
+        assert {k: tuple(v) for k, v in got.items()} == profile_shapes(manifest, model), model
 
 
 def test_a_misspelt_field_fails_to_parse(tiny_cfg):
@@ -235,7 +302,7 @@ def test_rerender_replaces_the_folder_and_keeps_readme(rendered, tmp_path, monke
     render_repository(DEMO, out, flavour="cpu")
     (out / "stale.txt").write_text("left over from an older render")
     (out / "README.md").write_text("hand-written\n")
-    render_repository(DEMO, out, flavour="gpu", max_batch_size=4)
+    render_repository(DEMO, out, flavour="gpu", max_batch_size=4, replace_flavour=True)
     assert not (out / "stale.txt").exists()
     assert (out / "README.md").read_text() == "hand-written\n"
     assert not (out / "detector" / "1" / "model.py").exists()  # gpu: no python backend
@@ -243,6 +310,61 @@ def test_rerender_replaces_the_folder_and_keeps_readme(rendered, tmp_path, monke
     assert parse((out / "detector" / "config.pbtxt").read_text()).max_batch_size == 4
     assert json.loads((out / "manifest.json").read_text())["flavour"] == "gpu"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_rerender_keeps_built_plans_and_their_record(rendered, tmp_path, monkeypatch):
+    """`make export` (or `make serve` falling through to it) must not delete the engines
+    a GPU host spent minutes building; the engine record travels with them."""
+    monkeypatch.setattr(onnx_export, "export_onnx", _fake_export(rendered))
+    out = tmp_path / "repo-gpu"
+    render_repository(DEMO, out, flavour="gpu")
+    (out / "detector" / "1" / "model.plan").write_bytes(b"engine bytes")
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = {"tensorrt_version": "10.5.0", "gpu": "NVIDIA A10G", "checkpoint_sha256": "x"}
+    (out / "manifest.json").write_text(json.dumps({**manifest, ENGINES_KEY: record}))
+    render_repository(DEMO, out, flavour="gpu")
+    assert (out / "detector" / "1" / "model.plan").read_bytes() == b"engine bytes"
+    assert not (out / "text_encoder" / "1" / "model.plan").exists()
+    assert json.loads((out / "manifest.json").read_text())[ENGINES_KEY] == record
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo-gpu"]
+
+
+def test_flavours_render_into_their_own_folders(rendered, tmp_path, monkeypatch, capsys):
+    """FLAVOUR=gpu must not overwrite the committed cpu configs: each flavour has its own
+    default folder, and a repository of another flavour is replaced only when asked."""
+    assert default_repository("cpu") == Path("model_repository")
+    assert default_repository("gpu") == Path("model_repository-gpu")
+    assert default_repository("gpu-onnx") == Path("model_repository-gpu-onnx")
+    assert "model_repository-*/" in (ROOT / ".gitignore").read_text().split()
+    monkeypatch.setattr(onnx_export, "export_onnx", _fake_export(rendered))
+    out = tmp_path / "repo"
+    render_repository(DEMO, out, flavour="cpu")
+    before = (out / "detector" / "config.pbtxt").read_text()
+    with pytest.raises(SettingsError, match="model_repository-gpu"):
+        render_repository(DEMO, out, flavour="gpu")
+    assert (out / "detector" / "config.pbtxt").read_text() == before
+    assert build.main(["--checkpoint", str(DEMO), "--out", str(out), "--flavour", "gpu-onnx"]) == 2
+    assert "--force" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # the default --out is relative to the working directory
+    assert build.main(["--checkpoint", str(DEMO), "--flavour", "gpu"]) == 0
+    assert json.loads((tmp_path / "model_repository-gpu" / "manifest.json").read_text())["flavour"] == "gpu"
+    assert (out / "detector" / "config.pbtxt").read_text() == before
+
+
+def test_if_changed_skips_a_current_repository(rendered, tmp_path, monkeypatch, capsys):
+    """compose's exporter runs on every `up`: it re-exports only when something changed."""
+    out = tmp_path / "repo"
+    shutil.copytree(rendered, out)
+    assert repository_is_current(DEMO, out, "cpu", 100, 8)
+    assert build.main(["--checkpoint", str(DEMO), "--out", str(out), "--if-changed"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert not repository_is_current(DEMO, out, "cpu", 100, 4)  # another max batch
+    assert not repository_is_current(DEMO, out, "cpu", 100, 8, BatchingSettings(max_queue_size=3))
+    (out / "vqa" / "1" / "model.onnx").unlink()
+    assert not repository_is_current(DEMO, out, "cpu", 100, 8)
+    monkeypatch.setattr(onnx_export, "export_onnx", _fake_export(rendered))
+    assert build.main(["--checkpoint", str(DEMO), "--out", str(out), "--if-changed"]) == 0
+    assert "wrote" in capsys.readouterr().out and (out / "vqa" / "1" / "model.onnx").is_file()
 
 
 def test_render_refuses_an_op_tensorrt_cannot_parse(rendered, tmp_path, monkeypatch):
