@@ -12,7 +12,7 @@ CHECKPOINT ?= demo/tiny.pt
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[train,export,serve,dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[train,export,serve,cpu,dev]"
 	@touch $@
 
 setup: $(STAMP)

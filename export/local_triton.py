@@ -72,6 +72,10 @@ _KEEP = (f"{SERVER_DIR}/bin/", f"{SERVER_DIR}/backends/", f"{SERVER_DIR}/caches/
 PYTHON_ENV = "python-env"
 ENV_MARKER = ".glipv2-env.json"
 
+# the ONNX Runtime version of the models' venv when set (docker/triton-cpu.Dockerfile sets it
+# from its ONNXRUNTIME_VERSION build argument, the gateway's version, so both run the same build)
+STUB_ONNXRUNTIME_ENV = "GLIPV2_STUB_ONNXRUNTIME"
+
 SHM_DEFAULT_BYTES = 32 * 1024 * 1024
 SHM_GROWTH_BYTES = 16 * 1024 * 1024
 
@@ -178,6 +182,9 @@ def stub_env_requirements() -> list[str]:
     """What the models' Python environment holds: numpy 1.x (the stub's ABI) and the
     onnxruntime version of the running environment (so served outputs equal this
     environment's ONNX Runtime bit for bit)."""
+    pinned = os.environ.get(STUB_ONNXRUNTIME_ENV, "").strip()
+    if pinned:  # the cpu-flavour Triton image: no onnxruntime in its own Python, pinned at build time
+        return ["numpy>=1.21,<2", f"onnxruntime=={pinned}"]
     try:
         from importlib.metadata import PackageNotFoundError, version as dist_version
 

@@ -13,36 +13,113 @@ from glipv2.postprocess import PostprocessConfig
 from glipv2.text import Tokenizer
 
 
-def session(path: Path, threads: int = 0, spinning: bool = True) -> ort.InferenceSession:
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+# Distributions that all install the same `onnxruntime` module: with two of them installed
+# the last one installed wins, file by file (pip does not stop it).
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+class DeviceError(RuntimeError):
+    """The device asked for is not what ONNX Runtime runs the model on (e.g. CUDA asked,
+    CUDA libraries missing, so ONNX Runtime fell back to the CPU)."""
+
+
+def installed_ort_distributions() -> list[str]:
+    """Which of the ONNX Runtime distributions are installed (pip metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            version(name)
+        except PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def _install_hint(distributions: list[str]) -> str:
+    if len(distributions) > 1:
+        return (f"{' and '.join(distributions)} are both installed and overwrite the same module; "
+                "keep one: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu "
+                "(the project's `gpu` extra; `cpu` is the other one, never both)")
+    return "install onnxruntime-gpu (the project's `gpu` extra instead of `cpu`) and the CUDA 12 libraries"
+
+
+def requested_providers(device: str, available: list[str]) -> list[str]:
+    """The providers to ask ONNX Runtime for: CPU only for "cpu"; CUDA first for "auto"
+    (when the build has it) and "cuda" (DeviceError when the build lacks it)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
+    if device == "cuda" and CUDA not in available:
+        raise DeviceError(f"device 'cuda' asked for, but this ONNX Runtime ({ort.__version__}) has no CUDA "
+                          f"provider (it has {', '.join(available)}): {_install_hint(installed_ort_distributions())}")
+    if device == "cpu":
+        return [CPU]
+    return [p for p in (CUDA, CPU) if p in available]
+
+
+def session_device(sess: ort.InferenceSession) -> str:
+    """What a session runs on: "cuda" when the CUDA provider is among the session's own
+    providers (not merely available: ONNX Runtime drops it, with only a warning, when the
+    CUDA libraries do not load), else "cpu"."""
+    return "cuda" if CUDA in sess.get_providers() else "cpu"
+
+
+def session(path: Path, threads: int = 0, spinning: bool = True, device: str = "auto") -> ort.InferenceSession:
     """spinning=False stops ORT's worker threads from spin-waiting after each run (its
     default): with two sessions on few cores, one session's spinning threads steal the
     other's cores (measured on 2 cores by the gateway: an uncached request 19.4 ms with
-    spinning, 10.7 ms without)."""
+    spinning, 10.7 ms without).
+
+    device: "auto" (CUDA when it works, else CPU), "cpu", or "cuda" (DeviceError unless the
+    session really runs on CUDA)."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    providers = requested_providers(device, ort.get_available_providers())
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    if device == "cuda" and session_device(sess) != "cuda":
+        raise DeviceError(f"{path}: device 'cuda' asked for, but ONNX Runtime runs it on "
+                          f"{', '.join(sess.get_providers())} (the CUDA provider did not load; its warning above "
+                          f"says which library is missing): {_install_hint(installed_ort_distributions())}")
+    return sess
 
 
 class OrtEngine:
     """text_encoder.onnx then detector.onnx: the Engine of glipv2.pipeline."""
 
-    def __init__(self, onnx_dir: Path, threads: int = 0, spinning: bool = True) -> None:
+    def __init__(self, onnx_dir: Path, threads: int = 0, spinning: bool = True, device: str = "auto") -> None:
         """onnx_dir: an export folder (<model>.onnx) or a Triton repository (<model>/1/model.onnx).
-        The VQA and caption graphs are loaded when present (None otherwise)."""
-        self.text = session(model_file(onnx_dir, TEXT_ENCODER, "onnx"), threads, spinning)
-        self.detector = session(model_file(onnx_dir, DETECTOR, "onnx"), threads, spinning)
+        The VQA and caption graphs are loaded when present (None otherwise). device: see session()."""
+        self.text = session(model_file(onnx_dir, TEXT_ENCODER, "onnx"), threads, spinning, device)
+        self.detector = session(model_file(onnx_dir, DETECTOR, "onnx"), threads, spinning, device)
 
         def optional(name: str) -> ort.InferenceSession | None:
             path = model_file(onnx_dir, name, "onnx")
-            return session(path, threads, spinning) if path.is_file() else None
+            return session(path, threads, spinning, device) if path.is_file() else None
 
         self.vqa_session = optional(VQA)
         start, step = optional(CAPTION_START), optional(CAPTION_STEP)
         self.captioner = OrtCaptionEngine(start, step) if start and step else None
+
+    def sessions(self) -> list[ort.InferenceSession]:
+        return [s for s in (self.text, self.detector, self.vqa_session,
+                            *((self.captioner.start_session, self.captioner.step_session) if self.captioner else ()))
+                if s is not None]
+
+    @property
+    def device(self) -> str:
+        """"cuda" only when every session runs on CUDA (what the sessions report)."""
+        return "cuda" if all(session_device(s) == "cuda" for s in self.sessions()) else "cpu"
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.text.get_providers())
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.text.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from export.layout import DETECTOR, TEXT_ENCODER, model_file, opt_batch as default_opt_batch
+from export.layout import CAPTION_START, CAPTION_STEP, DETECTOR, TEXT_ENCODER, VQA, model_file
+from export.layout import opt_batch as default_opt_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -46,7 +47,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MODELS_DETECTION = (TEXT_ENCODER, DETECTOR)
 DEFAULT_MAX_TOKENS = 256
-CONTAINER = "nvcr.io/nvidia/tensorrt:24.10-py3"  # TensorRT 10.5; same YY.MM as tritonserver:24.10 (Triton 2.51)
+# A plan loads only into the TensorRT version that built it: the builder must run the
+# TensorRT of the Triton release that serves the plans. NGC release -> TensorRT major.minor
+# of its tritonserver and tensorrt images (NVIDIA's frameworks support matrix).
+TRITON_TAG = "24.10"  # Triton 2.51, the one pytriton 0.7.0 embeds (export/local_triton.py)
+TENSORRT_FOR_TRITON = {"24.08": "10.3", "24.09": "10.4", "24.10": "10.5", "24.11": "10.6", "24.12": "10.7"}
+TRITON_TAG_ENV = "GLIPV2_TRITON_TAG"  # compose passes its TRITON_TAG here
+CONTAINER = f"nvcr.io/nvidia/tensorrt:{TRITON_TAG}-py3"  # TensorRT 10.5; same YY.MM as tritonserver:24.10
+ENGINES_KEY = "engines"  # the manifest's record of the built plans (export.repository keeps it on re-render)
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_ENVIRONMENT = 0, 1, 2, 3
 
 Shape = tuple[int, ...]
@@ -150,28 +158,48 @@ def profile_shapes(
 # Environment checks
 
 
-def check_tensorrt_version(version: str) -> None:
-    """TensorRT 10.x only: 11 removed BuilderFlag.FP16 (networks are always strongly
-    typed there); < 10 has a different API (implicit batch, bindings)."""
+def required_tensorrt(triton_tag: str = TRITON_TAG) -> str:
+    """TensorRT major.minor whose plans the tritonserver:<triton_tag>-py3 image loads."""
     try:
-        major = int(str(version).split(".")[0])
+        return TENSORRT_FOR_TRITON[triton_tag]
+    except KeyError:
+        raise ValueError(f"unknown Triton release {triton_tag!r}; known: {', '.join(TENSORRT_FOR_TRITON)}") from None
+
+
+def tensorrt_pip_pin(triton_tag: str = TRITON_TAG) -> str:
+    """The pip requirement of the TensorRT that matches the Triton release (never just the newest 10.x)."""
+    return f"tensorrt-cu12=={required_tensorrt(triton_tag)}.*"
+
+
+def check_tensorrt_version(version: str, triton_tag: str | None = TRITON_TAG) -> None:
+    """TensorRT 10.x only (11 removed BuilderFlag.FP16; < 10 has a different API), and,
+    unless triton_tag is None, the major.minor that the serving Triton release runs: its
+    plans do not load anywhere else."""
+    parts = str(version).split(".")
+    try:
+        major = int(parts[0])
     except ValueError:
         raise TensorRTUnavailable(f"cannot read the tensorrt version {version!r}") from None
+    tag = triton_tag or TRITON_TAG
+    fix = f"pip install '{tensorrt_pip_pin(tag)}', or use the container nvcr.io/nvidia/tensorrt:{tag}-py3"
     if major != 10:
+        raise TensorRTUnavailable(f"tensorrt {version} is installed but this script needs TensorRT 10.x ({fix})")
+    if triton_tag is not None and ".".join(parts[:2]) != required_tensorrt(triton_tag):
         raise TensorRTUnavailable(
-            f"tensorrt {version} is installed but this script needs TensorRT 10.x "
-            "(pip install 'tensorrt-cu12>=10,<11', or use the container " + CONTAINER + ")"
-        )
+            f"tensorrt {version} is installed but Triton {triton_tag} (tritonserver:{triton_tag}-py3) loads only "
+            f"plans built by TensorRT {required_tensorrt(triton_tag)}: {fix} "
+            "(or pass --triton-tag for the Triton release you serve with)")
 
 
-def import_tensorrt():
+def import_tensorrt(triton_tag: str | None = TRITON_TAG):
+    """The tensorrt module, checked against the Triton release (None: only the 10.x check)."""
     try:
         import tensorrt as trt
     except ImportError:
         raise TensorRTUnavailable("the tensorrt Python package is not installed") from None
     except OSError as exc:  # the package is there but its libraries do not load
         raise TensorRTUnavailable(f"the tensorrt package does not load ({exc})") from None
-    check_tensorrt_version(getattr(trt, "__version__", "unknown"))
+    check_tensorrt_version(getattr(trt, "__version__", "unknown"), triton_tag)
     return trt
 
 
@@ -187,11 +215,26 @@ def cuda_device_count() -> int:
     return int(count.value)
 
 
-def environment_problems() -> list[str]:
+def cuda_device_name(device: int = 0) -> str | None:
+    """The GPU's name as the driver reports it ("NVIDIA A10G"); None without a driver."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    dev = ctypes.c_int(0)
+    name = ctypes.create_string_buffer(256)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGet(ctypes.byref(dev), device) != 0:
+        return None
+    if lib.cuDeviceGetName(name, len(name), dev) != 0:
+        return None
+    return name.value.decode(errors="replace")
+
+
+def environment_problems(triton_tag: str = TRITON_TAG) -> list[str]:
     """What this machine lacks to build and run engines; empty when it can."""
     problems = []
     try:
-        import_tensorrt()
+        import_tensorrt(triton_tag)
     except TensorRTUnavailable as exc:
         problems.append(str(exc))
     if cuda_device_count() == 0:
@@ -294,6 +337,7 @@ def build_engine(
     fp16: bool = True,
     workspace_gib: float = 4,
     timing_cache: str | os.PathLike | None = None,
+    triton_tag: str | None = TRITON_TAG,
 ) -> BuildReport:
     """ONNX file -> serialized TensorRT engine at plan_path (GPU only, tensorrt 10.x).
 
@@ -301,8 +345,9 @@ def build_engine(
     included; every network input must be given). fp16 sets BuilderFlag.FP16 when the
     GPU has fast fp16. The timing cache is loaded from `timing_cache` when that file
     exists (a cache from another GPU/TensorRT is dropped, not fatal) and saved back.
+    triton_tag: the Triton release that will serve the plan; its TensorRT is required.
     """
-    trt = import_tensorrt()
+    trt = import_tensorrt(triton_tag)
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {onnx_path}")
@@ -462,7 +507,7 @@ class TrtModel:
     def __init__(self, plan_path: str | os.PathLike, cuda: _Cuda) -> None:
         import numpy as np
 
-        trt = import_tensorrt()
+        trt = import_tensorrt(None)
         self.cuda = cuda
         cuda.make_current()
         self.logger = _make_logger(trt)
@@ -519,12 +564,18 @@ class TrtModel:
 
 
 class TrtEngine:
-    """text_encoder.plan then detector.plan: the Engine of glipv2.pipeline. GPU only."""
+    """text_encoder.plan then detector.plan: the Engine of glipv2.pipeline; with the vqa
+    plan also the VqaEngine (answer), with the caption plans a CaptionEngine (captioner).
+    GPU only."""
 
-    def __init__(self, text_plan: str | os.PathLike, detector_plan: str | os.PathLike, device: int = 0) -> None:
+    def __init__(self, text_plan: str | os.PathLike, detector_plan: str | os.PathLike, device: int = 0,
+                 vqa_plan: str | os.PathLike | None = None,
+                 caption_plans: tuple[str | os.PathLike, str | os.PathLike] | None = None) -> None:
         self.cuda = _Cuda(device)
         self.text = TrtModel(text_plan, self.cuda)
         self.detector = TrtModel(detector_plan, self.cuda)
+        self.vqa_model = TrtModel(vqa_plan, self.cuda) if vqa_plan else None
+        self.captioner = _TrtCaptioner(*(TrtModel(p, self.cuda) for p in caption_plans)) if caption_plans else None
 
     def encode_text(self, input_ids, attention_mask):
         return self.text.run(input_ids=input_ids, attention_mask=attention_mask)["token_features"]
@@ -536,9 +587,34 @@ class TrtEngine:
     def __call__(self, images, input_ids, attention_mask):
         return self.detect(images, self.encode_text(input_ids, attention_mask), attention_mask)
 
+    def answer(self, images, input_ids, attention_mask):
+        """Question ids -> answer logits (glipv2.understanding's VqaEngine)."""
+        features = self.encode_text(input_ids, attention_mask)
+        return self.vqa_model.run(images=images, token_features=features,
+                                  attention_mask=attention_mask)["answer_logits"]
+
     def close(self) -> None:
-        self.text = self.detector = None  # engines and contexts go before the CUDA context
+        # engines and contexts go before the CUDA context
+        self.text = self.detector = self.vqa_model = self.captioner = None
         self.cuda.close()
+
+
+class _TrtCaptioner:
+    """caption_start.plan / caption_step.plan as glipv2.captioning's CaptionEngine."""
+
+    def __init__(self, start: TrtModel, step: TrtModel) -> None:
+        self.start_model, self.step_model = start, step
+
+    def start(self, images):
+        out = self.start_model.run(images=images)
+        return tuple(out[k] for k in ("logprobs", "present_k", "present_v", "cross_k", "cross_v"))
+
+    def step(self, tokens, past_k, past_v, cross_k, cross_v):
+        import numpy as np
+
+        out = self.step_model.run(tokens=np.asarray(tokens, dtype=np.int64).reshape(-1, 1), past_k=past_k,
+                                  past_v=past_v, cross_k=cross_k, cross_v=cross_v)
+        return tuple(out[k] for k in ("logprobs", "present_k", "present_v"))
 
 
 # ----------------------------------------------------------------------------------
@@ -608,17 +684,93 @@ class ParityReport:
     max_score_diff: float
     min_iou: float
     feature_max_abs_diff: float | None = None  # text encoder, on real (unmasked) tokens
+    understanding: "UnderstandingParity | None" = None  # vqa / caption plans, when the model has them
 
     @property
     def ok(self) -> bool:
-        return self.missing == 0 and self.extra == 0
+        return self.missing == 0 and self.extra == 0 and (self.understanding is None or self.understanding.ok)
 
     def summary(self) -> str:
         feat = "" if self.feature_max_abs_diff is None else f", token features max |diff| {self.feature_max_abs_diff:.2e}"
+        more = "" if self.understanding is None else f"; {self.understanding.summary()}"
         return (f"{'OK' if self.ok else 'FAILED'}: {self.images} images, detections (score >= min) "
                 f"reference {self.reference_detections} / engine {self.candidate_detections}, matched {self.matched}, "
                 f"missing {self.missing}, extra {self.extra}, max score diff {self.max_score_diff:.4f}, "
-                f"min IoU {self.min_iou:.3f}{feat}")
+                f"min IoU {self.min_iou:.3f}{feat}{more}")
+
+
+@dataclass
+class UnderstandingParity:
+    """Answers and captions of an engine against the reference's (fp16 tolerances)."""
+
+    answers: int = 0
+    answer_mismatches: list[str] = field(default_factory=list)
+    max_answer_score_diff: float = 0.0
+    captions: int = 0
+    caption_mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.answer_mismatches and not self.caption_mismatches
+
+    def summary(self) -> str:
+        return (f"answers {self.answers} ({len(self.answer_mismatches)} mismatched, max score diff "
+                f"{self.max_answer_score_diff:.4f}), captions {self.captions} ({len(self.caption_mismatches)} "
+                "mismatched)" + "".join(f"\n    {m}" for m in (self.answer_mismatches + self.caption_mismatches)[:8]))
+
+
+QUESTIONS = ("what color is the star?", "how many circles are there?", "is there a red square?",
+             "what shape is left of the blue circle?", "what color is the largest object?")
+
+
+def understanding_parity(
+    reference,
+    candidate,
+    manifest: Mapping[str, Any],
+    images: Sequence["np.ndarray"],
+    *,
+    tokenizer=None,
+    questions: Sequence[str] = QUESTIONS,
+    beam_sizes: Sequence[int] = (1, 3),
+    score_atol: float = 0.03,
+) -> UnderstandingParity:
+    """The same questions and captions through two engines (glipv2.understanding's VqaEngine
+    `answer` and a CaptionEngine `captioner`), compared after decoding.
+
+    An answer matches when the top answer is the same and its score is within score_atol,
+    or, where the reference's top two answers are within score_atol of each other (a tie
+    under fp16), when the candidate's answer is one of those two. Captions must be the
+    same text (greedy and beam search)."""
+    from glipv2.understanding import CaptionPipeline, VqaPipeline
+
+    report = UnderstandingParity()
+    hw = _image_hw(manifest)
+    answers = manifest.get("answer_vocabulary") or []
+    if answers and getattr(candidate, "answer", None) is not None:
+        pipes = [VqaPipeline(e.answer, hw, answers, tokenizer) for e in (reference, candidate)]
+        for q in questions:
+            ref, got = (p.answer(list(images), [q] * len(images), top_k=2) for p in pipes)
+            for i, (a, b) in enumerate(zip(ref, got)):
+                report.answers += 1
+                tie = len(a.top) > 1 and a.top[0][1] - a.top[1][1] <= score_atol
+                allowed = {t[0] for t in a.top[:2]} if tie else {a.answer}
+                diff = abs(a.score - b.score) if a.answer == b.answer else float("inf")
+                if a.answer == b.answer:
+                    report.max_answer_score_diff = max(report.max_answer_score_diff, diff)
+                if b.answer not in allowed or (a.answer == b.answer and diff > score_atol):
+                    report.answer_mismatches.append(f"image {i}, {q!r}: {a.answer} ({a.score:.4f}) vs "
+                                                    f"{b.answer} ({b.score:.4f})")
+    caption = manifest.get("caption")
+    if caption and getattr(candidate, "captioner", None) is not None:
+        pipes = [CaptionPipeline(e.captioner, hw, caption["tokens"], int(caption["max_len"]) + 1, caption["end_id"],
+                                 tokenizer) for e in (reference, candidate)]
+        for beam in beam_sizes:
+            ref, got = (p.caption(list(images), beam) for p in pipes)
+            for i, (a, b) in enumerate(zip(ref, got)):
+                report.captions += 1
+                if a.text != b.text:
+                    report.caption_mismatches.append(f"image {i}, beam {beam}: {a.text!r} vs {b.text!r}")
+    return report
 
 
 def sample_inputs(n: int = 4, seed: int = 0) -> tuple[list["np.ndarray"], list]:
@@ -739,17 +891,66 @@ def verify_engine(
         tokenizer = Tokenizer(path, max_tokens=int(manifest.get("max_tokens", DEFAULT_MAX_TOKENS)))
     reference = _reference_engine(onnx_dir)
     images, prompts = sample_inputs(num_images, seed)
-    candidate = TrtEngine(plans["text_encoder"], plans["detector"])
+    extra = {}
+    if not isinstance(plan, Mapping):  # the vqa and caption plans, when the model has those heads
+        vqa_plan = model_file(plan, VQA, "plan")
+        start_plan, step_plan = model_file(plan, CAPTION_START, "plan"), model_file(plan, CAPTION_STEP, "plan")
+        extra = {"vqa_plan": vqa_plan if vqa_plan.is_file() else None,
+                 "caption_plans": (start_plan, step_plan) if start_plan.is_file() and step_plan.is_file() else None}
+    candidate = TrtEngine(plans["text_encoder"], plans["detector"], **extra)
     try:
-        return parity(reference, candidate, _image_hw(manifest), images, prompts,
-                      batch_size=int(manifest.get("max_batch_size", 1)), tokenizer=tokenizer,
-                      min_score=min_score, score_atol=score_atol, min_iou=min_iou)
+        report = parity(reference, candidate, _image_hw(manifest), images, prompts,
+                        batch_size=int(manifest.get("max_batch_size", 1)), tokenizer=tokenizer,
+                        min_score=min_score, score_atol=score_atol, min_iou=min_iou)
+        if candidate.vqa_model is not None or candidate.captioner is not None:
+            report.understanding = understanding_parity(
+                reference, _Parts(candidate), manifest, images, tokenizer=tokenizer, score_atol=score_atol)
+        return report
     finally:
         candidate.close()
 
 
+class _Parts:
+    """A TrtEngine seen only through the heads it has plans for (answer / captioner or None)."""
+
+    def __init__(self, engine: TrtEngine) -> None:
+        self.answer = engine.answer if engine.vqa_model is not None else None
+        self.captioner = engine.captioner
+
+
 # ----------------------------------------------------------------------------------
 # CLI
+
+
+def engine_record(manifest: Mapping[str, Any], tensorrt_version: str, gpu: str, precision: str,
+                  triton_tag: str) -> dict[str, Any]:
+    """What the plans of a repository were built from and for: the manifest's "engines"
+    entry. Plans are current while this equals what a build now would record."""
+    import hashlib
+
+    shapes = {k: manifest.get(k) for k in ("models", "token_buckets", "max_tokens", "image", "max_batch_size")}
+    return {
+        "tensorrt_version": str(tensorrt_version),
+        "triton_tag": triton_tag,
+        "gpu": gpu,
+        "precision": precision,
+        "checkpoint_sha256": (manifest.get("checkpoint") or {}).get("sha256"),
+        "signatures_sha256": hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def plans_are_current(repository: str | os.PathLike, manifest: Mapping[str, Any], record: Mapping[str, Any]) -> bool:
+    """Every model's plan exists and the manifest says it was built by this TensorRT, on
+    this GPU model, from this checkpoint and these signatures, at this precision."""
+    if manifest.get(ENGINES_KEY) != dict(record):
+        return False
+    return all((Path(repository) / m / "1" / "model.plan").is_file() for m in manifest.get("models") or {})
+
+
+def write_engine_record(manifest_path: Path, record: Mapping[str, Any]) -> None:
+    manifest = json.loads(Path(manifest_path).read_text())
+    manifest[ENGINES_KEY] = dict(record)
+    _atomic_write(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def _container_hint(repository: str, verify: bool = True) -> str:
@@ -760,7 +961,7 @@ def _container_hint(repository: str, verify: bool = True) -> str:
             repo = repo.relative_to(Path.cwd())
         except ValueError:
             pass  # outside the project folder: the user has to mount it
-    run = f"python -m export.tensorrt --repository {repo}"
+    run = f"python3 -m export.tensorrt --repository {repo}"
     if verify:  # the container has tensorrt but not the parity check's packages
         run = f"sh -c 'pip install -q numpy pillow tokenizers onnxruntime && {run}'"
     return f"docker run --gpus all -v $PWD:/w -w /w {CONTAINER} {run}"
@@ -781,6 +982,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timing-cache", default=".cache/trt_timing.cache", help="timing cache file ('' for none)")
     ap.add_argument("--no-verify", action="store_true", help="skip the parity check against ONNX Runtime")
     ap.add_argument("--parity-images", type=int, default=4, help="images for the parity check")
+    ap.add_argument("--triton-tag", default=os.environ.get(TRITON_TAG_ENV) or TRITON_TAG,
+                    choices=sorted(TENSORRT_FOR_TRITON),
+                    help=f"the NGC release of the serving tritonserver image; its TensorRT is required "
+                         f"(default ${TRITON_TAG_ENV} or {TRITON_TAG})")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="build even when the manifest says the plans match this GPU, TensorRT and checkpoint")
     args = ap.parse_args(argv)
 
     repo = Path(args.repository)
@@ -802,7 +1009,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     verify = not args.no_verify and all(m in models for m in MODELS_DETECTION)
     tokenizer_path = manifest_tokenizer(repo, manifest)
-    problems = environment_problems()
+    problems = environment_problems(args.triton_tag)
     if problems:
         return _fail(EXIT_ENVIRONMENT, "cannot build TensorRT engines here: " + "; ".join(problems)
                      + ". Run it on the GPU host in NVIDIA's TensorRT container (README: TensorRT engines): "
@@ -815,20 +1022,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {manifest_path} is the {manifest.get('flavour')!r} flavour; Triton serves model.plan only "
               "from the 'gpu' flavour's tensorrt_plan configs")
     cache = args.timing_cache or None
-    for model, onnx_path, plan_path, shapes in jobs:
-        try:
-            r = build_engine(onnx_path, plan_path, shapes, fp16=not args.fp32, workspace_gib=args.workspace_gib,
-                             timing_cache=cache)
-        except (OnnxParseError, EngineBuildError) as exc:
-            return _fail(EXIT_FAILED, f"{model}: {exc}")
-        except TensorRTUnavailable as exc:
-            return _fail(EXIT_ENVIRONMENT, f"{model}: {exc}")
-        profile = ", ".join(f"{k} {list(v[0])}..{list(v[2])}" for k, v in r.shapes.items())
-        print(f"{model}: {r.plan_path} {r.precision} {r.plan_bytes / 2**20:.1f} MiB built in {r.seconds:.1f} s "
-              f"(TensorRT {r.tensorrt_version}; timing cache {'reused' if r.timing_cache_loaded else 'new'}; "
-              f"profile {profile})")
-        for note in r.notes:
-            print(f"  note: {note}")
+    trt_version = str(import_tensorrt(args.triton_tag).__version__)
+    gpu = cuda_device_name() or "unknown GPU"
+    record = engine_record(manifest, trt_version, gpu, "fp32" if args.fp32 else "fp16", args.triton_tag)
+    if not args.rebuild and plans_are_current(repo, manifest, record):
+        print(f"plans are current (TensorRT {trt_version}, {gpu}, checkpoint "
+              f"{str(record['checkpoint_sha256'])[:12]}): nothing to build (--rebuild to force)")
+    else:
+        for model, onnx_path, plan_path, shapes in jobs:
+            try:
+                r = build_engine(onnx_path, plan_path, shapes, fp16=not args.fp32, workspace_gib=args.workspace_gib,
+                                 timing_cache=cache, triton_tag=args.triton_tag)
+            except (OnnxParseError, EngineBuildError) as exc:
+                return _fail(EXIT_FAILED, f"{model}: {exc}")
+            except TensorRTUnavailable as exc:
+                return _fail(EXIT_ENVIRONMENT, f"{model}: {exc}")
+            profile = ", ".join(f"{k} {list(v[0])}..{list(v[2])}" for k, v in r.shapes.items())
+            print(f"{model}: {r.plan_path} {r.precision} {r.plan_bytes / 2**20:.1f} MiB built in {r.seconds:.1f} s "
+                  f"(TensorRT {r.tensorrt_version}; timing cache {'reused' if r.timing_cache_loaded else 'new'}; "
+                  f"profile {profile})")
+            for note in r.notes:
+                print(f"  note: {note}")
+        # recorded after every plan is written: an interrupted build is never taken as current
+        write_engine_record(manifest_path, record)
+        print(f"recorded in {manifest_path}: TensorRT {trt_version} (Triton {args.triton_tag}), {gpu}")
     if not verify:
         print("parity check skipped" + (" (--no-verify)" if args.no_verify else
                                          f" (needs both {' and '.join(MODELS_DETECTION)})"))

@@ -60,8 +60,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         for b in batchers.values():
             await b.start()
         app.state.backend, app.state.batcher, app.state.batchers = be, batchers["detect"], batchers
-        log.info("serving %s (%s backend, tasks: %s) from %s", be.manifest.get("preset"), be.name,
-                 ", ".join(be.tasks), settings.repository)
+        log.info("serving %s (%s backend on %s, tasks: %s) from %s", be.manifest.get("preset"), be.name,
+                 getattr(be, "device", "cpu"), ", ".join(be.tasks), settings.repository)
         try:
             yield
         finally:

@@ -225,6 +225,9 @@ class ModelsResponse(BaseModel):
     preset: str
     checkpoint: dict
     backend: str
+    device: str = Field(description="where the models run: 'cpu' or 'cuda' (embedded: what ONNX Runtime's "
+                                    "sessions report; triton: the repository flavour's instance kind)")
+    providers: list[str] | None = Field(None, description="embedded backend: ONNX Runtime's execution providers")
     image_hw: list[int]
     max_tokens: int
     token_buckets: list[int]

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     triton_url: str = Field("localhost:8001", description="Triton's gRPC endpoint (host:port)")
     triton_http_url: str | None = Field(
         None, description="Triton's HTTP endpoint (host:port), used when gRPC does not answer; unset = gRPC only")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="embedded backend: where ONNX Runtime runs the models; 'cuda' refuses to start "
+        "unless the sessions really run on CUDA, 'auto' takes CUDA when it works and says which at start-up")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = its default)")
     ort_spinning: bool = Field(False, description="let the detector's ORT threads spin-wait between runs")
 

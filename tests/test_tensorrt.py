@@ -149,10 +149,77 @@ def test_profile_shapes_reject_bad_manifests(change, match):
 
 def test_tensorrt_version_must_be_10():
     ets.check_tensorrt_version("10.5.0")
-    ets.check_tensorrt_version("10.16.1.11")
+    ets.check_tensorrt_version("10.16.1.11", triton_tag=None)  # the runner: any 10.x
     for version in ("11.4.0.106", "8.6.1"):
         with pytest.raises(ets.TensorRTUnavailable, match="10.x"):
             ets.check_tensorrt_version(version)
+
+
+def test_tensorrt_version_must_match_the_triton_release():
+    """Plans load only into the TensorRT that built them: tritonserver:24.10 runs 10.5, so
+    the newest 10.x (what an unpinned pip install brings) is refused, with the pinned fix."""
+    ets.check_tensorrt_version("10.5.0.18")
+    for version in ("10.16.1.11", "10.4.0", "10.50.1"):
+        with pytest.raises(ets.TensorRTUnavailable, match="loads only plans built by TensorRT 10.5") as err:
+            ets.check_tensorrt_version(version)
+        assert "tensorrt-cu12==10.5.*" in str(err.value) and "tensorrt:24.10-py3" in str(err.value)
+    ets.check_tensorrt_version("10.7.0", triton_tag="24.12")
+    with pytest.raises(ValueError, match="unknown Triton release"):
+        ets.check_tensorrt_version("10.5.0", triton_tag="23.01")
+    assert ets.CONTAINER == f"nvcr.io/nvidia/tensorrt:{ets.TRITON_TAG}-py3"
+    assert ets.tensorrt_pip_pin() == "tensorrt-cu12==10.5.*"
+    # the hint for this CPU machine names the pinned container and python3
+    hint = ets._container_hint("model_repository-gpu")
+    assert ets.CONTAINER in hint and "python3 -m export.tensorrt" in hint and "python -m" not in hint
+
+
+def test_tensorrt_of_another_release_is_refused_by_the_cli(fake_trt, tmp_path, monkeypatch, capsys):
+    repo = fake_repository(tmp_path / "repo")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.16.1.11"))
+    monkeypatch.setattr(ets, "cuda_device_count", lambda: 1)
+    assert ets.main(["--repository", str(repo), "--no-verify"]) == ets.EXIT_ENVIRONMENT
+    assert "TensorRT 10.5" in capsys.readouterr().err
+    assert not (repo / "detector" / "1" / "model.plan").exists()
+    monkeypatch.setenv(ets.TRITON_TAG_ENV, "24.12")  # compose passes its TRITON_TAG
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.7.0"))
+    assert ets.main(["--repository", str(repo), "--no-verify", "--timing-cache", ""]) == 0
+    record = json.loads((repo / "manifest.json").read_text())["engines"]
+    assert record["tensorrt_version"] == "10.7.0" and record["triton_tag"] == "24.12"
+
+
+def test_engine_record_and_skip(fake_trt, tmp_path, monkeypatch, capsys):
+    """The builder writes TensorRT version, GPU and checkpoint into the manifest and skips
+    the build while they still match; a new checkpoint, GPU or TensorRT rebuilds."""
+    repo = fake_repository(tmp_path / "repo")
+    monkeypatch.setattr(ets, "environment_problems", lambda tag=None: [])
+    monkeypatch.setattr(ets, "cuda_device_name", lambda device=0: "NVIDIA A10G")
+    args = ["--repository", str(repo), "--no-verify", "--timing-cache", ""]
+    assert ets.main(args) == 0
+    out = capsys.readouterr().out
+    assert "built in" in out and "NVIDIA A10G" in out
+    manifest = json.loads((repo / "manifest.json").read_text())
+    record = manifest["engines"]
+    assert record == ets.engine_record(manifest, "10.5.0", "NVIDIA A10G", "fp16", "24.10")
+    assert record["gpu"] == "NVIDIA A10G" and record["tensorrt_version"] == "10.5.0"
+    assert ets.plans_are_current(repo, manifest, record)
+
+    plan = repo / "detector" / "1" / "model.plan"
+    built = plan.stat().st_mtime_ns
+    assert ets.main(args) == 0
+    assert "nothing to build" in capsys.readouterr().out and plan.stat().st_mtime_ns == built
+    monkeypatch.setattr(ets, "cuda_device_name", lambda device=0: "NVIDIA L4")  # another GPU model
+    assert ets.main(args) == 0
+    assert "built in" in capsys.readouterr().out
+    assert json.loads((repo / "manifest.json").read_text())["engines"]["gpu"] == "NVIDIA L4"
+    manifest = json.loads((repo / "manifest.json").read_text())
+    manifest["checkpoint"]["sha256"] = "another checkpoint"
+    (repo / "manifest.json").write_text(json.dumps(manifest))
+    assert ets.main(args) == 0
+    assert "built in" in capsys.readouterr().out
+    assert ets.main([*args, "--rebuild"]) == 0
+    assert "built in" in capsys.readouterr().out
+    plan.unlink()  # a plan gone missing
+    assert not ets.plans_are_current(repo, json.loads((repo / "manifest.json").read_text()), record)
 
 
 def test_atomic_write(tmp_path):
@@ -200,7 +267,7 @@ def test_cli_without_tensorrt_or_gpu_exits_3_with_one_line(tmp_path):
     line = lines[0]
     assert "tensorrt" in line.lower()
     assert "docker run --gpus all -v $PWD:/w -w /w nvcr.io/nvidia/tensorrt:24.10-py3" in line
-    assert f"python -m export.tensorrt --repository {repo}" in line
+    assert f"python3 -m export.tensorrt --repository {repo}" in line
     assert "pip install" in line  # the container lacks the parity check's packages
     assert not (repo / "text_encoder" / "1" / "model.plan").exists()
 
@@ -209,7 +276,7 @@ def test_container_hint_uses_a_path_inside_the_project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     hint = ets._container_hint(str(tmp_path / "model_repository"), verify=False)
     assert hint == ("docker run --gpus all -v $PWD:/w -w /w nvcr.io/nvidia/tensorrt:24.10-py3 "
-                    "python -m export.tensorrt --repository model_repository")
+                    "python3 -m export.tensorrt --repository model_repository")
 
 
 def test_manifest_tokenizer(tmp_path):
@@ -615,7 +682,7 @@ def test_runner_and_cli_glue_with_fakes(fake_trt, tmp_path, monkeypatch, capsys,
         def encode_text(self, ids, mask):
             return np.repeat(ids[..., None].astype(np.float32), FAKE_DIM, -1)
 
-    monkeypatch.setattr(ets, "environment_problems", lambda: [])
+    monkeypatch.setattr(ets, "environment_problems", lambda tag=None: [])
     monkeypatch.setattr(ets, "_reference_engine", lambda onnx_dir: Reference())
     (repo / "tokenizer.json").write_bytes(tokenizer.path.read_bytes())
     assert ets.main(["--repository", str(repo), "--timing-cache", str(tmp_path / "t.cache")]) == 0
@@ -631,5 +698,6 @@ def test_runner_and_cli_glue_with_fakes(fake_trt, tmp_path, monkeypatch, capsys,
             super().__init__(drop_second=True)
 
     monkeypatch.setattr(ets, "_reference_engine", lambda onnx_dir: Different())
-    assert ets.main(["--repository", str(repo), "--timing-cache", ""]) == 1
-    assert "parity vs ONNX Runtime: FAILED" in capsys.readouterr().out
+    assert ets.main(["--repository", str(repo), "--timing-cache", ""]) == 1  # plans current: parity runs anyway
+    out = capsys.readouterr().out
+    assert "nothing to build" in out and "parity vs ONNX Runtime: FAILED" in out

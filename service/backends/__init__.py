@@ -15,7 +15,7 @@ def create_backend(settings: Settings) -> Backend:
 
         return EmbeddedBackend(settings.repository, cache_size=settings.prompt_cache_size,
                               cache_bytes=settings.prompt_cache_mb * 1024 * 1024, threads=settings.threads,
-                              spinning=settings.ort_spinning)
+                              spinning=settings.ort_spinning, device=settings.device)
     if settings.backend == "triton":
         from service.backends.triton import TritonBackend
 

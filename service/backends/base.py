@@ -73,6 +73,8 @@ class Backend(Protocol):
     name: str
     manifest: dict
     image_hw: tuple[int, int]
+    device: str  # where the models run: "cpu" or "cuda"
+    providers: list[str] | None  # ONNX Runtime's providers of the embedded backend's sessions
 
     def tokenize(self, prompt: str | list[str] | Prompt) -> TokenizedPrompt: ...
 
@@ -141,6 +143,8 @@ class EngineBackend:
     _caption_start and _caption_step."""
 
     name = "engine"
+    device = "cpu"
+    providers: list[str] | None = None
 
     def __init__(self, repository: Path, cache_size: int = 1024, cache_bytes: int = 64 * 1024 * 1024) -> None:
         self.repository = Path(repository)

@@ -6,8 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from export.onnx_runtime import OrtEngine
+import logging
+
+import onnxruntime as ort
+
+from export.onnx_runtime import OrtEngine, installed_ort_distributions
 from service.backends.base import EngineBackend
+
+log = logging.getLogger("service")
 
 
 class EmbeddedBackend(EngineBackend):
@@ -16,13 +22,23 @@ class EmbeddedBackend(EngineBackend):
     name = "embedded"
 
     def __init__(self, repository: Path, cache_size: int = 1024, threads: int = 0, spinning: bool = False,
-                 cache_bytes: int = 64 * 1024 * 1024) -> None:
+                 cache_bytes: int = 64 * 1024 * 1024, device: str = "auto") -> None:
+        """device: "auto", "cpu" or "cuda"; with "cuda" the backend refuses to start
+        (export.onnx_runtime.DeviceError) unless ONNX Runtime really runs the models on CUDA."""
         super().__init__(repository, cache_size, cache_bytes)
         for model in self.models():
             path = self.repository / model / "1" / "model.onnx"
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing; run `make export` to write the ONNX files")
-        self.engine = OrtEngine(self.repository, threads, spinning)
+        self.engine = OrtEngine(self.repository, threads, spinning, device)
+        self.device = self.engine.device
+        self.providers = self.engine.providers
+        dists = installed_ort_distributions()
+        log.info("embedded backend: ONNX Runtime %s runs the models on %s (providers: %s)", ort.__version__,
+                 self.device, ", ".join(self.providers))
+        if len(dists) > 1:
+            log.warning("both %s are installed: they overwrite the same onnxruntime module; keep one "
+                        "(the `cpu` or the `gpu` extra)", " and ".join(dists))
 
     def _encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.engine.encode_text(input_ids, attention_mask)

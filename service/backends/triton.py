@@ -158,6 +158,10 @@ class TritonBackend(EngineBackend):
     def __init__(self, repository: Path, url: str, cache_size: int = 1024, timeout_s: float = 30.0,
                  http_url: str | None = None, cache_bytes: int = 64 * 1024 * 1024) -> None:
         super().__init__(repository, cache_size, cache_bytes)
+        # where Triton runs the models: what the repository's flavour declares (KIND_GPU
+        # instances for gpu / gpu-onnx; Triton started with --exit-on-error refuses to come
+        # up when it cannot place them)
+        self.device = "cpu" if self.manifest.get("flavour") == "cpu" else "cuda"
         self.url = url
         self.http_url = http_url or None
         self.timeout_s = float(timeout_s)

@@ -15,7 +15,8 @@ async def models(backend: BackendDep) -> ModelsResponse:
     m = backend.manifest
     return ModelsResponse(
         format=m["format"], flavour=m["flavour"], preset=m["preset"], checkpoint=m.get("checkpoint", {}),
-        backend=backend.name, image_hw=list(m["image"]["hw"]), max_tokens=m["max_tokens"],
+        backend=backend.name, device=getattr(backend, "device", "cpu"),
+        providers=getattr(backend, "providers", None), image_hw=list(m["image"]["hw"]), max_tokens=m["max_tokens"],
         token_buckets=list(m["token_buckets"]), top_k=m["top_k"], postprocess=m.get("postprocess", {}),
         tasks=backend.tasks, answer_vocabulary=m.get("answer_vocabulary"),
         models=[ModelInfo(name=name, inputs=spec["inputs"], outputs=spec["outputs"])
