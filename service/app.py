@@ -8,12 +8,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.admission import AdmissionMiddleware
 from service.backends import Backend, create_backend
 from service.batcher import MicroBatcher
 from service.errors import BackendUnavailable, install_error_handlers
 from service.metrics import Metrics
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from service.routes import demo, detect, health, metrics, models, understanding
+from service.routes.inputs import ImageLoader
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -59,6 +61,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         }
         for b in batchers.values():
             await b.start()
+        app.state.loader = ImageLoader(settings, be.image_hw)
         app.state.backend, app.state.batcher, app.state.batchers = be, batchers["detect"], batchers
         log.info("serving %s (%s backend on %s, tasks: %s) from %s", be.manifest.get("preset"), be.name,
                  getattr(be, "device", "cpu"), ", ".join(be.tasks), settings.repository)
@@ -68,6 +71,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             app.state.backend, app.state.batcher, app.state.batchers = None, None, {}
             for b in batchers.values():
                 await b.stop()  # drains queued requests before the backend goes
+            app.state.loader.close()
+            app.state.loader = None
             be.close()
 
     app = FastAPI(
@@ -81,6 +86,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.state.backend = None
     app.state.batcher = None
     app.state.batchers = {}
+    app.state.loader = None
     app.state.metrics = Metrics()
     install_error_handlers(app)
     app.include_router(detect.router)
@@ -89,8 +95,14 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(demo.router)
-    # Added last = outermost: every response, including a 413, carries the request id.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Outermost first: request id (every response carries it, the access log sees every
+    # status) -> API key (on the headers) -> admission (503 on the headers under overload)
+    # -> body limits (size and time) -> the app. add_middleware puts each one outside the
+    # ones added before it.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(AdmissionMiddleware, max_concurrent=settings.max_concurrent_requests,
+                       max_body_bytes_in_flight=settings.max_body_mb_in_flight * 1024 * 1024,
+                       max_body_bytes=settings.max_body_bytes, retry_after_s=settings.retry_after_s)
     exact, prefixes = settings.open_paths()
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key and settings.api_key.get_secret_value(),
                        open_exact=exact, open_prefixes=prefixes)

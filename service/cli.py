@@ -259,11 +259,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
-    from service.__main__ import configure_logging
-    from service.app import create_app
+    from service.__main__ import serve
     from service.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "backend": args.backend,
@@ -275,10 +273,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"bad settings: {exc}") from None
     if settings.backend == "embedded" and not (settings.repository / "manifest.json").is_file():
         raise CLIError(f"{settings.repository}: not a model repository (no manifest.json); run `make export`")
-    configure_logging(settings.log_level)
-    # as service.__main__.main, with the overridden settings
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30)
+    serve(settings)  # as service.__main__.main, with the overridden settings
     return 0
 
 

@@ -11,6 +11,7 @@ from fastapi.security import APIKeyHeader
 from service.backends import Backend
 from service.batcher import MicroBatcher
 from service.errors import BackendUnavailable, Unauthorized
+from service.routes.inputs import ImageLoader
 from service.settings import Settings
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
@@ -34,7 +35,15 @@ def get_batcher(request: Request) -> MicroBatcher:
     return batcher
 
 
+def get_loader(request: Request) -> ImageLoader:
+    loader = getattr(request.app.state, "loader", None)
+    if loader is None:
+        raise BackendUnavailable("the gateway is not running (starting up or shutting down)")
+    return loader
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+LoaderDep = Annotated[ImageLoader, Depends(get_loader)]
 BackendDep = Annotated[Backend, Depends(get_backend)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 

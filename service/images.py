@@ -12,13 +12,17 @@ import base64
 import binascii
 import http.client
 import io
+import ipaddress
+import logging
 import re
+import socket
+import ssl
 import struct
-import urllib.error
-import urllib.request
+import threading
+import time
 import warnings
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -93,19 +97,27 @@ def decode_image(raw: bytes, max_pixels: int) -> np.ndarray:
 
 
 class URLNotAllowed(ServiceError):
-    """The URL's host (or a redirect's) is not on GLIPV2_URL_ALLOWLIST."""
+    """The URL (or a redirect's) is not on GLIPV2_URL_ALLOWLIST, or its host resolves to a
+    non-public address."""
 
     status_code = 403
 
 
 @dataclass(frozen=True)
 class ImageURL:
-    """An image given by URL in a request (fetched in the worker thread, then decoded)."""
+    """An image given by URL in a request (fetched in the fetch pool, then decoded)."""
 
     url: str
 
 
 _CHUNK = 64 * 1024
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# One answer for every failure to fetch (refused, reset, timed out, TLS, any HTTP status):
+# distinct messages let a caller map which hosts and ports answer (the log has the cause).
+UNFETCHABLE = "image URL could not be fetched"
+NOT_ALLOWED = "image URL is not on the allow-list (or its host resolves to a non-public address)"
+
+log = logging.getLogger("service")
 
 
 def parse_allowlist(value: str | None) -> tuple[str, ...]:
@@ -113,89 +125,204 @@ def parse_allowlist(value: str | None) -> tuple[str, ...]:
     return tuple(e.strip() for e in (value or "").split(",") if e.strip())
 
 
+def _origin(parts: SplitResult) -> tuple[str, str, int]:
+    """(scheme, host, port) with the scheme's default port filled in; ValueError for a bad port."""
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
+
+
+def _safe_path(path: str) -> str | None:
+    """The path, once percent-decoded, when no segment can climb out of a prefix; None for
+    '.', '..' (also '%2e%2e', '..;x'), encoded or back slashes, and double encoding."""
+    decoded = unquote(path)
+    lowered = decoded.lower()
+    if "\\" in decoded or "%2f" in path.lower() or "%5c" in path.lower() or "%2e" in lowered or "%25" in path:
+        return None
+    if any(seg.split(";", 1)[0] in (".", "..") for seg in decoded.split("/")):
+        return None
+    return decoded
+
+
 def url_allowed(url: str, allowlist: tuple[str, ...]) -> bool:
-    """An entry with '://' is a URL prefix: the URL must start with it, and the prefix must
-    end at a path/query boundary (so 'http://a.com' does not admit 'http://a.com.evil.net'
-    or 'http://a.com@evil.net'). Any other entry is a host ('a.com', any port) or host:port."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    """An entry with '://' is a URL prefix: same scheme, host and port, and the URL's path
+    (percent-decoded; any '.' or '..' segment refuses it) starts with the entry's at a
+    segment boundary, so 'http://a.com/pub/' admits neither '/pub/../private' nor
+    '/pub/%2e%2e/private' nor 'http://a.com.evil.net'. Any other entry is a host ('a.com':
+    the scheme's default port only) or host:port."""
+    try:
+        parts = urlsplit(url)
+        scheme, host, port = _origin(parts)
+    except ValueError:
         return False
-    host = parts.hostname.lower()
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    if scheme not in _DEFAULT_PORTS or not host:
+        return False
     if parts.username is not None or parts.password is not None:
         return False  # credentials in URLs are never sent
+    path = _safe_path(parts.path or "/")
+    if path is None:
+        return False
     for entry in allowlist:
         if "://" in entry:
-            if url.lower().startswith(entry.lower()) and (
-                entry.endswith("/") or len(url) == len(entry) or url[len(entry)] in "/?#"
-            ):
+            try:
+                e = urlsplit(entry)
+                if _origin(e) != (scheme, host, port):
+                    continue
+            except ValueError:
+                continue
+            prefix = unquote(e.path or "/")
+            if path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/") or (
+                    prefix in ("", "/")):
                 return True
-        elif entry.lower() in (host, netloc):
-            return True
+        else:
+            try:
+                ep = urlsplit("//" + entry)
+                e_host, e_port = (ep.hostname or "").lower(), ep.port
+            except ValueError:
+                continue
+            if e_host == host and (e_port or _DEFAULT_PORTS[scheme]) == port:
+                return True
     return False
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # fetch_url follows redirects itself, after checking them
+def _public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+def _resolve(host: str, port: int, allow_private: bool) -> str:
+    """The address to connect to; every address the name resolves to must be public unless
+    allow_private (the connection then goes to the address checked: no second lookup that
+    a rebinding DNS server could answer differently)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise _Unfetchable(f"resolve {host}: {exc}") from None
+    addresses = [info[4][0] for info in infos]
+    if not addresses:
+        raise _Unfetchable(f"resolve {host}: no address")
+    if not allow_private:
+        for a in addresses:
+            if not _public(ipaddress.ip_address(a.split("%", 1)[0])):
+                log.info("image URL host %s resolves to non-public %s: refused", host, a)
+                raise URLNotAllowed(NOT_ALLOWED)
+    return addresses[0]
 
 
-def _same_origin(a: str, b: str) -> bool:
-    pa, pb = urlsplit(a), urlsplit(b)
-    return (pa.scheme, (pa.hostname or "").lower(), pa.port) == (pb.scheme, (pb.hostname or "").lower(), pb.port)
+class _Unfetchable(Exception):
+    """Any failure to fetch; the caller sees only UNFETCHABLE, the log sees this."""
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """Connects to the checked address; Host header (and TLS name) stay the URL's host."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _get(url: str, deadline: float, max_bytes: int, allow_private: bool) -> tuple[int, str | None, bytes]:
+    """One GET of url within the deadline: (status, Location, body). A watchdog shuts the
+    socket at the deadline, so a server that trickles headers or body (a few bytes every
+    second: each read within the socket timeout) cannot hold the fetch past it."""
+    parts = urlsplit(url)
+    scheme, host, port = _origin(parts)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _Unfetchable("deadline")
+    address = _resolve(host, port, allow_private)
+    conn = (_PinnedHTTPS if scheme == "https" else _PinnedHTTP)(host, port, address, remaining)
+    expired = threading.Event()
+
+    def _expire() -> None:
+        expired.set()
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(remaining, _expire)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request("GET", target, headers={"User-Agent": "glipv2-serve", "Accept": "image/*"})
+        resp = conn.getresponse()
+        if resp.status in (301, 302, 303, 307, 308) or resp.status >= 400:
+            return resp.status, resp.getheader("Location"), b""
+        length = resp.getheader("Content-Length")
+        if length and length.isdigit() and int(length) > max_bytes:
+            raise PayloadTooLarge(f"image at URL is {length} bytes; the limit is {max_bytes}", limit=max_bytes)
+        buf = bytearray()
+        while chunk := resp.read1(_CHUNK):
+            buf += chunk
+            if len(buf) > max_bytes:
+                raise PayloadTooLarge(f"image at URL is larger than {max_bytes} bytes", limit=max_bytes)
+            if expired.is_set():
+                raise _Unfetchable("deadline")
+        if expired.is_set():
+            raise _Unfetchable("deadline")
+        return resp.status, None, bytes(buf)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise _Unfetchable("deadline" if expired.is_set() else f"{type(exc).__name__}: {exc}") from None
+    finally:
+        watchdog.cancel()
+        conn.close()
 
 
 def fetch_url(url: str, allowlist: tuple[str, ...], *, max_bytes: int, timeout_s: float,
-              max_redirects: int = 3) -> bytes:
-    """GET an image URL: 422 when URL fetching is disabled (empty allow-list), the URL is
-    not http(s) or the fetch fails (connection, timeout, HTTP status >= 400); 403 when the
-    host is not on the allow-list or a redirect leaves the URL's scheme/host/port; 413 as
-    soon as more than max_bytes arrive (the body is streamed, never read whole)."""
+              max_redirects: int = 3, allow_private: bool = False) -> bytes:
+    """GET an image URL, all of it (redirects included) within timeout_s: 422 when URL
+    fetching is disabled (empty allow-list), the URL is not http(s) or the fetch fails
+    (one message for every cause: connection, timeout, HTTP status >= 400); 403 when the
+    URL is not on the allow-list, a redirect leaves the URL's scheme/host/port or the
+    list, or the host resolves to a loopback/private/link-local/reserved address (unless
+    allow_private); 413 as soon as more than max_bytes arrive (streamed, never read whole)."""
     if not allowlist:
         raise InvalidInput("fetching image URLs is disabled: send the image as base64 (the server has no "
                            "GLIPV2_URL_ALLOWLIST)")
-    if urlsplit(url).scheme not in ("http", "https"):
+    if urlsplit(url).scheme not in _DEFAULT_PORTS:
         raise InvalidInput("image URL must be http:// or https://")
     if not url_allowed(url, allowlist):
-        raise URLNotAllowed(f"image URL host is not on the allow-list: {urlsplit(url).hostname}")
+        raise URLNotAllowed(NOT_ALLOWED)
+    deadline = time.monotonic() + timeout_s
     current = url
-    for _ in range(max_redirects + 1):
-        req = urllib.request.Request(current, headers={"User-Agent": "glipv2-serve", "Accept": "image/*"})
-        try:
-            resp = _OPENER.open(req, timeout=timeout_s)
-        except urllib.error.HTTPError as exc:
-            if exc.code in (301, 302, 303, 307, 308):
-                location = exc.headers.get("Location")
-                exc.close()
+    try:
+        for _ in range(max_redirects + 1):
+            status, location, body = _get(current, deadline, max_bytes, allow_private)
+            if status in (301, 302, 303, 307, 308):
                 if not location:
-                    raise InvalidInput(f"image URL answered {exc.code} without a Location") from None
+                    raise _Unfetchable(f"HTTP {status} without a Location")
                 target = urljoin(current, location)
-                if not _same_origin(current, target) or not url_allowed(target, allowlist):
+                try:
+                    same = _origin(urlsplit(current)) == _origin(urlsplit(target))
+                except ValueError:
+                    same = False
+                if not same or not url_allowed(target, allowlist):
                     raise URLNotAllowed("image URL redirects to another host or outside the allow-list; "
-                                        "redirects are not followed there") from None
+                                        "redirects are not followed there")
                 current = target
                 continue
-            exc.close()
-            raise InvalidInput(f"image URL could not be fetched: HTTP {exc.code}") from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise InvalidInput(f"image URL could not be fetched: {reason}") from None
-        with resp:
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise PayloadTooLarge(f"image at URL is {length} bytes; the limit is {max_bytes}", limit=max_bytes)
-            buf = bytearray()
-            try:
-                while chunk := resp.read(_CHUNK):
-                    buf += chunk
-                    if len(buf) > max_bytes:
-                        raise PayloadTooLarge(f"image at URL is larger than {max_bytes} bytes", limit=max_bytes)
-            except (http.client.HTTPException, OSError, ValueError) as exc:  # timeout or reset mid-body
-                raise InvalidInput(f"image URL could not be read: {exc}") from None
-        if not buf:
-            raise InvalidInput("image at URL is empty")
-        return bytes(buf)
+            if status >= 400:
+                raise _Unfetchable(f"HTTP {status}")
+            if not body:
+                raise InvalidInput("image at URL is empty")
+            return body
+    except _Unfetchable as exc:
+        log.info("image URL %s could not be fetched: %s", current, exc)
+        raise InvalidInput(UNFETCHABLE) from None
     raise InvalidInput(f"image URL redirected more than {max_redirects} times")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -104,20 +105,18 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over max_bytes, from Content-Length when given, else while reading."""
+    """413 for bodies over max_bytes, from Content-Length when given, else while reading;
+    408 when the whole body has not arrived within timeout_s of the headers (a client
+    sending one byte a second would otherwise hold its connection and memory forever)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = int(max_bytes)
+        self.timeout_s = float(timeout_s)
 
     async def _reject(self, send) -> None:
-        body = json.dumps(
-            {"detail": f"request body is larger than {self.max_bytes} bytes", "limit": self.max_bytes}
-        ).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 413, {"detail": f"request body is larger than {self.max_bytes} bytes",
+                                    "limit": self.max_bytes}, [(b"connection", b"close")])
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -131,10 +130,18 @@ class BodyLimitMiddleware:
                     return
             except ValueError:
                 pass
-        # Read the body here (bounded) and replay it: chunked uploads are counted too.
+        # Read the body here (bounded in size and time) and replay it: chunked uploads are
+        # counted too.
         chunks, total = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                await send_json(send, 408, {"detail": f"request body took longer than {self.timeout_s:g} s",
+                                            "limit": self.timeout_s}, [(b"connection", b"close")])
+                return
             if message["type"] != "http.request":  # disconnect
                 await self.app(scope, _replay([message], receive), send)
                 return
@@ -146,8 +153,9 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-        await self.app(scope, _replay(replay, receive), send)
+        body = b"".join(chunks)
+        del chunks
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
 
 
 def _replay(messages: list, receive):

@@ -48,10 +48,23 @@ class Settings(BaseSettings):
     # much faster than request arrival (a GPU) so that batches get a chance to fill.
     max_wait_ms: float = Field(0.0, ge=0.0, le=10_000.0, description="how long a batch waits to fill")
     queue_size: int = Field(64, ge=1, description="images waiting; beyond it requests get 503")
-    request_timeout_s: float = Field(30.0, gt=0.0, description="per request; beyond it 504")
+    request_timeout_s: float = Field(
+        30.0, gt=0.0, description="per request, from its body to its answer (fetching, decoding, queue, "
+        "inference); beyond it 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header on 503")
 
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body limit (413)")
+    # Admission at the door (service.admission), on the headers, before anything is read
+    # or decoded: beyond these an inference request is answered 503 + Retry-After at once.
+    max_concurrent_requests: int = Field(
+        32, ge=1, description="inference requests in progress (reading, decoding, queued, running); beyond: 503")
+    max_body_mb_in_flight: int = Field(
+        128, ge=1, description="declared body MiB of the inference requests in progress; beyond: 503")
+    decode_threads: int = Field(
+        2, ge=1, le=64, description="threads decoding images (their own pool: memory in flight is bounded by "
+        "decode_threads x max_image_pixels, and readiness never waits behind decoding)")
+    header_timeout_s: float = Field(10.0, gt=0.0, description="a request's headers must arrive within this (408)")
+    body_timeout_s: float = Field(30.0, gt=0.0, description="a request's body must arrive within this (408)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height limit per image (413)")
     max_images_per_request: int = Field(16, ge=1, le=256)
 
@@ -73,6 +86,10 @@ class Settings(BaseSettings):
     )
     url_timeout_s: float = Field(10.0, gt=0.0, le=300.0, description="connect/read timeout when fetching an image URL")
     url_max_redirects: int = Field(3, ge=0, le=10, description="redirects followed, same scheme/host/port only")
+    url_fetch_threads: int = Field(4, ge=1, le=64, description="threads fetching image URLs (their own pool)")
+    url_allow_private: bool = Field(
+        False, description="let image URLs resolve to loopback, private, link-local or other non-public "
+        "addresses (refused by default, whatever the allow-list says: tests and private networks set it)")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

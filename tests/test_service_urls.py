@@ -1,7 +1,10 @@
 """Image URLs in JSON requests: refused (422) unless GLIPV2_URL_ALLOWLIST is set; allowed
-hosts fetched from a local http.server on 127.0.0.1 serving generated PNGs; 403 for hosts
-off the list and for redirects to another host; 413 past the byte (streamed) or pixel
-limit; 422 for unfetchable URLs."""
+hosts fetched from a local http.server on 127.0.0.1 serving generated PNGs (loopback is
+refused unless GLIPV2_URL_ALLOW_PRIVATE, which these tests set); 403 for hosts off the
+list, paths climbing out of an allowed prefix, other ports, non-public addresses and
+redirects to another host; 413 past the byte (streamed) or pixel limit; 422, with one
+message whatever the cause, for unfetchable URLs; an overall deadline against origins that
+trickle bytes, in a pool of its own (readiness and base64 requests unaffected)."""
 
 from __future__ import annotations
 
@@ -96,6 +99,16 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/img/slow.png":
             time.sleep(3)
             self._send(200, SCENE_PNG)
+        elif self.path == "/img/trickle.png":  # 12 bytes every 0.3 s: each read is quick, the whole is not
+            self._send(200, headers={"Content-Type": "image/png", "Content-Length": str(len(SCENE_PNG))},
+                       length=False)
+            try:
+                for i in range(0, len(SCENE_PNG), 12):
+                    self.wfile.write(SCENE_PNG[i:i + 12])
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
         elif self.path == "/private/scene.png":
             self._send(200, SCENE_PNG)
         else:
@@ -121,14 +134,22 @@ def test_allowlist_matching():
                             "http://x.example.io")
     assert allow == ("images.example.com", "cdn.example.net:8080", "https://static.example.org/pub/",
                      "http://x.example.io")
-    ok = ["http://images.example.com/a.png", "https://IMAGES.example.com:8443/a.png", "http://cdn.example.net:8080/a",
+    ok = ["http://images.example.com/a.png", "https://IMAGES.example.com/a.png", "http://cdn.example.net:8080/a",
           "https://static.example.org/pub/a/b.png", "http://x.example.io", "http://x.example.io/a.png",
           "http://x.example.io?x=1"]
     bad = ["http://evil.com/a.png", "ftp://images.example.com/a.png", "file:///etc/passwd",
            "http://cdn.example.net/a", "http://cdn.example.net:9090/a", "https://static.example.org/private/a.png",
            "http://static.example.org/pub/a.png", "http://x.example.io.evil.com/a.png",
            "http://x.example.io@evil.com/a.png", "http://user:pw@images.example.com/a.png",
-           "http://images.example.com.evil.com/a.png", "not a url"]
+           "http://images.example.com.evil.com/a.png", "not a url",
+           # a host entry admits the scheme's default port only
+           "https://images.example.com:8443/a.png", "http://images.example.com:22/", "http://images.example.com:443/",
+           # a prefix entry is not escaped by dot segments, however spelled
+           "https://static.example.org/pub/../private/a.png", "https://static.example.org/pub/%2e%2e/private/a.png",
+           "https://static.example.org/pub/%2E%2e/private/a.png", "https://static.example.org/pub/..%2fprivate/a.png",
+           "https://static.example.org/pub/..%5cprivate/a.png", "https://static.example.org/pub/..;/private/a.png",
+           "https://static.example.org/pub/%252e%252e/private/a.png", "https://static.example.org/pub/./../x.png",
+           "https://static.example.org/pub", "https://static.example.org:444/pub/a.png"]
     for u in ok:
         assert url_allowed(u, allow), u
     for u in bad:
@@ -137,8 +158,9 @@ def test_allowlist_matching():
 
 
 def test_fetch_url_errors(server):
-    allow = ("127.0.0.1",)
-    kw = dict(max_bytes=MAX_BYTES, timeout_s=5.0)
+    port = int(server.rsplit(":", 1)[1])
+    allow = (f"127.0.0.1:{port}", "127.0.0.1:9")
+    kw = dict(max_bytes=MAX_BYTES, timeout_s=5.0, allow_private=True)
     assert fetch_url(f"{server}/img/scene.png", allow, **kw) == SCENE_PNG
     assert fetch_url(f"{server}/img/same-host-redirect", allow, **kw) == SCENE_PNG
     with pytest.raises(InvalidInput, match="disabled"):
@@ -147,7 +169,7 @@ def test_fetch_url_errors(server):
         fetch_url(f"{server.replace('127.0.0.1', 'localhost')}/img/scene.png", allow, **kw)
     _Handler.requests.clear()
     with pytest.raises(URLNotAllowed, match="redirect"):
-        fetch_url(f"{server}/img/other-host-redirect", ("127.0.0.1", "localhost"), **kw)
+        fetch_url(f"{server}/img/other-host-redirect", (f"127.0.0.1:{port}", f"localhost:{port}"), **kw)
     assert _Handler.requests == ["/img/other-host-redirect"]  # the redirect was not followed
     with pytest.raises(InvalidInput, match="redirected more than"):
         fetch_url(f"{server}/img/loop", allow, **kw)
@@ -158,14 +180,45 @@ def test_fetch_url_errors(server):
     with pytest.raises(PayloadTooLarge, match="larger than"):
         fetch_url(f"{server}/img/stream.png", allow, **kw)
     assert time.perf_counter() - t0 < 5
-    with pytest.raises(InvalidInput, match="HTTP 404"):
-        fetch_url(f"{server}/nothing-here", allow, **kw)
-    with pytest.raises(InvalidInput, match="could not be"):
-        fetch_url(f"{server}/img/slow.png", allow, max_bytes=MAX_BYTES, timeout_s=0.5)
+    # A 404, a server too slow to answer and a closed port (9) read the same: a caller
+    # cannot map which ports answer.
+    details = set()
+    for url, timeout in ((f"{server}/nothing-here", 5.0), (f"{server}/img/slow.png", 0.5),
+                         ("http://127.0.0.1:9/x.png", 2.0)):
+        with pytest.raises(InvalidInput) as exc:
+            fetch_url(url, allow, max_bytes=MAX_BYTES, timeout_s=timeout, allow_private=True)
+        details.add(exc.value.detail)
+    assert details == {"image URL could not be fetched"}
     with pytest.raises(InvalidInput, match="http"):
         fetch_url("file:///etc/passwd", ("127.0.0.1",), **kw)
-    with pytest.raises(InvalidInput, match="could not be fetched"):  # nothing listens on port 9
-        fetch_url("http://127.0.0.1:9/x.png", allow, max_bytes=MAX_BYTES, timeout_s=2.0)
+
+
+def test_fetch_url_overall_deadline(server):
+    """An origin trickling 12 bytes every 0.3 s (each read well within the timeout) is cut
+    off at the fetch's deadline, not after the whole body (about 20 s here)."""
+    port = int(server.rsplit(":", 1)[1])
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidInput, match="could not be fetched"):
+        fetch_url(f"{server}/img/trickle.png", (f"127.0.0.1:{port}",), max_bytes=MAX_BYTES, timeout_s=1.0,
+                  allow_private=True)
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_fetch_url_refuses_non_public_addresses(server):
+    """Loopback (by IP or by name), private, link-local and metadata addresses are refused
+    (403) before any connection unless allow_private, whatever the allow-list says."""
+    port = int(server.rsplit(":", 1)[1])
+    _Handler.requests.clear()
+    for url in (f"{server}/img/scene.png", f"http://localhost:{port}/img/scene.png"):
+        with pytest.raises(URLNotAllowed):
+            fetch_url(url, (f"127.0.0.1:{port}", f"localhost:{port}"), max_bytes=MAX_BYTES, timeout_s=2.0)
+    for host in ("10.1.2.3", "192.168.0.1", "169.254.169.254", "[::1]", "[::ffff:127.0.0.1]", "0.0.0.0",
+                 "100.64.0.1", "[fe80::1]"):
+        with pytest.raises(URLNotAllowed):
+            fetch_url(f"http://{host}/a.png", (host.strip("[]"),), max_bytes=MAX_BYTES, timeout_s=2.0)
+    assert _Handler.requests == []  # refused before connecting
+    assert fetch_url(f"{server}/img/scene.png", (f"127.0.0.1:{port}",), max_bytes=MAX_BYTES, timeout_s=5.0,
+                     allow_private=True) == SCENE_PNG
 
 
 def test_settings_from_environment(monkeypatch):
@@ -188,14 +241,16 @@ def _client(**kw):
 
     from service.app import create_app
 
+    kw = {"url_allow_private": True, "url_timeout_s": 5.0, **kw}
     settings = Settings(repository=REPO, threads=2, max_wait_ms=0.0, max_body_bytes=MAX_BYTES,
-                        max_image_pixels=MAX_PIXELS, url_timeout_s=5.0, **kw)
+                        max_image_pixels=MAX_PIXELS, **kw)
     return TestClient(create_app(settings))
 
 
 @pytest.fixture(scope="module")
 def allowed(server):
-    with _client(url_allowlist=f"{server}/img/, localhost") as c:
+    port = server.rsplit(":", 1)[1]
+    with _client(url_allowlist=f"{server}/img/, localhost:{port}") as c:
         yield c
 
 
@@ -246,7 +301,10 @@ def test_detect_and_ground_by_url(allowed, server):
     ("/img/stream.png", 413, "larger than"),
     ("/img/pixels.png", 413, "pixels"),
     ("/img/text", 415, "not supported"),
-    ("/img/missing.png", 422, "HTTP 404"),
+    ("/img/missing.png", 422, "could not be fetched"),
+    ("/img/../private/scene.png", 403, "allow-list"),  # climbing out of the allowed prefix
+    ("/img/%2e%2e/private/scene.png", 403, "allow-list"),
+    ("/img/..%2fprivate/scene.png", 403, "allow-list"),
 ])
 def test_url_errors(allowed, server, path, code, words):
     r = allowed.post("/v1/detect", json={"images": [{"url": server + path, "prompt": "star"}]})
@@ -264,3 +322,63 @@ def test_url_schema_errors(allowed, server):
     assert r.status_code == 403 and "allow-list" in r.json()["detail"]
     r = allowed.post("/v1/detect", json={"images": [{"url": "ftp://127.0.0.1/a.png", "prompt": "star"}]})
     assert r.status_code == 422
+
+
+@needs_onnx
+def test_url_port_and_private_address_over_http(server):
+    """A host entry without a port admits the default port only; without
+    GLIPV2_URL_ALLOW_PRIVATE a loopback origin is refused (403) even when listed."""
+    port = server.rsplit(":", 1)[1]
+    body = {"images": [{"url": f"{server}/img/scene.png", "prompt": "star"}]}
+    with _client(url_allowlist="127.0.0.1") as c:
+        r = c.post("/v1/detect", json=body)
+        assert r.status_code == 403, r.text
+    with _client(url_allowlist=f"127.0.0.1:{port}", url_allow_private=False) as c:
+        r = c.post("/v1/detect", json=body)
+        assert r.status_code == 403, r.text
+    with _client(url_allowlist=f"127.0.0.1:{port}") as c:
+        assert c.post("/v1/detect", json=body).status_code == 200
+
+
+@needs_onnx
+def test_slow_origins_do_not_starve_the_gateway(server):
+    """Eight requests naming an origin that trickles bytes (the URL deadline is 1.5 s):
+    meanwhile readiness and base64 requests answer at once (URL fetches have their own
+    pool), and every slow request ends by its deadline (422), none held for the ~20 s the
+    origin would take."""
+    import asyncio
+
+    import httpx
+
+    from service.app import create_app
+
+    port = server.rsplit(":", 1)[1]
+    settings = Settings(repository=REPO, threads=2, max_wait_ms=0.0, max_body_bytes=MAX_BYTES,
+                        max_image_pixels=MAX_PIXELS, url_allowlist=f"127.0.0.1:{port}", url_allow_private=True,
+                        url_timeout_s=1.5)
+    app = create_app(settings)
+    b64 = base64.b64encode(SCENE_PNG).decode()
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
+                                         timeout=30) as ac:
+                async def slow():
+                    t0 = time.perf_counter()
+                    r = await ac.post("/v1/detect", json={"images": [{"url": f"{server}/img/trickle.png",
+                                                                      "prompt": "star"}]})
+                    return r.status_code, time.perf_counter() - t0
+
+                slow_tasks = [asyncio.create_task(slow()) for _ in range(8)]
+                await asyncio.sleep(0.3)
+                t0 = time.perf_counter()
+                ready = await ac.get("/health/ready")
+                fast = await ac.post("/v1/detect", json={"images": [{"image": b64, "prompt": "star"}]})
+                fast_s = time.perf_counter() - t0
+                return ready.status_code, fast.status_code, fast_s, await asyncio.gather(*slow_tasks)
+
+    ready, fast, fast_s, slow = asyncio.run(run())
+    assert ready == 200 and fast == 200 and fast_s < 1.0, (ready, fast, fast_s)
+    assert [code for code, _ in slow] == [422] * 8
+    # 8 fetches, 4 fetch threads, 1.5 s each: the last ones finish by about 2 x 1.5 s
+    assert max(t for _, t in slow) < 4.5, slow

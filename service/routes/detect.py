@@ -5,7 +5,6 @@ GLIPV2_URL_ALLOWLIST is set (service.images.fetch_url)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated
 
@@ -15,9 +14,9 @@ from glipv2.phrases import noun_phrases
 from glipv2.postprocess import PostprocessConfig
 from glipv2.text import EmptyPromptError, Prompt, prompt_from_spans
 from service.backends import Backend, BatchItem
-from service.deps import BackendDep, BatcherDep, SettingsDep, require_api_key
-from service.routes.inputs import (Source, check_image_count, error_responses, load_images, read_upload, source_of,
-                                   timings)
+from service.deps import BackendDep, BatcherDep, LoaderDep, SettingsDep, require_api_key
+from service.routes.inputs import (ImageLoader, Source, check_image_count, error_responses, read_upload, source_of,
+                                   timings, within_deadline)
 from service.schemas import (
     MAX_PROMPT_CHARS,
     Detection,
@@ -45,27 +44,20 @@ def _postprocess_config(backend: Backend, score_threshold: float | None, max_det
     return PostprocessConfig(**fields)
 
 
-def _prepare(backend: Backend, settings: Settings, images: list[Source], prompts: list, cfg: PostprocessConfig
-             ) -> tuple[list[BatchItem], list[tuple[int, int]]]:
-    """Blocking (run in a thread): tokenize every prompt first (cheap, fails fast), then
-    fetch/decode and letterbox every image."""
-    tokenized = [backend.tokenize(p) for p in prompts]
-    loaded = load_images(backend, settings, images)
-    items = [BatchItem(pixels=im.pixels, letterbox=im.letterbox, prompt=prompt, postprocess=cfg)
-             for im, prompt in zip(loaded, tokenized)]
-    return items, [im.size for im in loaded]
-
-
-async def _detect(settings: Settings, backend: Backend, batcher, images: list[Source], prompts: list,
-                  cfg: PostprocessConfig) -> DetectResponse:
+async def _detect(settings: Settings, backend: Backend, batcher, loader: ImageLoader, images: list[Source],
+                  prompts: list, cfg: PostprocessConfig) -> DetectResponse:
     started = time.perf_counter()
     check_image_count(settings, len(images))
-    items, sizes = await asyncio.to_thread(_prepare, backend, settings, images, prompts, cfg)
+    # Tokenize every prompt first (cheap, fails fast), then fetch/decode/letterbox.
+    tokenized = await loader.run(lambda: [backend.tokenize(p) for p in prompts])
+    loaded = await loader.load(images)
+    items = [BatchItem(pixels=im.pixels, letterbox=im.letterbox, prompt=prompt, postprocess=cfg)
+             for im, prompt in zip(loaded, tokenized)]
     decoded = time.perf_counter()
     timed = await batcher.submit_many(items)
     results = []
-    for item, (w, h), t in zip(items, sizes, timed):
-        det, phrases = t.value, item.prompt.prompt.phrases
+    for item, im, t in zip(items, loaded, timed):
+        (w, h), det, phrases = im.size, t.value, item.prompt.prompt.phrases
         results.append(ImageResult(
             width=w, height=h, prompt=item.prompt.prompt.text, phrases=list(phrases),
             detections=[
@@ -81,10 +73,12 @@ async def _detect(settings: Settings, backend: Backend, batcher, images: list[So
 
 @router.post("/detect", response_model=DetectResponse, responses=_ERRORS,
              summary="Detect the phrases of a prompt in one or more images (JSON, base64 images)")
-async def detect(req: DetectRequest, settings: SettingsDep, backend: BackendDep, batcher: BatcherDep) -> DetectResponse:
+async def detect(req: DetectRequest, settings: SettingsDep, backend: BackendDep, batcher: BatcherDep,
+                 loader: LoaderDep) -> DetectResponse:
     cfg = _postprocess_config(backend, req.score_threshold, req.max_detections)
-    return await _detect(settings, backend, batcher, [source_of(it) for it in req.images],
-                         [it.prompt for it in req.images], cfg)
+    return await within_deadline(settings, _detect(settings, backend, batcher, loader,
+                                                   [source_of(it) for it in req.images],
+                                                   [it.prompt for it in req.images], cfg))
 
 
 def ground_prompt(caption: str, spans: list | None) -> tuple[Prompt, str]:
@@ -102,14 +96,15 @@ def ground_prompt(caption: str, spans: list | None) -> tuple[Prompt, str]:
 
 @router.post("/ground", response_model=GroundResponse, responses=_ERRORS,
              summary="Ground the phrases of a caption (given as character spans, or its noun phrases) in images")
-async def ground(req: GroundRequest, settings: SettingsDep, backend: BackendDep, batcher: BatcherDep) -> GroundResponse:
+async def ground(req: GroundRequest, settings: SettingsDep, backend: BackendDep, batcher: BatcherDep,
+                 loader: LoaderDep) -> GroundResponse:
     """Each detection's phrase_index is the index of the phrase in `phrases`; phrase is the
     caption text it covers. Without `phrases`, the caption's noun phrases are grounded
     (rule-based chunker, glipv2.phrases) and each result's `phrase_spans` says which."""
     cfg = _postprocess_config(backend, req.score_threshold, req.max_detections)
     built = [ground_prompt(it.caption, it.phrases) for it in req.images]
-    out = await _detect(settings, backend, batcher, [source_of(it) for it in req.images],
-                        [p for p, _ in built], cfg)
+    out = await within_deadline(settings, _detect(settings, backend, batcher, loader,
+                                                  [source_of(it) for it in req.images], [p for p, _ in built], cfg))
     return GroundResponse(
         model=out.model,
         timings=out.timings,
@@ -127,6 +122,7 @@ async def detect_upload(
     settings: SettingsDep,
     backend: BackendDep,
     batcher: BatcherDep,
+    loader: LoaderDep,
     image: Annotated[UploadFile, File(description="JPEG, PNG or WebP file")],
     prompt: Annotated[str, Form(min_length=1, max_length=MAX_PROMPT_CHARS,
                                 description="phrases separated by '.': 'red circle. star.'")],
@@ -134,4 +130,5 @@ async def detect_upload(
     max_detections: Annotated[int | None, Form(ge=1, le=1000)] = None,
 ) -> DetectResponse:
     cfg = _postprocess_config(backend, score_threshold, max_detections)
-    return await _detect(settings, backend, batcher, [await read_upload(image)], [prompt], cfg)
+    return await within_deadline(settings, _detect(settings, backend, batcher, loader, [await read_upload(image)],
+                                                   [prompt], cfg))

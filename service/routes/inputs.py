@@ -3,22 +3,25 @@ per-request image limit, decoding + letterboxing, timings and the documented err
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Awaitable, Sequence, TypeVar
 
 import numpy as np
 from fastapi import UploadFile
 
 from glipv2.boxes import Letterbox
 from glipv2.image import letterbox
-from service.backends import Backend
 from service.batcher import Timed
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import InvalidInput, PayloadTooLarge, RequestTimeout
 from service.images import ImageURL, decode_base64, decode_image, fetch_url, parse_allowlist
 from service.schemas import ErrorResponse, Timings
 from service.settings import Settings
 
 Source = str | bytes | ImageURL
+T = TypeVar("T")
 
 
 def error_responses(bad_text: str) -> dict:
@@ -60,22 +63,67 @@ class LoadedImage:
     size: tuple[int, int]  # original (width, height)
 
 
-def _raw(image: Source, settings: Settings) -> bytes:
-    if isinstance(image, ImageURL):
-        return fetch_url(image.url, parse_allowlist(settings.url_allowlist), max_bytes=settings.max_body_bytes,
-                         timeout_s=settings.url_timeout_s, max_redirects=settings.url_max_redirects)
-    return decode_base64(image, settings.max_body_bytes) if isinstance(image, str) else image
+def _decode(raw: bytes, max_pixels: int, image_hw: tuple[int, int]) -> LoadedImage:
+    """Blocking: bytes -> letterboxed pixels. Only the small letterboxed copy outlives the
+    call, so the full-size pixels in memory are at most one image per decode thread."""
+    pixels_hwc = decode_image(raw, max_pixels)
+    pixels, lb = letterbox(pixels_hwc, image_hw)
+    return LoadedImage(pixels, lb, (pixels_hwc.shape[1], pixels_hwc.shape[0]))
 
 
-def load_images(backend: Backend, settings: Settings, images: Sequence[Source]) -> list[LoadedImage]:
-    """Blocking (run in a thread): fetch/decode (base64 str, raw bytes or an allowed URL)
-    and letterbox every image."""
-    out = []
-    for image in images:
-        pixels_hwc = decode_image(_raw(image, settings), settings.max_image_pixels)
-        pixels, lb = letterbox(pixels_hwc, backend.image_hw)
-        out.append(LoadedImage(pixels, lb, (pixels_hwc.shape[1], pixels_hwc.shape[0])))
-    return out
+class ImageLoader:
+    """Fetches and decodes the images of requests in pools of its own: decoding in
+    `decode_threads` threads (so the full-size pixels in flight are bounded however many
+    requests arrive, and the default pool stays free for readiness checks), URL fetches
+    in another (a slow origin holds a fetch thread, never a decoder)."""
+
+    def __init__(self, settings: Settings, image_hw: tuple[int, int]) -> None:
+        self.settings = settings
+        self.image_hw = tuple(image_hw)
+        self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.fetch_pool = ThreadPoolExecutor(settings.url_fetch_threads, thread_name_prefix="fetch")
+        self.allowlist = parse_allowlist(settings.url_allowlist)
+
+    async def run(self, fn, *args):
+        """fn(*args) in the decode pool (tokenizing, decoding: the request's CPU work)."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+
+    async def _raw(self, image: Source) -> bytes:
+        s = self.settings
+        if isinstance(image, ImageURL):
+            return await asyncio.get_running_loop().run_in_executor(
+                self.fetch_pool, functools.partial(fetch_url, image.url, self.allowlist, max_bytes=s.max_body_bytes,
+                                                   timeout_s=s.url_timeout_s, max_redirects=s.url_max_redirects,
+                                                   allow_private=s.url_allow_private))
+        return decode_base64(image, s.max_body_bytes) if isinstance(image, str) else image
+
+    async def _one(self, image: Source) -> LoadedImage:
+        return await self.run(_decode, await self._raw(image), self.settings.max_image_pixels, self.image_hw)
+
+    async def load(self, images: Sequence[Source]) -> list[LoadedImage]:
+        """Every image fetched/decoded (base64 str, raw bytes or an allowed URL) and
+        letterboxed. When one fails, or the request's deadline cancels this, the images
+        not started yet are never decoded."""
+        tasks = [asyncio.ensure_future(self._one(im)) for im in images]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def close(self) -> None:
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.fetch_pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def within_deadline(settings: Settings, work: Awaitable[T]) -> T:
+    """The request's whole work (fetching, decoding, queue, inference) within
+    request_timeout_s, else 504 (decoding used to run outside any deadline)."""
+    try:
+        return await asyncio.wait_for(work, settings.request_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"request took longer than {settings.request_timeout_s:g} s",
+                             limit=settings.request_timeout_s) from None
 
 
 def timings(started: float, decoded: float, done: float, timed: Sequence[Timed]) -> Timings:

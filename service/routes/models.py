@@ -26,7 +26,24 @@ async def models(backend: BackendDep) -> ModelsResponse:
 
 @router.get("/stats")
 async def stats(request: Request, backend: BackendDep, batcher: BatcherDep) -> dict:
-    """Counters: batches formed and their sizes (per task), queue depth, prompt-cache hits/misses."""
+    """Counters: batches formed and their sizes (per task), queue depth, prompt-cache hits/misses,
+    admission (requests in progress, shed at the door)."""
     batchers = getattr(request.app.state, "batchers", None) or {"detect": batcher}
-    return {"batcher": batcher.stats(), "batchers": {k: b.stats() for k, b in batchers.items()},
-            "backend": backend.stats()}
+    out = {"batcher": batcher.stats(), "batchers": {k: b.stats() for k, b in batchers.items()},
+           "backend": backend.stats()}
+    admission = _admission(request.app)
+    if admission is not None:
+        out["admission"] = admission.stats()
+    return out
+
+
+def _admission(app):
+    """The app's AdmissionMiddleware instance (built by Starlette when the app starts)."""
+    from service.admission import AdmissionMiddleware
+
+    layer = getattr(app, "middleware_stack", None)
+    while layer is not None:
+        if isinstance(layer, AdmissionMiddleware):
+            return layer
+        layer = getattr(layer, "app", None)
+    return None

@@ -6,7 +6,6 @@ concurrent caption requests decode as one batch."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated
 
@@ -15,9 +14,10 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from glipv2.captioning import DEFAULT_MAX_LEN, MAX_BEAM
 from service.backends.base import CaptionItem, VqaItem
 from service.batcher import MicroBatcher
-from service.deps import BackendDep, SettingsDep, require_api_key
+from service.deps import BackendDep, LoaderDep, SettingsDep, require_api_key
 from service.errors import BackendUnavailable, InvalidInput, NotSupported
-from service.routes.inputs import Source, check_image_count, error_responses, load_images, read_upload, source_of, timings
+from service.routes.inputs import (ImageLoader, Source, check_image_count, error_responses, read_upload, source_of,
+                                   timings, within_deadline)
 from service.schemas import (MAX_QUESTION_CHARS, MAX_TOP_ANSWERS, CaptionRequest, CaptionResponse, CaptionResult,
                              ScoredAnswer, VqaRequest, VqaResponse, VqaResult)
 
@@ -48,23 +48,20 @@ VqaBatcher = Annotated[MicroBatcher, Depends(vqa_batcher)]
 CaptionBatcher = Annotated[MicroBatcher, Depends(caption_batcher)]
 
 
-async def _vqa(settings, backend, batcher: MicroBatcher, images: list[Source], questions: list[str],
-               top_k: int) -> VqaResponse:
+async def _vqa(settings, backend, batcher: MicroBatcher, loader: ImageLoader, images: list[Source],
+               questions: list[str], top_k: int) -> VqaResponse:
     started = time.perf_counter()
     check_image_count(settings, len(images))
-
-    def prepare() -> tuple[list[VqaItem], list[tuple[int, int]]]:
-        ids = [backend.encode_question(q) for q in questions]  # 422 before any image work
-        loaded = load_images(backend, settings, images)
-        return [VqaItem(im.pixels, q, top_k) for im, q in zip(loaded, ids)], [im.size for im in loaded]
-
-    items, sizes = await asyncio.to_thread(prepare)
+    ids = await loader.run(lambda: [backend.encode_question(q) for q in questions])  # 422 before any image work
+    loaded = await loader.load(images)
+    items = [VqaItem(im.pixels, q, top_k) for im, q in zip(loaded, ids)]
     decoded = time.perf_counter()
     timed = await batcher.submit_many(items)
     results = [
-        VqaResult(width=w, height=h, question=q, answer=t.value.answer, score=round(t.value.score, 4),
+        VqaResult(width=im.size[0], height=im.size[1], question=q, answer=t.value.answer,
+                  score=round(t.value.score, 4),
                   top_answers=[ScoredAnswer(answer=a, score=round(s, 4)) for a, s in t.value.top])
-        for q, (w, h), t in zip(questions, sizes, timed)
+        for q, im, t in zip(questions, loaded, timed)
     ]
     return VqaResponse(model=backend.manifest.get("preset", "glipv2"), results=results,
                        timings=timings(started, decoded, time.perf_counter(), timed))
@@ -77,59 +74,59 @@ def _max_len(backend, requested: int | None) -> int:
     return requested or min(DEFAULT_MAX_LEN, limit)
 
 
-async def _caption(settings, backend, batcher: MicroBatcher, images: list[Source], max_len: int | None,
-                   beam_size: int) -> CaptionResponse:
+async def _caption(settings, backend, batcher: MicroBatcher, loader: ImageLoader, images: list[Source],
+                   max_len: int | None, beam_size: int) -> CaptionResponse:
     started = time.perf_counter()
     check_image_count(settings, len(images))
     length = _max_len(backend, max_len)
-
-    def prepare() -> tuple[list[CaptionItem], list[tuple[int, int]]]:
-        loaded = load_images(backend, settings, images)
-        return [CaptionItem(im.pixels, beam_size, length) for im in loaded], [im.size for im in loaded]
-
-    items, sizes = await asyncio.to_thread(prepare)
+    loaded = await loader.load(images)
+    items = [CaptionItem(im.pixels, beam_size, length) for im in loaded]
     decoded = time.perf_counter()
     timed = await batcher.submit_many(items)
-    results = [CaptionResult(width=w, height=h, caption=t.value.text, logprob=round(t.value.logprob, 4),
-                             num_tokens=t.value.num_tokens) for (w, h), t in zip(sizes, timed)]
+    results = [CaptionResult(width=im.size[0], height=im.size[1], caption=t.value.text,
+                             logprob=round(t.value.logprob, 4), num_tokens=t.value.num_tokens)
+               for im, t in zip(loaded, timed)]
     return CaptionResponse(model=backend.manifest.get("preset", "glipv2"), results=results,
                            timings=timings(started, decoded, time.perf_counter(), timed))
 
 
 @router.post("/vqa", response_model=VqaResponse, responses=error_responses("empty or over-long question (256 tokens)"),
              summary="Answer a question about each image (JSON, base64 images)")
-async def vqa(req: VqaRequest, settings: SettingsDep, backend: BackendDep, batcher: VqaBatcher) -> VqaResponse:
-    return await _vqa(settings, backend, batcher, [source_of(it) for it in req.images],
-                      [it.question for it in req.images], req.top_k)
+async def vqa(req: VqaRequest, settings: SettingsDep, backend: BackendDep, batcher: VqaBatcher,
+              loader: LoaderDep) -> VqaResponse:
+    return await within_deadline(settings, _vqa(settings, backend, batcher, loader, [source_of(it) for it in req.images],
+                                                [it.question for it in req.images], req.top_k))
 
 
 @router.post("/vqa/upload", response_model=VqaResponse,
              responses=error_responses("empty or over-long question (256 tokens)"),
              summary="Answer a question about one uploaded image (multipart/form-data)")
 async def vqa_upload(
-    settings: SettingsDep, backend: BackendDep, batcher: VqaBatcher,
+    settings: SettingsDep, backend: BackendDep, batcher: VqaBatcher, loader: LoaderDep,
     image: Annotated[UploadFile, File(description="JPEG, PNG or WebP file")],
     question: Annotated[str, Form(min_length=1, max_length=MAX_QUESTION_CHARS)],
     top_k: Annotated[int, Form(ge=1, le=MAX_TOP_ANSWERS)] = 5,
 ) -> VqaResponse:
-    return await _vqa(settings, backend, batcher, [await read_upload(image)], [question], top_k)
+    return await within_deadline(settings, _vqa(settings, backend, batcher, loader, [await read_upload(image)],
+                                                [question], top_k))
 
 
 @router.post("/caption", response_model=CaptionResponse, responses=error_responses("max_len over the model's limit"),
              summary="Caption each image (JSON, base64 images)")
 async def caption(req: CaptionRequest, settings: SettingsDep, backend: BackendDep,
-                  batcher: CaptionBatcher) -> CaptionResponse:
-    return await _caption(settings, backend, batcher, [source_of(it) for it in req.images], req.max_len,
-                          req.beam_size)
+                  batcher: CaptionBatcher, loader: LoaderDep) -> CaptionResponse:
+    return await within_deadline(settings, _caption(settings, backend, batcher, loader,
+                                                    [source_of(it) for it in req.images], req.max_len, req.beam_size))
 
 
 @router.post("/caption/upload", response_model=CaptionResponse,
              responses=error_responses("max_len over the model's limit"),
              summary="Caption one uploaded image (multipart/form-data)")
 async def caption_upload(
-    settings: SettingsDep, backend: BackendDep, batcher: CaptionBatcher,
+    settings: SettingsDep, backend: BackendDep, batcher: CaptionBatcher, loader: LoaderDep,
     image: Annotated[UploadFile, File(description="JPEG, PNG or WebP file")],
     max_len: Annotated[int | None, Form(ge=1, le=255)] = None,
     beam_size: Annotated[int, Form(ge=1, le=MAX_BEAM)] = 1,
 ) -> CaptionResponse:
-    return await _caption(settings, backend, batcher, [await read_upload(image)], max_len, beam_size)
+    return await within_deadline(settings, _caption(settings, backend, batcher, loader, [await read_upload(image)],
+                                                    max_len, beam_size))
