@@ -282,10 +282,19 @@ def free_port(exclude: set[int] | frozenset[int] = frozenset()) -> int:
 
 
 def _pdeathsig() -> None:  # runs in the child: the server dies with its parent
+    os.setpgrp()  # its own process group, which its python-backend stubs inherit: stop() ends them all
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _join_paths(*parts: str | None) -> str:
@@ -334,11 +343,14 @@ class TritonServer:
         self.shm_growth_bytes = int(shm_growth_bytes)
         self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen | None = None
+        # the python backend's shared-memory regions in /dev/shm start with this
+        self.shm_prefix = f"glipv2_{os.getpid()}_{secrets.token_hex(4)}_"
         self.startup_s: float | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log_handle = None
         self.log_path: Path | None = None
         self._started_at = 0.0
+        self._pgid: int | None = None
 
     # --- addresses
     @property
@@ -363,7 +375,7 @@ class TritonServer:
     def command(self) -> list[str]:
         assert self.root is not None
         server = self.root / SERVER_DIR
-        prefix = f"glipv2_{os.getpid()}_{secrets.token_hex(4)}_"
+        prefix = self.shm_prefix
         args = [
             str(server / "bin" / "tritonserver"),
             "--model-repository", str(self.repository),
@@ -414,6 +426,7 @@ class TritonServer:
             self.command(), env=self.environment(), stdin=subprocess.DEVNULL, stdout=self._log_handle,
             stderr=subprocess.STDOUT, cwd=self._tmp.name, preexec_fn=_pdeathsig,
         )
+        self._pgid = self.process.pid  # _pdeathsig made it a group leader
         return self
 
     def log_tail(self, lines: int = 40) -> str:
@@ -457,8 +470,34 @@ class TritonServer:
                 raise TritonServerError(f"tritonserver not ready after {timeout:.0f} s; log tail:\n{tail}")
             time.sleep(0.1)
 
+    def kill(self) -> None:
+        """SIGKILL tritonserver alone, as a crash or the OOM killer would (tests of the
+        gateway's recovery); stop() then clears what it leaves behind."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def leftovers(self) -> tuple[list[int], list[str]]:
+        """(pids still in the server's process group, its shared-memory files in /dev/shm)."""
+        pids = []
+        pgid = self._pgid
+        if pgid is not None:
+            for d in Path("/proc").iterdir():
+                if d.name.isdigit():
+                    try:
+                        if os.getpgid(int(d.name)) == pgid:
+                            pids.append(int(d.name))
+                    except (ProcessLookupError, PermissionError):
+                        pass
+        shm = Path("/dev/shm")
+        files = sorted(str(f) for f in shm.glob(self.shm_prefix + "*")) if shm.is_dir() else []
+        return pids, files
+
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGINT (Triton unloads the models and exits), then SIGKILL after `timeout` s."""
+        """SIGINT (Triton unloads the models and exits), then SIGKILL after `timeout` s;
+        then whatever is left of its process group (python-backend stubs orphaned when the
+        server was killed: about 125 MB each) is killed and its shared-memory regions are
+        removed."""
         proc, self.process = self.process, None
         code = None
         if proc is not None:
@@ -470,10 +509,29 @@ class TritonServer:
                     proc.kill()
                     proc.wait()
             code = proc.returncode
+        self._reap_group()
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
         return code
+
+    def _reap_group(self) -> None:
+        pgid, self._pgid = self._pgid, None
+        if pgid is not None and _group_alive(pgid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            deadline = time.monotonic() + 5.0
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        shm = Path("/dev/shm")
+        if shm.is_dir():
+            for f in shm.glob(self.shm_prefix + "*"):
+                try:
+                    f.unlink()
+                except OSError:
+                    pass
 
     def cleanup(self) -> None:
         """stop() and remove the temporary folder holding the log."""
@@ -580,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  HTTP    {server.url_http}\n  gRPC    {server.url_grpc}\n  metrics {server.url_metrics}")
         print(f"  log     {server.log_path}\nCtrl-C to stop.", flush=True)
         code = server.process.wait() if server.process else 0
-        if code == 0:  # it got the signal too (Ctrl-C reaches the whole process group)
+        if code == 0:  # it stopped by itself (a signal sent to its own process group)
             print("tritonserver stopped", file=sys.stderr)
             return 0
         print(f"tritonserver exited with code {code}:\n{server.log_tail()}", file=sys.stderr)
