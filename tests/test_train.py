@@ -97,6 +97,7 @@ def test_torchrun_two_processes_with_accumulation(tmp_path):
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.train", *args],
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "find_unused_parameters" not in proc.stderr, proc.stderr[-3000:]  # DDP set right for the task mix
     ckpt = torch.load(tmp_path / "checkpoints" / "step_00000003.pt", weights_only=False)
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # each rank's RNG is kept
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -114,6 +115,7 @@ def test_torchrun_multitask(tmp_path):
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.train", *args],
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "find_unused_parameters" not in proc.stderr, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["vqa"] > 0 and r["caption"] > 0 for r in records)

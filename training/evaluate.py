@@ -264,15 +264,22 @@ class _Split:
     entries_by_file: dict[str, list[int]]   # file name -> grounding entry indices
 
 
-def _open_split(val_dir: str | os.PathLike) -> _Split:
+def check_split(val_dir: str | os.PathLike) -> Path:
+    """The files an evaluation reads exist (cheap: training calls it before its first step)."""
     root = Path(val_dir)
+    hint = f"; generate it with: .venv/bin/python -m training.generate --out {root} --split val --num-images 500 --seed 1"
     if not root.is_dir():
-        raise DatasetError(f"{root}: val directory not found")
+        raise DatasetError(f"{root}: val directory not found{hint}")
     for name in ("instances.json", "grounding.json"):
         if not (root / name).is_file():
-            raise DatasetError(f"{root / name}: file not found")
+            raise DatasetError(f"{root / name}: file not found{hint}")
     if not (root / "images").is_dir():
-        raise DatasetError(f"{root / 'images'}: image directory not found")
+        raise DatasetError(f"{root / 'images'}: image directory not found{hint}")
+    return root
+
+
+def _open_split(val_dir: str | os.PathLike) -> _Split:
+    root = check_split(val_dir)
     det = CocoDetectionDataset(root / "instances.json", root / "images")
     grounding = GroundingDataset(root / "grounding.json", root / "images")
     instances = load_json(root / "instances.json")

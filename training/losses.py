@@ -114,8 +114,9 @@ class GLIPv2Loss:
     def _mlm(self, model: GLIPv2, out: DetectorOutput, batch: Batch) -> torch.Tensor:
         labels = batch.mlm_labels
         masked = labels >= 0
-        if not masked.any():
-            return model.mlm_head.bias.sum() * 0 + out.head.fused_text.sum() * 0
+        if not masked.any():  # a zero that still reaches every MLM parameter (DDP needs them all)
+            zero = out.head.fused_text.sum() * 0
+            return zero + sum(p.sum() * 0 for p in model.mlm_head.parameters() if p.requires_grad)
         logits = model.mlm_head(out.head.fused_text[masked])
         return F.cross_entropy(logits, labels[masked])
 

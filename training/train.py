@@ -207,8 +207,44 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training; returns the final metrics."""
+# Fields that change what a resumed run trains on or how: resuming with another value
+# would silently give a run that matches neither setting. max_steps is not among them:
+# raising it is how a finished run is trained further.
+RESUME_FIELDS = ("batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "train_data",
+                 "data_seed", "grounding_fraction", "seed", "loss")
+
+
+class RunFinished(Exception):
+    """The run's newest checkpoint is already at max_steps: nothing to train."""
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Everything a run reads later exists now: a run should not train for an hour and
+    then fail on a missing validation split."""
+    if cfg.val_dir:
+        from training.evaluate import check_split
+
+        check_split(cfg.val_dir)
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise FileNotFoundError(f"--init-from {cfg.init_from}: checkpoint not found")
+
+
+def check_resume(saved: dict[str, Any], cfg: TrainConfig, world_size: int, path: Path) -> None:
+    """Refuse to resume with settings that change the training itself (see RESUME_FIELDS)."""
+    ours = cfg.to_dict()
+    changed = [f"{k}: {saved[k]!r} -> {ours[k]!r}" for k in RESUME_FIELDS if k in saved and saved[k] != ours[k]]
+    saved_world = saved.get("world_size", world_size)
+    if saved_world != world_size:  # each rank reads its own share of every batch
+        changed.append(f"processes: {saved_world} -> {world_size}")
+    if changed:
+        raise CheckpointError(f"{path} was trained with other settings ({'; '.join(changed)}); resume with the "
+                              "same ones, pass --allow-changed-config to continue anyway, or use a new --out-dir")
+
+
+def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any]:
+    """Run (or resume) training; returns the final metrics. Raises RunFinished when the
+    run's newest checkpoint is already at max_steps."""
+    check_inputs(cfg)
     device_hint = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
     info = init_distributed(device_hint)
     device = _device(cfg, info)
@@ -222,6 +258,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     model_cfg = cfg.model_config()
     model = build_model(model_cfg).to(device)
+    if cfg.loss.mlm <= 0:
+        # A head no loss trains is frozen: DDP then needs no search for unused parameters.
+        model.mlm_head.requires_grad_(False)
     tokenizer = Tokenizer(max_tokens=model_cfg.max_tokens)
     understanding = bool(model_cfg.vqa_answers or model_cfg.caption_tokens)
     samples: ConcatSamples = build_datasets(cfg.train_data, cfg.data_seed, cfg.grounding_fraction, understanding)
@@ -239,19 +278,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ckpt = read_checkpoint(resume_from)
         if ckpt.get("model_config") != model_cfg.to_dict():
             raise CheckpointError(f"{resume_from} was trained with another model config; use a new --out-dir")
+        if ckpt["step"] >= cfg.max_steps:
+            raise RunFinished(f"{cfg.out_dir} is finished: step {ckpt['step']} of {cfg.max_steps} "
+                              f"({resume_from}). Nothing to train; raise --max-steps to train further, or use a "
+                              "new --out-dir for a new run")
+        if not allow_changed_config:
+            check_resume({**ckpt.get("train_config", {}), "world_size": _world_of(ckpt)}, cfg, info.world_size,
+                         resume_from)
         load_model_weights(model, model_cfg, ckpt["model"], f"checkpoint {resume_from}")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
-        step, best = ckpt["step"], ckpt.get("best")
+        rng = ckpt["rng"]
+        _set_rng_state(rng[info.rank % len(rng)] if isinstance(rng, list) else rng)
+        step, best = ckpt["step"], _best_score(cfg, ckpt.get("best"))
     elif cfg.init_from:
         init_weights(model, model_cfg, cfg.init_from)
 
     step_module = TrainingStep(model, GLIPv2Loss(cfg.loss, _anchors_per_level(model_cfg)))
     # Losses run inside DDP's forward (the MLM head and the contrastive loss use parameters
-    # too); find_unused_parameters covers batches where a loss has nothing to train.
-    ddp = DistributedDataParallel(step_module, find_unused_parameters=True) if info.world_size > 1 else None
+    # too). Every loss that is on keeps its parameters in the graph even on a batch where it
+    # has nothing to train (a zero term), and a head whose loss is off is frozen, so every
+    # trainable parameter gets a gradient at every step: no unused-parameter search (and no
+    # DDP warning about a search that found nothing). Only the detection losses switched
+    # off leave trainable parameters without a gradient.
+    find_unused = any(getattr(cfg.loss, k) <= 0 for k in ("grounding", "box_giou", "centerness"))
+    ddp = (DistributedDataParallel(step_module, find_unused_parameters=find_unused)
+           if info.world_size > 1 else None)
     net = ddp or step_module
     text_cache = TextFeatureCache(model.encode_text, cfg.text_cache) if model_cfg.freeze_text else None
     data = MicroBatches(samples, collate, cfg.batch_size, info.rank, info.world_size, cfg.data_seed)
@@ -268,6 +321,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model.train()
     t_last, images_since = time.perf_counter(), 0
     metrics: dict[str, Any] = {}
+    if info.is_main and step:
+        print(f"resuming {cfg.out_dir} from {resume_from} (step {step} of {cfg.max_steps})", file=sys.stderr)
     while step < cfg.max_steps:
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
@@ -308,6 +363,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 record["text_cache_hit_rate"] = text_cache.hits / max(1, text_cache.hits + text_cache.misses)
             log.train(record)
             t_last, images_since = now, 0
+        # Save before evaluating: an evaluation that fails must not cost the training.
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save_checkpoint(checkpoint_dir(cfg) / f"step_{step:08d}.pt", model, model_cfg, optimizer, scheduler,
+                            scaler, step, best, cfg, metrics, rank=info.rank, world=info.world_size)
         if cfg.val_dir and info.is_main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             metrics = evaluate_model(model, tokenizer, cfg)
             model.train()
@@ -317,9 +376,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 best = score
                 save_checkpoint(Path(cfg.out_dir) / "best.pt", model, model_cfg, optimizer, scheduler, scaler,
                                 step, best, cfg, metrics)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save_checkpoint(checkpoint_dir(cfg) / f"step_{step:08d}.pt", model, model_cfg, optimizer, scheduler,
-                            scaler, step, best, cfg, metrics, rank=info.rank, world=info.world_size)
     progress.close()
     log.close()
     return metrics
@@ -372,6 +428,21 @@ def _float_outputs(out):
     h = out.head
     head = type(h)(*(t.float() for t in (h.box_deltas, h.centerness, h.regions, h.tokens, h.token_bias, h.fused_text)))
     return type(out)(out.boxes.float(), out.logits.float(), out.centerness.float(), head)
+
+
+def _world_of(ckpt: dict[str, Any]) -> int:
+    """How many processes wrote a checkpoint (each rank's RNG state is kept)."""
+    return len(ckpt["rng"]) if isinstance(ckpt.get("rng"), list) else 1
+
+
+def _best_score(cfg: TrainConfig, resumed: float | None) -> float | None:
+    """The step checkpoint is written before the evaluation of its step, so best.pt may
+    hold a newer best score than the checkpoint a run resumes from."""
+    path = Path(cfg.out_dir) / "best.pt"
+    if not path.is_file():
+        return resumed
+    theirs = read_checkpoint(path).get("best")
+    return theirs if resumed is None or (theirs is not None and theirs > resumed) else resumed
 
 
 def _anchors_per_level(cfg: ModelConfig) -> list[int]:
@@ -437,16 +508,23 @@ def build_parser() -> argparse.ArgumentParser:
                        default=None, help=f"LossConfig.{f.name} (default: {f.default})")
     p.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                    help='override a ModelConfig field, e.g. --model image_hw=[128,128] (repeatable)')
+    p.add_argument("--allow-changed-config", action="store_true",
+                   help="resume even when batch size, learning rate, data or loss settings differ from the "
+                        "checkpoint's (refused otherwise)")
     return p
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    return _parse(argv)[0]
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     args = build_parser().parse_args(argv)
     values: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
     loss = dict(values.pop("loss", {}))
     model = dict(values.pop("model", {}))
     for key, v in vars(args).items():
-        if v is None or key in ("config", "model"):
+        if v is None or key in ("config", "model", "allow_changed_config"):
             continue
         if key.startswith("loss."):
             loss[key[5:]] = v
@@ -457,18 +535,36 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
         if not sep:
             raise SystemExit(f"--model expects FIELD=VALUE, got {item!r}")
         model[name] = _parse_value(raw)
-    return TrainConfig(**values, loss=LossConfig(**loss), model=model)
+    return TrainConfig(**values, loss=LossConfig(**loss), model=model), args
+
+
+def _results(out_dir: Path) -> str:
+    names = ["best.pt", "metrics.jsonl", "curves.png", "tensorboard"]
+    return ", ".join(str(out_dir / n) for n in names if (out_dir / n).exists())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    cfg = None
     try:
-        cfg = config_from_args(argv)
+        cfg, args = _parse(argv)
         cfg.model_config()  # validate overrides before any work
-        metrics = train(cfg)
+        metrics = train(cfg, allow_changed_config=args.allow_changed_config)
+    except RunFinished as e:
+        if is_main:
+            print(f"{e}\nresults: {_results(Path(cfg.out_dir))}", file=sys.stderr)
+        return 0
     except (ValueError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if metrics and int(os.environ.get("RANK", "0")) == 0:
+    except KeyboardInterrupt:
+        if is_main:
+            last = latest_checkpoint(cfg) if cfg is not None else None
+            where = (f"the newest checkpoint is {last}; rerun the same command to resume from it" if last else
+                     "no checkpoint was written yet (one every --save-every steps); rerun to start again")
+            print(f"\ninterrupted: {where}", file=sys.stderr)
+        return 130
+    if metrics and is_main:
         from training.evaluate import format_table
 
         print(format_table(metrics))
