@@ -26,6 +26,7 @@ from training.evaluate import (
     format_table,
     main,
     phrase_metrics,
+    precision_recall,
 )
 from training.shapes_world import COLOURS, SHAPES
 
@@ -133,6 +134,11 @@ def test_perfect_oracle_scores_one(val_dir):
             assert math.isnan(m[f"recall@1/{kind}"])
     assert m["phrase_ap50"] == 1.0
     assert m["seconds"] > 0
+    # every oracle box scores 0.9: all kept below it, none above it
+    sweep = {r["threshold"]: r for r in m["precision_recall"]}
+    assert sweep[0.85]["precision"] == 1.0 and sweep[0.85]["recall"] == 1.0
+    assert sweep[0.95]["recall"] == 0.0
+    assert m["f1_threshold"] <= 0.85 and m["f1@f1_threshold"] == 1.0
     table = format_table(m)
     assert "shape_ap50" in table and "recall@1/colour" in table
     widths = {len(line) for line in table.splitlines()}
@@ -310,3 +316,32 @@ def test_cli_smoke_random_tiny_model(val_dir, tmp_path, capsys):
     assert metrics["num_images"] == 2
     for key in ("shape_ap", "shape_ap50", "colour_ap", "colour_ap50"):
         assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_precision_recall_hand_example():
+    gt = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+          {"image_id": 1, "category_id": 1, "bbox": [20, 0, 10, 10]}]
+    dt = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.8},
+          {"image_id": 1, "category_id": 1, "bbox": [1, 0, 10, 10], "score": 0.6},  # duplicate: a false positive
+          {"image_id": 1, "category_id": 2, "bbox": [20, 0, 10, 10], "score": 0.4},  # other category
+          {"image_id": 1, "category_id": 1, "bbox": [20, 0, 10, 10], "score": 0.2}]
+    rows = {r["threshold"]: r for r in precision_recall([(gt, dt)], thresholds=(0.1, 0.5, 0.7, 0.9))}
+    assert (rows[0.7]["precision"], rows[0.7]["recall"]) == (1.0, 0.5)
+    assert (rows[0.5]["precision"], rows[0.5]["recall"]) == (0.5, 0.5)
+    assert (rows[0.1]["precision"], rows[0.1]["recall"]) == (0.5, 1.0)
+    assert (rows[0.9]["precision"], rows[0.9]["recall"]) == (0.0, 0.0)
+    assert rows[0.1]["f1"] == pytest.approx(2 * 0.5 / 1.5)
+
+
+def test_cli_tasks_the_checkpoint_lacks_say_why(val_dir, tmp_path, capsys):
+    import glipv2.checkpoint as ck
+    from glipv2.config import get_preset
+    from glipv2.modeling.glipv2 import build_model
+
+    cfg = get_preset("tiny").replace(image_hw=(128, 128))
+    path = tmp_path / "det_only.pt"
+    ck.atomic_save({"format": ck.FORMAT, "model_config": cfg.to_dict(),
+                    "model": ck.model_state(build_model(cfg), cfg)}, path)
+    assert main(["--checkpoint", str(path), "--data", str(val_dir), "--tasks", "vqa", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has no vqa head" in err and "--loss-vqa 1" in err and "--tasks detection" in err, err

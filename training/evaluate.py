@@ -120,6 +120,59 @@ def _nan_to_none(v: object) -> object:
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
+# --------------------------------------------------------------------------- score threshold
+# The thresholds a precision/recall sweep reports (what a user would set in the API).
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def _true_positives(gt: list[dict], dt: list[dict], iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, tp) of every detection: greedy matching in score order per (image,
+    category), IoU >= iou_threshold, each ground-truth box matched once. Matching in score
+    order makes "tp among detections above t" the same as matching only those."""
+    by_key: dict[tuple[int, int], list[list[float]]] = {}
+    for a in gt:
+        x, y, w, h = a["bbox"]
+        by_key.setdefault((a["image_id"], a["category_id"]), []).append([x, y, x + w, y + h])
+    order = sorted(range(len(dt)), key=lambda i: -dt[i]["score"])
+    used: dict[tuple[int, int], np.ndarray] = {k: np.zeros(len(v), bool) for k, v in by_key.items()}
+    scores, tp = np.zeros(len(dt)), np.zeros(len(dt), bool)
+    for n, i in enumerate(order):
+        d = dt[i]
+        key = (d["image_id"], d["category_id"])
+        scores[n] = d["score"]
+        if key not in by_key:
+            continue
+        x, y, w, h = d["bbox"]
+        ious = box_iou(np.array([[x, y, x + w, y + h]]), np.array(by_key[key]))[0]
+        ious[used[key]] = -1
+        j = int(np.argmax(ious))
+        if ious[j] >= iou_threshold:
+            used[key][j], tp[n] = True, True
+    return scores, tp
+
+
+def precision_recall(pairs: Sequence[tuple[list[dict], list[dict]]],
+                     thresholds: Sequence[float] = THRESHOLDS) -> list[dict[str, float]]:
+    """Precision, recall and F1 of the detections scoring above t, for each threshold t, over
+    (ground truth, detections) pairs of COCO-style records (bbox xywh)."""
+    scores, tp, num_gt = [], [], 0
+    for gt, dt in pairs:
+        s, t = _true_positives(gt, dt)
+        scores.append(s)
+        tp.append(t)
+        num_gt += len(gt)
+    s, t = np.concatenate(scores), np.concatenate(tp)
+    rows = []
+    for thr in thresholds:
+        kept = s > thr  # as the postprocess: detections scoring above the threshold
+        hits = int((t & kept).sum())
+        precision = hits / max(1, int(kept.sum()))
+        recall = hits / max(1, num_gt)
+        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+        rows.append({"threshold": float(thr), "precision": precision, "recall": recall, "f1": f1})
+    return rows
+
+
 # --------------------------------------------------------------------------- COCO (pycocotools)
 def _coco(images: list[dict], categories: list[dict], anns: list[dict]):
     from pycocotools.coco import COCO
@@ -414,6 +467,13 @@ def evaluate_detection(predict_fn: PredictFn, val_dir: str | os.PathLike,
         "colour_ap": colour_ap,
         "colour_ap50": colour_ap50,
     }
+    # The score threshold a user should start from: best F1 over the shape prompts and the
+    # colour-qualified prompts (which name absent objects too), as the API would see them.
+    sweep = precision_recall([(shape_gt, shape_dt), (colour_gt, colour_dt)])
+    best = max(sweep, key=lambda r: r["f1"])
+    metrics.update({"f1_threshold": best["threshold"], "precision@f1_threshold": best["precision"],
+                    "recall@f1_threshold": best["recall"], "f1@f1_threshold": best["f1"]})
+    metrics["precision_recall"] = sweep
     metrics.update(phrase_metrics(phrase_queries))
     metrics["num_grounding_entries"] = n_entries
     metrics["seconds"] = time.perf_counter() - t0
@@ -434,7 +494,7 @@ def format_table(metrics: dict) -> str:
                    key=lambda s: (PHRASE_KINDS.index(s) if s in PHRASE_KINDS else len(PHRASE_KINDS), s))
     for kind in kinds:
         keys += [k for k in (f"recall@1/{kind}", f"phrase_ap50/{kind}", f"num_phrases/{kind}") if k in metrics]
-    keys += [k for k in metrics if k not in keys]
+    keys += [k for k in metrics if k not in keys and not isinstance(metrics[k], list)]
 
     def fmt(k: str, v: object) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -453,6 +513,13 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def format_precision_recall(rows: Sequence[dict[str, float]]) -> str:
+    """The threshold sweep as a table (what each API score_threshold would give)."""
+    lines = ["score_threshold  precision  recall     f1   (shape + colour-qualified prompts, IoU 0.5)"]
+    lines += [f"{r['threshold']:>15.2f}  {r['precision']:>9.3f}  {r['recall']:>6.3f}  {r['f1']:>5.3f}" for r in rows]
+    return "\n".join(lines)
+
+
 def evaluate_model_understanding(model, val_dir: str | os.PathLike, max_images: int | None, batch_size: int = 8,
                                  beam_size: int = 1, progress: bool = True,
                                  tasks: set[str] = frozenset({"vqa", "caption"})) -> dict:
@@ -468,6 +535,9 @@ def evaluate_model_understanding(model, val_dir: str | os.PathLike, max_images: 
 
 
 # --------------------------------------------------------------------------- CLI
+_ALL_TASKS = "detection,vqa,caption"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.evaluate",
                                  description="Evaluate a checkpoint on a shapes-world val split.")
@@ -478,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the metrics as JSON here")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--beam-size", type=int, default=1, help="caption beam size (1 = greedy)")
-    ap.add_argument("--tasks", default="detection,vqa,caption",
+    ap.add_argument("--tasks", default=_ALL_TASKS,
                     help="comma-separated subset of detection, vqa, caption (those the model has)")
     args = ap.parse_args(argv)
     tasks = set(args.tasks.split(","))
@@ -501,6 +571,15 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"checkpoint {ckpt_path} does not exist")
         _open_split(args.data)  # fail on a bad split before the (slower) model load
         model, _ = load_model(ckpt_path)
+        heads = {"vqa": model.vqa_head is not None, "caption": model.caption_decoder is not None}
+        lacking = sorted(t for t in tasks if not heads.get(t, True))
+        if lacking and args.tasks != _ALL_TASKS:  # asked for by name: say why nothing runs
+            flags = " ".join(f"--loss-{t} 1" for t in lacking)
+            raise CheckpointError(f"{ckpt_path} has no {' or '.join(lacking)} head (trained without {flags}); "
+                                  f"--tasks {','.join(sorted(set(tasks) - set(lacking)) or ['detection'])} "
+                                  "evaluates what it has")
+        for t in lacking:  # the default: evaluate what the checkpoint has, and say what it skips
+            print(f"note: {ckpt_path} has no {t} head; {t} not evaluated", file=sys.stderr)
         from glipv2.predict import TorchPredictor
 
         metrics = {}
@@ -516,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e).splitlines()[0])
 
     print(format_table(metrics))
+    if metrics.get("precision_recall"):
+        print("\n" + format_precision_recall(metrics["precision_recall"]))
     if args.out:
         out = Path(args.out)
         record = {"checkpoint": str(ckpt_path), "data": str(args.data),
