@@ -14,7 +14,7 @@ from service.batcher import MicroBatcher
 from service.errors import BackendUnavailable, install_error_handlers
 from service.metrics import Metrics
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
-from service.routes import demo, detect, health, metrics, models, understanding
+from service.routes import demo, detect, docs, health, metrics, models, understanding
 from service.routes.inputs import ImageLoader
 from service.settings import Settings
 
@@ -81,6 +81,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         description="Open-vocabulary detection, phrase grounding, visual question answering and captioning "
                     "with GLIPv2. Boxes are xyxy in original-image pixels.",
         lifespan=lifespan,
+        docs_url=None,  # served by routes/docs.py from local files (the defaults load a CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.backend = None
@@ -95,6 +97,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(demo.router)
+    app.include_router(docs.router)
     # Outermost first: request id (every response carries it, the access log sees every
     # status) -> API key (on the headers) -> admission (503 on the headers under overload)
     # -> body limits (size and time) -> the app. add_middleware puts each one outside the

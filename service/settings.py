@@ -20,7 +20,7 @@ OPEN_ENDPOINTS: dict[str, tuple[str, ...]] = {
     "live": ("/health/live",),
     "ready": ("/health/ready",),
     "metrics": ("/metrics",),
-    "docs": ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"),
+    "docs": ("/docs", "/docs/oauth2-redirect", "/docs/assets/*", "/redoc", "/openapi.json"),
     "demo": ("/", "/static/*"),
 }
 

@@ -230,3 +230,15 @@ def test_browser_asks_and_captions(server, browser, tmp_path):
     direct = httpx.post(server + "/v1/caption/upload", files={"image": ("s.png", png, "image/png")},
                         timeout=30).json()["results"][0]
     assert shown == "Caption: " + direct["caption"]
+
+
+def test_swagger_ui_renders_without_a_cdn(server, browser):
+    """/docs draws the API's operations from files the gateway serves (this machine has no
+    internet, so a CDN script would leave the page blank)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server + "/docs")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock"))
+    text = browser.find_element(By.TAG_NAME, "body").text
+    assert "/v1/detect" in text and "/v1/models" in text
