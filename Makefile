@@ -110,3 +110,20 @@ repository: setup
 export: setup
 	$(PY) -m export.build --checkpoint $(CHECKPOINT) --out $(REPOSITORY) --flavour $(FLAVOUR) \
 		--top-k $(TOP_K) --max-batch-size $(MAX_BATCH)
+
+# compose.yaml's cpu profile brought up for real with a Docker engine of the test's own
+# (installs docker.io, docker-compose and debootstrap when missing; builds a Debian base
+# image, the gateway and the cpu-flavour Triton images; 1-2 minutes when the images are
+# cached, 10-15 on a first run). Not part of `make test` (time budget); run before a release.
+.PHONY: compose-test
+compose-test: setup repository
+	$(PY) -m pytest -q -m compose tests/test_compose.py -p no:cacheprovider
+
+# The first thing to run on a GPU host (under 10 minutes): driver, ONNX Runtime on CUDA,
+# embedded latency GPU vs CPU, Triton under concurrency, the compose GPU profile with
+# TensorRT parity; figures in bench/results/gpu_check-<GPU>.json.
+.PHONY: gpu-check
+gpu-check: setup repository triton-server
+	@$(PY) -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" || \
+		($(PY) -m pip uninstall -y -q onnxruntime && $(PY) -m pip install -q -e ".[gpu]")
+	$(PY) -m bench.gpu_check

@@ -195,8 +195,10 @@ def stub_env_requirements() -> list[str]:
 
 
 def _base_python() -> str:
-    """The interpreter this venv was made from: its libpython is the one on LD_LIBRARY_PATH."""
-    return getattr(sys, "_base_executable", None) or sys.executable
+    """The interpreter this venv was made from: its libpython is the one on LD_LIBRARY_PATH.
+    Resolved through symlinks, so the models' venv made by a build step (run from a venv's
+    python3) is recognised by the server started later as plain python3."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 
 
 def ensure_python_env(env_dir: Path, requirements: list[str] | None = None) -> Path:
@@ -322,6 +324,7 @@ class TritonServer:
         shm_default_bytes: int = SHM_DEFAULT_BYTES,
         shm_growth_bytes: int = SHM_GROWTH_BYTES,
         extra_args: tuple[str, ...] | list[str] = (),
+        log_to_stdout: bool = False,
     ) -> None:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
@@ -342,6 +345,7 @@ class TritonServer:
         self.shm_default_bytes = int(shm_default_bytes)
         self.shm_growth_bytes = int(shm_growth_bytes)
         self.extra_args = tuple(extra_args)
+        self.log_to_stdout = bool(log_to_stdout)  # a container: the server's log is the container's log
         self.process: subprocess.Popen | None = None
         # the python backend's shared-memory regions in /dev/shm start with this
         self.shm_prefix = f"glipv2_{os.getpid()}_{secrets.token_hex(4)}_"
@@ -419,12 +423,15 @@ class TritonServer:
         if not (python_env / "bin" / "python").exists():
             raise TritonInstallError(f"the models' venv {python_env} does not exist: run install()")
         self._tmp = tempfile.TemporaryDirectory(prefix="tritonserver-")
-        self.log_path = Path(self._tmp.name) / "tritonserver.log"
-        self._log_handle = open(self.log_path, "wb")
+        if self.log_to_stdout:
+            self.log_path, self._log_handle = None, None
+        else:
+            self.log_path = Path(self._tmp.name) / "tritonserver.log"
+            self._log_handle = open(self.log_path, "wb")
         self._started_at = time.monotonic()
         self.process = subprocess.Popen(
             self.command(), env=self.environment(), stdin=subprocess.DEVNULL, stdout=self._log_handle,
-            stderr=subprocess.STDOUT, cwd=self._tmp.name, preexec_fn=_pdeathsig,
+            stderr=subprocess.STDOUT if self._log_handle else None, cwd=self._tmp.name, preexec_fn=_pdeathsig,
         )
         self._pgid = self.process.pid  # _pdeathsig made it a group leader
         return self
@@ -592,7 +599,7 @@ def batch_summary(stats: dict) -> dict:
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m export.local_triton", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_inst = sub.add_parser("install", help="download nvidia-pytriton and unpack its tritonserver")
@@ -608,7 +615,12 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--cache-dir", type=Path, default=None)
     p_serve.add_argument("--version", default=DEFAULT_VERSION)
     p_serve.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
-    args = ap.parse_args(argv)
+    p_serve.add_argument("--log-stdout", action="store_true", help="the server logs to stdout (in a container)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     try:
         root = install(args.cache_dir, args.version)
@@ -626,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, interrupt)  # also when started in the background (SIGINT ignored)
     signal.signal(signal.SIGTERM, interrupt)
     server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port, host=args.host,
-                          root=root, log_verbose=args.log_verbose)
+                          root=root, log_verbose=args.log_verbose, log_to_stdout=args.log_stdout)
     server.start()
     try:
         try:
@@ -636,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"tritonserver ready in {took:.1f} s on {args.repository}")
         print(f"  HTTP    {server.url_http}\n  gRPC    {server.url_grpc}\n  metrics {server.url_metrics}")
-        print(f"  log     {server.log_path}\nCtrl-C to stop.", flush=True)
+        print(f"  log     {server.log_path or 'stdout'}\nCtrl-C to stop.", flush=True)
         code = server.process.wait() if server.process else 0
         if code == 0:  # it stopped by itself (a signal sent to its own process group)
             print("tritonserver stopped", file=sys.stderr)

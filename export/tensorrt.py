@@ -972,7 +972,7 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m export.tensorrt", description=(
         "Build TensorRT engines (<model>/1/model.plan) from a model repository's ONNX files and check "
         "them against ONNX Runtime. Needs tensorrt 10.x and a CUDA GPU (NVIDIA's TensorRT container)."))
@@ -988,7 +988,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"(default ${TRITON_TAG_ENV} or {TRITON_TAG})")
     ap.add_argument("--rebuild", action="store_true",
                     help="build even when the manifest says the plans match this GPU, TensorRT and checkpoint")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     repo = Path(args.repository)
     manifest_path = repo / "manifest.json"

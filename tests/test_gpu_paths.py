@@ -165,3 +165,21 @@ def test_understanding_parity_finds_wrong_answers_and_captions(parity_setup):
     report = ets.ParityReport(images=3, reference_detections=1, candidate_detections=1, matched=1, missing=0,
                               extra=0, max_score_diff=0.0, min_iou=1.0, understanding=wrong_captions)
     assert not report.ok and "captions 3 (3 mismatched)" in report.summary()
+
+
+# --------------------------------------------------------------------------- make gpu-check
+
+
+@needs_repo
+@pytest.mark.skipif(ets.cuda_device_count() > 0, reason="a GPU is here: run `make gpu-check` itself")
+def test_gpu_check_without_a_gpu(tmp_path, capsys):
+    """The GPU host's first script: on a machine without a GPU it says so (exit 3); its
+    CPU halves run (--cpu-dry-run) and write their figures."""
+    from bench import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path / "r.json")]) == gpu_check.EXIT_NO_GPU
+    assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+    assert gpu_check.main(["--cpu-dry-run", "--skip-triton", "--rounds", "2", "--out", str(tmp_path / "r.json")]) == 0
+    result = __import__("json").loads((tmp_path / "r.json").read_text())
+    assert result["dry_run"] and result["embedded"]["cpu"]["device"] == "cpu"
+    assert result["embedded"]["cpu"]["batch8_ms"] > result["embedded"]["cpu"]["batch1_ms"] > 0
