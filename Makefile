@@ -29,6 +29,13 @@ JOBS    ?= 2
 mutants: setup triton-server browser repository
 	$(PY) mutants/run.py -j $(JOBS) $(foreach m,$(MUTANTS),-k '$(m)')
 
+# Fuzz target (issue 14): schemathesis over the OpenAPI schema with all its checks, real
+# images in generated requests (tests/test_service_fuzz.py); >= 2000 requests. `make test`
+# runs the same file with 8 examples per operation and mode.
+.PHONY: fuzz
+fuzz: setup repository
+	FUZZ_EXAMPLES=150 FUZZ_MIN_REQUESTS=2000 $(PY) -m pytest -q -s tests/test_service_fuzz.py
+
 # Debian's chromium + chromedriver for the demo page's browser test
 # (tests/test_service_browser.py); installed only when missing (CI runs as root).
 .PHONY: browser

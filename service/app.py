@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from contextlib import asynccontextmanager
 
@@ -30,6 +31,21 @@ def _wrap_failures(run_batch):
             raise BackendUnavailable(f"inference failed: {type(exc).__name__}") from exc
 
     return run
+
+
+def _openapi_without_security(app: FastAPI, generate) -> dict:
+    """The schema says what the server does: without GLIPV2_API_KEY no route needs the
+    X-API-Key header, so the security scheme the routes' dependency declares goes."""
+    if app.openapi_schema is None:
+        schema = generate()
+        for path in schema.get("paths", {}).values():
+            for op in path.values():
+                if isinstance(op, dict):
+                    op.pop("security", None)
+                    op.get("responses", {}).pop("401", None)
+        schema.get("components", {}).pop("securitySchemes", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
@@ -91,6 +107,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.state.loader = None
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    if settings.api_key is None:
+        app.openapi = functools.partial(_openapi_without_security, app, app.openapi)
     app.include_router(detect.router)
     app.include_router(understanding.router)
     app.include_router(models.router)

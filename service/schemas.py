@@ -29,8 +29,30 @@ _URL_DESCRIPTION = (
 MAX_URL_CHARS = 2048
 
 
+# An image field's OpenAPI format: base64 of a JPEG, PNG or WebP file. Fuzzers register a
+# strategy for it (tests/test_service_fuzz.py) so that generated requests carry real images.
+IMAGE_FORMAT = "base64-image"
+# A real 24x16 PNG (two coloured squares), the schema's example: a request copied from
+# /docs reaches the model.
+EXAMPLE_IMAGE = ("iVBORw0KGgoAAAANSUhEUgAAABgAAAAQCAIAAACDRijCAAAAQElEQVR42mN8/fo1AzUAEwOVANUMYoFQH42NsUrznz1LmkEEgXHgR1"
+                 "xSZ9fzD8owGjWI6OgnPr3Q3EWMwzfTAgAPIA1QrUvDIwAAAABJRU5ErkJggg==")
+
+
+def _one_of_image_url(schema: dict) -> None:
+    """The schema says what the validator enforces: exactly one of 'image' and 'url' (and
+    neither may be null: their None default only stands for 'left out')."""
+    for name in ("image", "url"):
+        schema.get("properties", {}).get(name, {}).pop("default", None)
+    schema["oneOf"] = [{"required": ["image"], "not": {"required": ["url"]}},
+                       {"required": ["url"], "not": {"required": ["image"]}}]
+
+
 class _ImageSource(BaseModel):
-    """Exactly one of `image` (base64) and `url`."""
+    """Exactly one of `image` (base64) and `url`. Both are typed `str` with a default of
+    None: leaving one out is how a request picks the other, and an explicit null is refused
+    (422), as the schema says."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of_image_url)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -39,16 +61,19 @@ class _ImageSource(BaseModel):
         return self
 
 
-class DetectItem(_ImageSource):
-    model_config = ConfigDict(extra="forbid")
+def _image_field(description: str = "JPEG, PNG or WebP, base64 or a data URL"):
+    return Field(None, description=description, min_length=1, json_schema_extra={"format": IMAGE_FORMAT},
+                 examples=[EXAMPLE_IMAGE])
 
-    image: str | None = Field(
-        None,
-        description="JPEG, PNG or WebP, base64 (standard alphabet) or a data URL "
-        "('data:image/png;base64,...')",
-        min_length=1,
-    )
-    url: str | None = Field(None, min_length=1, max_length=MAX_URL_CHARS, description=_URL_DESCRIPTION)
+
+def _url_field():
+    return Field(None, min_length=1, max_length=MAX_URL_CHARS, description=_URL_DESCRIPTION)
+
+
+class DetectItem(_ImageSource):
+    image: str = _image_field("JPEG, PNG or WebP, base64 (standard alphabet) or a data URL "
+                              "('data:image/png;base64,...')")
+    url: str = _url_field()
     prompt: PromptText | Annotated[list[Phrase], Field(min_length=1, max_length=MAX_PHRASES)] = Field(
         description="what to find: 'red circle. star.' (phrases separated by '.') or a list of "
         "phrases ['red circle', 'star']; at most 256 tokens",
@@ -74,10 +99,8 @@ Span = Annotated[list[int], Field(min_length=2, max_length=2, description="[star
 
 
 class GroundItem(_ImageSource):
-    model_config = ConfigDict(extra="forbid")
-
-    image: str | None = Field(None, description="JPEG, PNG or WebP, base64 or a data URL", min_length=1)
-    url: str | None = Field(None, min_length=1, max_length=MAX_URL_CHARS, description=_URL_DESCRIPTION)
+    image: str = _image_field()
+    url: str = _url_field()
     caption: PromptText = Field(description="free text, e.g. 'a red circle left of a blue star'")
     phrases: list[Span | Annotated[list[Span], Field(min_length=1, max_length=16)]] | None = Field(
         None, min_length=1, max_length=MAX_PHRASES,
@@ -147,10 +170,8 @@ MAX_TOP_ANSWERS = 20
 
 
 class VqaItem(_ImageSource):
-    model_config = ConfigDict(extra="forbid")
-
-    image: str | None = Field(None, description="JPEG, PNG or WebP, base64 or a data URL", min_length=1)
-    url: str | None = Field(None, min_length=1, max_length=MAX_URL_CHARS, description=_URL_DESCRIPTION)
+    image: str = _image_field()
+    url: str = _url_field()
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS,
                           description="a question about the image; at most 256 tokens",
                           examples=["what color is the star?"])
@@ -184,10 +205,8 @@ class VqaResponse(BaseModel):
 
 
 class CaptionItem(_ImageSource):
-    model_config = ConfigDict(extra="forbid")
-
-    image: str | None = Field(None, description="JPEG, PNG or WebP, base64 or a data URL", min_length=1)
-    url: str | None = Field(None, min_length=1, max_length=MAX_URL_CHARS, description=_URL_DESCRIPTION)
+    image: str = _image_field()
+    url: str = _url_field()
 
 
 class CaptionRequest(BaseModel):

@@ -31,7 +31,9 @@ from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["detect"], dependencies=[Depends(require_api_key)])
 
-_ERRORS = error_responses("empty or over-long prompt (256 tokens), (/ground) a caption without noun phrases")
+_BAD_PROMPT = "empty or over-long prompt (256 tokens), (/ground) a caption without noun phrases"
+_ERRORS = error_responses(_BAD_PROMPT)
+_UPLOAD_ERRORS = error_responses(_BAD_PROMPT, upload=True)
 
 
 def _postprocess_config(backend: Backend, score_threshold: float | None, max_detections: int | None) -> PostprocessConfig:
@@ -116,7 +118,7 @@ async def ground(req: GroundRequest, settings: SettingsDep, backend: BackendDep,
     )
 
 
-@router.post("/detect/upload", response_model=DetectResponse, responses=_ERRORS,
+@router.post("/detect/upload", response_model=DetectResponse, responses=_UPLOAD_ERRORS,
              summary="Detect the phrases of a prompt in one uploaded image (multipart/form-data)")
 async def detect_upload(
     settings: SettingsDep,

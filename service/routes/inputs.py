@@ -24,18 +24,36 @@ Source = str | bytes | ImageURL
 T = TypeVar("T")
 
 
-def error_responses(bad_text: str) -> dict:
-    """The OpenAPI error list of a route; bad_text names its own 422 causes."""
-    return {
-        403: {"model": ErrorResponse, "description": "image URL's host (or its redirect's) is not on GLIPV2_URL_ALLOWLIST"},
-        413: {"model": ErrorResponse, "description": "body, image bytes or image pixels over a limit"},
+AUTH_ERRORS = {
+    401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key header (when GLIPV2_API_KEY is set)"},
+    503: {"model": ErrorResponse, "description": "model not loaded or backend down; Retry-After says when to retry"},
+}
+
+
+def error_responses(bad_text: str, upload: bool = False) -> dict:
+    """The OpenAPI error list of an inference route; bad_text names its own 422 causes.
+    The README's error table lists the same codes (tests/test_service_fuzz.py checks)."""
+    out = {
+        400: {"model": ErrorResponse, "description": "unparsable multipart body" if upload else
+              "unparsable body (JSON that is not an object of the documented shape is a 422)"},
+        **AUTH_ERRORS,
+        403: {"model": ErrorResponse, "description": "image URL not on GLIPV2_URL_ALLOWLIST, resolving to a "
+              "non-public address, or redirecting elsewhere"},
+        408: {"model": ErrorResponse, "description": "the body did not arrive within GLIPV2_BODY_TIMEOUT_S"},
+        413: {"model": ErrorResponse, "description": "body, image bytes, image pixels or images per request over a "
+              "limit"},
         415: {"model": ErrorResponse, "description": "image is not JPEG, PNG or WebP"},
-        422: {"model": ErrorResponse, "description": "bad base64, corrupt image, image URLs disabled or unfetchable, "
-              + bad_text},
+        422: {"model": ErrorResponse, "description": "invalid JSON or fields (exactly one of image/url per item), "
+              "bad base64, corrupt image, image URLs disabled or unfetchable, " + bad_text},
         501: {"model": ErrorResponse, "description": "the served model lacks this task's head"},
-        503: {"model": ErrorResponse, "description": "queue full (Retry-After) or model not loaded"},
-        504: {"model": ErrorResponse, "description": "request took longer than the timeout"},
+        503: {"model": ErrorResponse, "description": "overloaded (too many requests or body bytes in progress, queue "
+              "full), backend down or model not loaded; always with Retry-After"},
+        504: {"model": ErrorResponse, "description": "request (fetching, decoding, queue, inference) took longer "
+              "than GLIPV2_REQUEST_TIMEOUT_S"},
     }
+    if upload:
+        out[422]["description"] = "missing or invalid form fields, empty or corrupt image, " + bad_text
+    return out
 
 
 def source_of(item) -> Source:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from service.deps import BackendDep, BatcherDep, require_api_key
+from service.routes.inputs import AUTH_ERRORS
 from service.schemas import ModelInfo, ModelsResponse
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
 
 
-@router.get("/models", response_model=ModelsResponse)
+@router.get("/models", response_model=ModelsResponse, responses=AUTH_ERRORS)
 async def models(backend: BackendDep) -> ModelsResponse:
     m = backend.manifest
     return ModelsResponse(
@@ -24,7 +25,7 @@ async def models(backend: BackendDep) -> ModelsResponse:
     )
 
 
-@router.get("/stats")
+@router.get("/stats", responses=AUTH_ERRORS)
 async def stats(request: Request, backend: BackendDep, batcher: BatcherDep) -> dict:
     """Counters: batches formed and their sizes (per task), queue depth, prompt-cache hits/misses,
     admission (requests in progress, shed at the door)."""

@@ -99,7 +99,7 @@ async def vqa(req: VqaRequest, settings: SettingsDep, backend: BackendDep, batch
 
 
 @router.post("/vqa/upload", response_model=VqaResponse,
-             responses=error_responses("empty or over-long question (256 tokens)"),
+             responses=error_responses("empty or over-long question (256 tokens)", upload=True),
              summary="Answer a question about one uploaded image (multipart/form-data)")
 async def vqa_upload(
     settings: SettingsDep, backend: BackendDep, batcher: VqaBatcher, loader: LoaderDep,
@@ -120,7 +120,7 @@ async def caption(req: CaptionRequest, settings: SettingsDep, backend: BackendDe
 
 
 @router.post("/caption/upload", response_model=CaptionResponse,
-             responses=error_responses("max_len over the model's limit"),
+             responses=error_responses("max_len over the model's limit", upload=True),
              summary="Caption one uploaded image (multipart/form-data)")
 async def caption_upload(
     settings: SettingsDep, backend: BackendDep, batcher: CaptionBatcher, loader: LoaderDep,
