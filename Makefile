@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: setup triton-server browser repository
+test: setup triton-server browser repository compose-cli
 	$(PY) -m pytest -q -m "not slow"
 
 # Mutation check (issue 16): each mutant in mutants/*.toml is put into a scratch copy of
@@ -35,6 +35,13 @@ mutants: setup triton-server browser repository
 .PHONY: fuzz
 fuzz: setup repository
 	FUZZ_EXAMPLES=150 FUZZ_MIN_REQUESTS=2000 $(PY) -m pytest -q -s tests/test_service_fuzz.py
+
+# Debian's docker-compose (the CLI only, no engine) for tests/test_compose.py, which checks
+# that `docker-compose config` accepts compose.yaml's gpu and cpu profiles
+.PHONY: compose-cli
+compose-cli:
+	@test -x /usr/bin/docker-compose || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose)
 
 # Debian's chromium + chromedriver for the demo page's browser test
 # (tests/test_service_browser.py); installed only when missing (CI runs as root).
