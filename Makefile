@@ -83,8 +83,9 @@ train: setup
 evaluate: setup val-data
 	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) --data $(DATA)/val
 
-# Serves the demo model on http://$(HOST):$(PORT) with the embedded ONNX Runtime backend;
-# renders model_repository/ first when its ONNX files are missing (a fresh clone).
+# Serves $(CHECKPOINT) (default: the demo model) on http://$(HOST):$(PORT) with the embedded
+# ONNX Runtime backend; renders $(REPOSITORY) from it first unless it already holds exactly
+# that checkpoint (the manifest's sha256) with every ONNX file (a fresh clone has none).
 HOST ?= 127.0.0.1
 PORT ?= 8000
 serve: setup
@@ -109,16 +110,19 @@ FLAVOUR    ?= cpu
 TOP_K      ?= 100
 MAX_BATCH  ?= 8
 # the committed cpu repository is model_repository/; GPU flavours render into their own folder
-# (model_repository-gpu, model_repository-gpu-onnx; not in git) so they never overwrite it
-REPOSITORY ?= $(if $(filter cpu,$(FLAVOUR)),model_repository,model_repository-$(FLAVOUR))
+# (model_repository-gpu, model_repository-gpu-onnx; not in git) so they never overwrite it.
+# Any checkpoint other than the demo model renders next to itself (runs/x/best.pt ->
+# runs/x/best-model_repository/), so serving your own model never rewrites files in git.
+DEMO_CHECKPOINT := demo/tiny.pt
+REPOSITORY_NAME  = $(if $(filter cpu,$(FLAVOUR)),model_repository,model_repository-$(FLAVOUR))
+REPOSITORY ?= $(if $(filter $(DEMO_CHECKPOINT),$(CHECKPOINT)),$(REPOSITORY_NAME),$(basename $(CHECKPOINT))-$(REPOSITORY_NAME))
 
-# The gateway and Triton tests serve model_repository/: render its ONNX files when missing.
+# Renders $(REPOSITORY) from $(CHECKPOINT) unless it already is exactly what that would
+# write (same checkpoint bytes, settings, configs; every ONNX file present).
 .PHONY: repository
 repository: setup
-	@ok=1; test -f $(REPOSITORY)/tokenizer.json || ok=0; \
-	for c in $(REPOSITORY)/*/config.pbtxt; do d=$$(dirname $$c); test -f $$d/1/model.onnx || ok=0; \
-		if grep -q 'backend: "python"' $$c; then test -f $$d/1/model.py || ok=0; fi; done; \
-	test $$ok = 1 || $(MAKE) export
+	@$(PY) -m export.build --checkpoint $(CHECKPOINT) --out $(REPOSITORY) --flavour $(FLAVOUR) \
+		--top-k $(TOP_K) --max-batch-size $(MAX_BATCH) --if-changed
 
 .PHONY: export
 export: setup

@@ -75,6 +75,23 @@ def _parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------ detect
 
 
+def check_exported(repo: Path) -> None:
+    """CLIError naming what is missing and what to run, before anything opens the files
+    (the tokenizer library's own error names no file). A fresh clone has the manifest and
+    configs (in git) but not the generated tokenizer and ONNX files."""
+    export = "run `make export` (add CHECKPOINT=path/to/your.pt for your own model) or pass --repository"
+    try:
+        models = list(json.loads((repo / "manifest.json").read_text())["models"])
+    except FileNotFoundError:
+        raise CLIError(f"{repo}: not a model repository (no manifest.json); {export}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CLIError(f"{repo / 'manifest.json'}: unreadable ({exc}); {export}") from None
+    missing = [name for name in ["tokenizer.json", *(f"{m}/1/model.onnx" for m in models)]
+               if not (repo / name).is_file()]
+    if missing:
+        raise CLIError(f"{repo} is not exported yet (missing {', '.join(missing)}); {export}")
+
+
 def _open(args: argparse.Namespace):
     """(decoded image [H, W, 3], EmbeddedBackend) for a command; CLIError on bad input."""
     from service.errors import ServiceError
@@ -84,8 +101,7 @@ def _open(args: argparse.Namespace):
     if not args.image.is_file():
         raise CLIError(f"{args.image}: no such image file")
     repo = args.repository
-    if not (repo / "manifest.json").is_file():
-        raise CLIError(f"{repo}: not a model repository (no manifest.json); run `make export` or pass --repository")
+    check_exported(repo)
     settings = Settings(repository=repo)
     try:
         pixels_hwc = decode_image(args.image.read_bytes(), settings.max_image_pixels)
@@ -271,8 +287,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise CLIError(f"bad settings: {exc}") from None
-    if settings.backend == "embedded" and not (settings.repository / "manifest.json").is_file():
-        raise CLIError(f"{settings.repository}: not a model repository (no manifest.json); run `make export`")
+    if settings.backend == "embedded":
+        check_exported(settings.repository)
     serve(settings)  # as service.__main__.main, with the overridden settings
     return 0
 

@@ -51,6 +51,25 @@ def decode_base64(data: str, max_bytes: int | None = None) -> bytes:
     return raw
 
 
+# Signatures of image formats the gateway does not take, so that a GIF is told "GIF not
+# supported" while a text file named .jpg is told "not an image". Magic bytes only: no
+# other decoder ever sees the data.
+_OTHER_FORMATS = ((b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"),
+                  (b"\0\0\1\0", "ICO"), (b"8BPS", "PSD"), (b"\0\0\0\x0cjP  ", "JPEG 2000"), (b"qoif", "QOI"))
+
+
+def _other_image_format(raw: bytes) -> str | None:
+    for magic, name in _OTHER_FORMATS:
+        if raw.startswith(magic):
+            return name
+    if raw[4:8] == b"ftyp" and raw[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1"):
+        return "AVIF/HEIC"
+    head = raw[:256].lstrip().lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in raw[:4096].lower()):
+        return "SVG"
+    return None
+
+
 # What PIL's format plugins raise on truncated or corrupt data: not only OSError (a
 # truncated PNG IHDR or APNG chunk raises ValueError, others struct.error, EOFError,
 # IndexError, SyntaxError). All of them are the caller's bad input: 422, never a 500.
@@ -65,9 +84,9 @@ def decode_image(raw: bytes, max_pixels: int) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(raw), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
-        raise UnsupportedMediaType(
-            f"image format not supported: send one of {', '.join(SUPPORTED_FORMATS)}"
-        ) from None
+        other = _other_image_format(raw)
+        what = f"image format {other} not supported" if other else "not an image (no JPEG, PNG or WebP signature)"
+        raise UnsupportedMediaType(f"{what}: send one of {', '.join(SUPPORTED_FORMATS)}") from None
     except Image.DecompressionBombError:
         raise PayloadTooLarge(f"image has more than {max_pixels} pixels", limit=max_pixels) from None
     except _CORRUPT as exc:  # e.g. ValueError "Truncated IHDR chunk" from a 28-byte PNG

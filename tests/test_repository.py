@@ -564,3 +564,28 @@ def test_python_backend_malformed_requests_get_their_own_error(backend):
                          ["missing input", "int32", "token length", "shape", "inference failed"]):
         assert r.has_error() and needle in r.error().message(), r.error().message()
         assert r.error().code == _FakeError.INVALID_ARG
+
+
+def test_if_changed_re_exports_another_checkpoint(rendered, tmp_path, monkeypatch, capsys):
+    """`make serve CHECKPOINT=...` runs export.build --if-changed: a repository rendered from
+    another checkpoint of the same model is re-exported, and its manifest names the new one."""
+    import hashlib
+
+    import torch
+
+    from glipv2.checkpoint import atomic_save
+
+    out = tmp_path / "repo"
+    shutil.copytree(rendered, out)
+    ckpt = torch.load(DEMO, weights_only=False, map_location="cpu")
+    ckpt["step"] = 7  # same model config and weights, other bytes: another checkpoint
+    other = tmp_path / "mine.pt"
+    atomic_save(ckpt, other)
+    assert not repository_is_current(other, out, "cpu", 100, 8)
+    monkeypatch.setattr(onnx_export, "export_onnx", _fake_export(rendered))
+    assert build.main(["--checkpoint", str(other), "--out", str(out), "--if-changed"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["checkpoint"]["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert manifest["checkpoint"]["step"] == 7
+    assert repository_is_current(other, out, "cpu", 100, 8)

@@ -116,15 +116,24 @@ def test_errors(scene_png, tmp_path, capsys):
     assert "no such image file" in _error(capsys, ["detect", str(tmp_path / "nope.png"), "-p", "star", "-r", str(REPO)])
     gif = tmp_path / "x.gif"
     Image.new("RGB", (8, 8)).save(gif)
-    assert "not supported" in _error(capsys, ["detect", str(gif), "-p", "star", "-r", str(REPO)])
-    junk = tmp_path / "junk.png"
+    assert "format GIF not supported" in _error(capsys, ["detect", str(gif), "-p", "star", "-r", str(REPO)])
+    junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"not an image at all")
-    assert "not supported" in _error(capsys, ["detect", str(junk), "-p", "star", "-r", str(REPO)])
+    assert "not an image" in _error(capsys, ["detect", str(junk), "-p", "star", "-r", str(REPO)])
     assert "prompt is empty" in _error(capsys, ["detect", str(path), "-p", "  ", "-r", str(REPO)])
     assert "not a model repository" in _error(capsys, ["detect", str(path), "-p", "star", "-r", str(tmp_path)])
     assert "--threshold" in _error(capsys, ["detect", str(path), "-p", "star", "--threshold", "2"])
     assert "--out" in _error(capsys, ["detect", str(path), "-p", "star", "--out", str(tmp_path / "a.txt")])
     assert "not a model repository" in _error(capsys, ["serve", "--repository", str(tmp_path)])
+    # a fresh clone: manifest and configs (in git) but no generated files
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(REPO / "manifest.json", fresh / "manifest.json")
+    for argv in (["detect", str(path), "-p", "star", "-r", str(fresh)], ["serve", "--repository", str(fresh)],
+                 ["vqa", str(path), "-q", "what color is the star?", "-r", str(fresh)]):
+        err = _error(capsys, argv)
+        assert "not exported yet" in err and "tokenizer.json" in err and "detector/1/model.onnx" in err, err
+        assert "make export" in err and "CHECKPOINT=" in err and "os error" not in err, err
     with pytest.raises(SystemExit) as exc:  # argparse: missing --prompt
         main(["detect", str(path)])
     assert exc.value.code == 2

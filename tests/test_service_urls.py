@@ -300,7 +300,7 @@ def test_detect_and_ground_by_url(allowed, server):
     ("/img/big.png", 413, "limit"),
     ("/img/stream.png", 413, "larger than"),
     ("/img/pixels.png", 413, "pixels"),
-    ("/img/text", 415, "not supported"),
+    ("/img/text", 415, "not an image"),
     ("/img/missing.png", 422, "could not be fetched"),
     ("/img/../private/scene.png", 403, "allow-list"),  # climbing out of the allowed prefix
     ("/img/%2e%2e/private/scene.png", 403, "allow-list"),
