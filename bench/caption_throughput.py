@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from glipv2.image import letterbox
-from service.backends.base import CaptionItem
+from glipv2.runtime.batch import CaptionBatchItem
 from service.backends.embedded import EmbeddedBackend
 from training import shapes_world as sw
 
@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace, backend) -> int:
     items = []
     for _ in range(args.images):
         scene = sw.sample_scene(rng)
-        items.append(CaptionItem(letterbox(sw.render(scene, rng), backend.image_hw)[0], args.beam_size, 30))
+        items.append(CaptionBatchItem(letterbox(sw.render(scene, rng), backend.image_hw)[0], args.beam_size, 30))
 
     def sequential() -> list[str]:
         return [backend.run_caption_batch([it])[0].text for it in items]

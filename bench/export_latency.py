@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from export.onnx_export import export_onnx
-from export.onnx_runtime import OrtEngine
+from glipv2.runtime.onnx import OrtEngine
 from glipv2.checkpoint import load_model
 from glipv2.modeling.glipv2 import GLIPv2
 from glipv2.text import Tokenizer, build_prompt, pad_batch, tokenize

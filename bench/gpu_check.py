@@ -46,7 +46,7 @@ def _items(backend, n: int, seed: int = 0) -> list:
     """n letterboxed shapes-world images with one prompt, as the gateway's batcher builds them."""
     from glipv2.image import letterbox
     from glipv2.postprocess import PostprocessConfig
-    from service.backends.base import BatchItem
+    from glipv2.runtime.batch import BatchItem
     from training import shapes_world as sw
 
     prompt = backend.tokenize(PROMPT)

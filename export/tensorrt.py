@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from export.layout import CAPTION_START, CAPTION_STEP, DETECTOR, TEXT_ENCODER, VQA, model_file
-from export.layout import opt_batch as default_opt_batch
+from glipv2.runtime.graphs import CAPTION_START, CAPTION_STEP, DETECTOR, TEXT_ENCODER, VQA, model_file
+from glipv2.runtime.graphs import opt_batch as default_opt_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -420,7 +420,7 @@ def build_engine(
 
 
 # ----------------------------------------------------------------------------------
-# Runner (GPU only): a TensorRT engine as the Engine of glipv2.pipeline.
+# Runner (GPU only): a TensorRT engine as the Engine of glipv2.runtime.batch.
 # Device memory through the CUDA driver API (libcuda.so.1, which every GPU host and
 # `docker run --gpus all` provides) with ctypes: no torch or cuda-python needed in the
 # TensorRT container. The primary context is the one TensorRT's runtime API uses.
@@ -564,7 +564,7 @@ class TrtModel:
 
 
 class TrtEngine:
-    """text_encoder.plan then detector.plan: the Engine of glipv2.pipeline; with the vqa
+    """text_encoder.plan then detector.plan: the Engine of glipv2.runtime.batch; with the vqa
     plan also the VqaEngine (answer), with the caption plans a CaptionEngine (captioner).
     GPU only."""
 
@@ -741,13 +741,15 @@ def understanding_parity(
     or, where the reference's top two answers are within score_atol of each other (a tie
     under fp16), when the candidate's answer is one of those two. Captions must be the
     same text (greedy and beam search)."""
-    from glipv2.understanding import CaptionPipeline, VqaPipeline
+    from glipv2.runtime.batch import IdsEngine
+    from glipv2.runtime.pipeline import VqaPipeline
+    from glipv2.understanding import CaptionPipeline
 
     report = UnderstandingParity()
     hw = _image_hw(manifest)
     answers = manifest.get("answer_vocabulary") or []
     if answers and getattr(candidate, "answer", None) is not None:
-        pipes = [VqaPipeline(e.answer, hw, answers, tokenizer) for e in (reference, candidate)]
+        pipes = [VqaPipeline(IdsEngine(answer=e.answer), hw, answers, tokenizer) for e in (reference, candidate)]
         for q in questions:
             ref, got = (p.answer(list(images), [q] * len(images), top_k=2) for p in pipes)
             for i, (a, b) in enumerate(zip(ref, got)):
@@ -802,11 +804,11 @@ def parity(
     score_atol: float = 0.03,
     min_iou: float = 0.85,
 ) -> ParityReport:
-    """Run the same images and prompts through two Engines (glipv2.pipeline) and compare
+    """Run the same images and prompts through two Engines (glipv2.runtime.batch: the gateway's batch assembly) and compare
     the detections; also the token features when both engines have encode_text."""
     import numpy as np
 
-    from glipv2.pipeline import DetectionPipeline
+    from glipv2.runtime.pipeline import DetectionPipeline
     from glipv2.text import Tokenizer, pad_batch, tokenize
 
     tokenizer = tokenizer or Tokenizer()
@@ -848,7 +850,7 @@ def _image_hw(manifest: Mapping[str, Any]) -> tuple[int, int]:
 
 def _reference_engine(onnx_dir: str | os.PathLike):
     """ONNX Runtime over the same ONNX files: the reference the engines must match."""
-    from export.onnx_runtime import OrtEngine
+    from glipv2.runtime.onnx import OrtEngine
 
     return OrtEngine(onnx_dir)
 

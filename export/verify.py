@@ -3,7 +3,8 @@
 `python -m export.verify --checkpoint demo/tiny.pt` exports (or takes --onnx-dir), then
 1. runs both on the same inputs at batch sizes and prompt lengths other than the export's
    and reports the max abs difference of every output (logits must be within 1e-3), and
-2. runs the full pipeline (letterbox, tokenize, top-K, numpy postprocess) with each engine
+2. runs the full pipeline (letterbox, tokenize, the gateway's batch assembly
+   glipv2.runtime.batch.BatchRunner, top-K, numpy postprocess) with each engine
    on shapes val images and checks the detections are the same;
 3. for a model with a VQA head / caption decoder: answer logits and caption step
    log-probabilities (within 1e-3), and the same answers and the same captions (greedy
@@ -24,14 +25,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from export.layout import model_file
 from export.onnx_export import export_onnx
-from export.onnx_runtime import OrtEngine, OrtPredictor
 from glipv2.checkpoint import CheckpointError, load_model
 from glipv2.modeling.glipv2 import GLIPv2
 from glipv2.postprocess import Detections
 from glipv2.predict import TorchPredictor
-from glipv2.text import Tokenizer, build_prompt, pad_batch, tokenize
+from glipv2.runtime.graphs import model_file
+from glipv2.runtime.onnx import OrtEngine
+from glipv2.runtime.pipeline import DetectionPipeline, VqaPipeline
+from glipv2.text import Tokenizer, build_prompt, encode_question, pad_batch, pad_ids, tokenize
 
 LOGIT_TOLERANCE = 1e-3
 PROMPTS = ["circle. square. triangle. star. hexagon. cross.", "red circle. blue star. large hexagon.", "green cross"]
@@ -92,7 +94,7 @@ def compare_understanding(model: GLIPv2, engine: OrtEngine, images: list[np.ndar
                           report: ParityReport) -> None:
     """VQA logits and caption log-probabilities, then answers and captions end to end."""
     from glipv2.predict import TorchUnderstanding
-    from glipv2.understanding import CaptionPipeline, VqaPipeline
+    from glipv2.understanding import CaptionPipeline
 
     def note(name: str, a: np.ndarray, b: np.ndarray) -> None:
         report.max_abs[name] = max(report.max_abs.get(name, 0.0), float(np.abs(a - b).max()))
@@ -100,11 +102,13 @@ def compare_understanding(model: GLIPv2, engine: OrtEngine, images: list[np.ndar
     cfg = model.cfg
     ours = TorchUnderstanding(model, tokenizer)
     if ours.vqa is not None:
-        theirs = VqaPipeline(engine.answer, cfg.image_hw, cfg.vqa_answers, tokenizer)
+        theirs = VqaPipeline(engine, cfg.image_hw, cfg.vqa_answers, tokenizer)
         for batch, seed in ((1, 0), (3, 1)):
             pixels = np.random.default_rng(seed).integers(0, 256, (batch, 3, *cfg.image_hw), dtype=np.uint8)
-            ids, mask = ours.vqa.encode([QUESTIONS[(seed + i) % len(QUESTIONS)] for i in range(batch)])
-            note("answer_logits", engine.answer(pixels, ids, mask), ours.vqa.engine(pixels, ids, mask))
+            ids, mask = pad_ids([encode_question(tokenizer, QUESTIONS[(seed + i) % len(QUESTIONS)])
+                                 for i in range(batch)], pad_id=tokenizer.pad_id)
+            features = ours.vqa.engine.encode_text(ids, mask)  # the same (torch) features into both graphs
+            note("answer_logits", engine.vqa(pixels, features, mask), ours.vqa.engine.vqa(pixels, features, mask))
         for q in QUESTIONS:
             for i, (a, b) in enumerate(zip(ours.vqa.answer(images, [q] * len(images)),
                                            theirs.answer(images, [q] * len(images)))):
@@ -150,7 +154,7 @@ def same_detections(a: Detections, b: Detections) -> str | None:
 def compare_detections(model: GLIPv2, onnx_dir: Path, images: list[np.ndarray], top_k: int,
                        tokenizer: Tokenizer, report: ParityReport) -> None:
     torch_pipe = TorchPredictor(model, tokenizer, top_k=top_k)
-    ort_pipe = OrtPredictor(onnx_dir, model.cfg.image_hw, tokenizer)
+    ort_pipe = DetectionPipeline(OrtEngine(onnx_dir), model.cfg.image_hw, tokenizer)
     for prompt_text in PROMPTS:
         prompts = [build_prompt(prompt_text)] * len(images)
         for i, (a, b) in enumerate(zip(torch_pipe.predict(images, prompts), ort_pipe.predict(images, prompts))):

@@ -113,6 +113,13 @@ class ModelConfig:
         return [(math.ceil(h / s), math.ceil(w / s)) for s in self.strides]
 
     @property
+    def caption_memory_length(self) -> int:
+        """Caption decoder memory tokens: P4 (with P3 pooled onto its grid, for small
+        objects), then P5. Here (torch-free) because the exported signature needs it too."""
+        (h4, w4), (h5, w5) = self.level_hw[1:3]
+        return h4 * w4 + h5 * w5
+
+    @property
     def caption_start_index(self) -> int:
         """Decoder index (position in caption_tokens) of the start token."""
         return self.caption_tokens.index(self.caption_start_id)

@@ -1,5 +1,5 @@
-"""In-process PyTorch inference: the shared pipeline with the torch model as the engine.
-Used by evaluation, the export parity checks and the CLI."""
+"""In-process PyTorch inference: the shared pipelines (glipv2.runtime) with the torch model
+as the engine. Used by evaluation, training and the export parity checks."""
 
 from __future__ import annotations
 
@@ -7,43 +7,46 @@ import numpy as np
 import torch
 
 from glipv2.modeling.glipv2 import GLIPv2
-from glipv2.pipeline import DetectionPipeline
 from glipv2.postprocess import PostprocessConfig
 from glipv2.text import Tokenizer
-from glipv2.understanding import CaptionPipeline, VqaPipeline
+from glipv2.runtime.pipeline import DetectionPipeline, VqaPipeline
+from glipv2.understanding import CaptionPipeline
 
 
-def torch_engine(model: GLIPv2, top_k: int):
-    model.eval()
-    device = next(model.parameters()).device
+class TorchEngine:
+    """The graphs' calls on the torch model (glipv2.runtime.batch.Engine): the same
+    signatures as the exported graphs, so evaluation runs the gateway's batch assembly."""
+
+    def __init__(self, model: GLIPv2, top_k: int = 1000) -> None:
+        model.eval()
+        self.model, self.top_k = model, top_k
+        self.device = next(model.parameters()).device
+        self.captioner = TorchCaptionEngine(model) if model.caption_decoder is not None else None
+
+    def _t(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     @torch.no_grad()
-    def run(images: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray):
-        mask = torch.from_numpy(attention_mask).to(device)
-        out = model(torch.from_numpy(images).to(device), torch.from_numpy(input_ids).to(device), mask)
-        return tuple(t.float().cpu().numpy() for t in GLIPv2.top_k(out, mask, top_k))
+    def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.model.encode_text(self._t(input_ids), self._t(attention_mask)).float().cpu().numpy()
 
-    return run
+    @torch.no_grad()
+    def detect(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray):
+        mask = self._t(attention_mask)
+        out = self.model.detect(self._t(images), self._t(features), mask)
+        return tuple(t.float().cpu().numpy() for t in GLIPv2.top_k(out, mask, self.top_k))
+
+    @torch.no_grad()
+    def vqa(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        return self.model.vqa(self._t(images), self._t(features), self._t(attention_mask)).float().cpu().numpy()
 
 
 class TorchPredictor(DetectionPipeline):
     def __init__(self, model: GLIPv2, tokenizer: Tokenizer | None = None,
                  postprocess: PostprocessConfig = PostprocessConfig(), top_k: int = 1000) -> None:
-        super().__init__(torch_engine(model, top_k), model.cfg.image_hw, tokenizer, postprocess)
+        super().__init__(TorchEngine(model, top_k), model.cfg.image_hw, tokenizer, postprocess)
         self.model = model
-
-
-def torch_vqa_engine(model: GLIPv2):
-    device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def run(images: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        model.eval()
-        mask = torch.from_numpy(attention_mask).to(device)
-        text = model.encode_text(torch.from_numpy(input_ids).to(device), mask)
-        return model.vqa(torch.from_numpy(images).to(device), text, mask).float().cpu().numpy()
-
-    return run
 
 
 class TorchCaptionEngine:
@@ -74,7 +77,7 @@ class TorchUnderstanding:
     def __init__(self, model: GLIPv2, tokenizer: Tokenizer | None = None) -> None:
         tokenizer = tokenizer or Tokenizer(max_tokens=model.cfg.max_tokens)
         cfg = model.cfg
-        self.vqa = VqaPipeline(torch_vqa_engine(model), cfg.image_hw, cfg.vqa_answers, tokenizer) \
+        self.vqa = VqaPipeline(TorchEngine(model), cfg.image_hw, cfg.vqa_answers, tokenizer) \
             if cfg.vqa_answers else None
         self.captioner = CaptionPipeline(TorchCaptionEngine(model), cfg.image_hw, cfg.caption_tokens,
                                          cfg.caption_max_len, cfg.caption_end_id, tokenizer) if cfg.caption_tokens else None

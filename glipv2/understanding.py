@@ -1,23 +1,16 @@
-"""Images + questions -> answers, images -> captions, around any engine.
-
-numpy only, like glipv2.pipeline: letterboxing, tokenizing, padding to token buckets,
-answer ranking and caption decoding live here once; engines (PyTorch, ONNX Runtime,
-Triton) only run the graphs.
-"""
+"""Answers and captions: answer ranking and the caption decoding pipeline, around any
+engine (numpy only). The batch assembly that calls them is glipv2.runtime.batch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from glipv2.captioning import DEFAULT_MAX_LEN, CaptionEngine, beam_search
 from glipv2.image import letterbox_batch
-from glipv2.text import DEFAULT_BUCKETS, Tokenizer, encode_question, pad_ids
-
-# (images uint8 [B,3,H,W], question ids [B,T], mask [B,T]) -> answer logits [B, num_answers]
-VqaEngine = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+from glipv2.text import Tokenizer
 
 
 @dataclass
@@ -43,26 +36,6 @@ def rank_answers(logits: np.ndarray, answers: Sequence[str], top_k: int = 5) -> 
         top = [(answers[i], float(row[i])) for i in order]
         out.append(Answer(top[0][0], top[0][1], top))
     return out
-
-
-class VqaPipeline:
-    def __init__(self, engine: VqaEngine, image_hw: tuple[int, int], answers: Sequence[str],
-                 tokenizer: Tokenizer | None = None, buckets: Sequence[int] | None = DEFAULT_BUCKETS) -> None:
-        if not answers:
-            raise ValueError("the model has no answer vocabulary (it was trained without VQA)")
-        self.engine, self.image_hw, self.answers = engine, tuple(image_hw), list(answers)
-        self.tokenizer = tokenizer or Tokenizer()
-        self.buckets = buckets
-
-    def encode(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        return pad_ids([encode_question(self.tokenizer, q) for q in questions], self.buckets, self.tokenizer.pad_id)
-
-    def answer(self, images: Sequence[np.ndarray], questions: Sequence[str], top_k: int = 5) -> list[Answer]:
-        if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        ids, mask = self.encode(questions)
-        pixels, _ = letterbox_batch(images, self.image_hw)
-        return rank_answers(self.engine(pixels, ids, mask), self.answers, top_k)
 
 
 class CaptionPipeline:

@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         runs = {"detect": be.run_batch, "vqa": be.run_vqa_batch, "caption": be.run_caption_batch}
         # Never batch more than the repository was rendered for: Triton refuses larger
         # batches (and caption steps carry every beam within the repository's step limit).
-        max_batch = min(settings.max_batch_size, int(be.manifest.get("max_batch_size") or settings.max_batch_size))
+        max_batch = min(settings.max_batch_size, be.manifest.max_batch_size)
         if max_batch < settings.max_batch_size:
             log.warning("GLIPV2_MAX_BATCH_SIZE=%d is over the repository's max_batch_size; batching %d",
                         settings.max_batch_size, max_batch)
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             await b.start()
         app.state.loader = ImageLoader(settings, be.image_hw)
         app.state.backend, app.state.batcher, app.state.batchers = be, batchers["detect"], batchers
-        log.info("serving %s (%s backend on %s, tasks: %s) from %s", be.manifest.get("preset"), be.name,
+        log.info("serving %s (%s backend on %s, tasks: %s) from %s", be.manifest.preset, be.name,
                  getattr(be, "device", "cpu"), ", ".join(be.tasks), settings.repository)
         try:
             yield

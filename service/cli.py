@@ -121,7 +121,6 @@ def _detect(args: argparse.Namespace) -> dict:
     from glipv2.image import letterbox
     from glipv2.text import PromptError
     from service.backends import BatchItem
-    from service.routes.detect import _postprocess_config
 
     if not args.prompt.strip():
         raise CLIError("the prompt is empty: give phrases such as --prompt 'red circle. star.'")
@@ -135,7 +134,7 @@ def _detect(args: argparse.Namespace) -> dict:
             tokenized = backend.tokenize(args.prompt)
         except PromptError as exc:
             raise CLIError(f"prompt: {exc}") from None
-        cfg = _postprocess_config(backend, args.threshold, args.max_detections)
+        cfg = backend.manifest.postprocess_with(args.threshold, args.max_detections)
         pixels, lb = letterbox(pixels_hwc, backend.image_hw)
         item = BatchItem(pixels=pixels, letterbox=lb, prompt=tokenized, postprocess=cfg)
         det = backend.run_batch([item])[0]
@@ -218,7 +217,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_vqa(args: argparse.Namespace) -> int:
     from glipv2.image import letterbox
     from glipv2.text import PromptError
-    from service.backends.base import TaskUnavailable, VqaItem
+    from glipv2.runtime.batch import TaskUnavailable, VqaBatchItem
 
     if not args.question.strip():
         raise CLIError("the question is empty: e.g. --question 'what color is the star?'")
@@ -230,7 +229,7 @@ def cmd_vqa(args: argparse.Namespace) -> int:
             ids = backend.encode_question(args.question)
         except (PromptError, TaskUnavailable) as exc:
             raise CLIError(str(exc)) from None
-        answer = backend.run_vqa_batch([VqaItem(letterbox(pixels_hwc, backend.image_hw)[0], ids, args.top_k)])[0]
+        answer = backend.run_vqa_batch([VqaBatchItem(letterbox(pixels_hwc, backend.image_hw)[0], ids, args.top_k)])[0]
     finally:
         backend.close()
     result = {"image": str(args.image), "question": args.question, "answer": answer.answer,
@@ -247,7 +246,7 @@ def cmd_vqa(args: argparse.Namespace) -> int:
 def cmd_caption(args: argparse.Namespace) -> int:
     from glipv2.captioning import DEFAULT_MAX_LEN, MAX_BEAM
     from glipv2.image import letterbox
-    from service.backends.base import CaptionItem
+    from glipv2.runtime.batch import CaptionBatchItem
 
     if not 1 <= args.beam_size <= MAX_BEAM:
         raise CLIError(f"--beam-size must be in 1..{MAX_BEAM}")
@@ -259,7 +258,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         max_len = args.max_len or min(DEFAULT_MAX_LEN, limit)
         if not 1 <= max_len <= limit:
             raise CLIError(f"--max-len must be in 1..{limit} for this model")
-        item = CaptionItem(letterbox(pixels_hwc, backend.image_hw)[0], args.beam_size, max_len)
+        item = CaptionBatchItem(letterbox(pixels_hwc, backend.image_hw)[0], args.beam_size, max_len)
         caption = backend.run_caption_batch([item])[0]
     finally:
         backend.close()

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from glipv2.text import PromptError, PromptTooLongError
-from service.backends.base import TaskUnavailable
+from glipv2.runtime.batch import TaskUnavailable
 
 log = logging.getLogger("service")
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from export.onnx_export import export_onnx
-from export.onnx_runtime import OrtEngine
+from glipv2.runtime.onnx import OrtEngine
 from export.trt_ops import graph_ops, unsupported_ops
 from export.verify import (LOGIT_TOLERANCE, ParityReport, compare_detections, compare_outputs, compare_understanding,
                            main, sample_images)

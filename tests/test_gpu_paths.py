@@ -18,10 +18,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from export import tensorrt as ets
-from export.onnx_runtime import CPU, CUDA, DeviceError, OrtEngine, installed_ort_distributions, requested_providers, session
+from glipv2.runtime.onnx import CPU, CUDA, DeviceError, OrtEngine, installed_ort_distributions, requested_providers, session
 from service.app import create_app
 from service.backends.embedded import EmbeddedBackend
-from service.backends.base import load_manifest
+from glipv2.runtime.manifest import Manifest
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def parity_setup():
         pytest.skip("model_repository has no ONNX files: run `make export`")
     from glipv2.text import Tokenizer
 
-    manifest = load_manifest(REPO)
+    manifest = Manifest.load(REPO).to_dict()
     tokenizer = Tokenizer(REPO / manifest["tokenizer"])
     images, _ = ets.sample_inputs(3, seed=1)
     return OrtEngine(REPO, threads=1), manifest, tokenizer, images

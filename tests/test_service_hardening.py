@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from service.backends.base import FeatureCache
+from glipv2.runtime.batch import FeatureCache
 from service.errors import ServiceError
 from service.images import decode_image
 from service.settings import Settings

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.layout import model_file
+from glipv2.runtime.graphs import model_file
 
 from export import tensorrt as ets
 from glipv2.postprocess import Detections

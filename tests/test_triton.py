@@ -164,8 +164,8 @@ def server(repository):
 
 @pytest.fixture(scope="module")
 def ort(repository):
-    """export.onnx_runtime.OrtEngine on the very ONNX files the repository serves."""
-    from export.onnx_runtime import OrtEngine
+    """glipv2.runtime.onnx.OrtEngine on the very ONNX files the repository serves."""
+    from glipv2.runtime.onnx import OrtEngine
 
     links = Path(tempfile.mkdtemp(prefix="ort-"))
     for m in MODELS:

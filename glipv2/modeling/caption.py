@@ -23,19 +23,13 @@ from glipv2.modeling.attention import TransformerLayer
 
 
 
-def memory_length(cfg: ModelConfig) -> int:
-    """Memory tokens: P4 (with P3 pooled onto its grid, for small objects), then P5."""
-    (h4, w4), (h5, w5) = cfg.level_hw[1:3]
-    return h4 * w4 + h5 * w5
-
-
 class CaptionDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d = cfg.caption_dim
         self.max_len = cfg.caption_max_len
         self.memory_proj = nn.Linear(cfg.fpn_channels + 3, d)  # appearance maps: FPN + mean colour
-        self.memory_pos = nn.Parameter(torch.zeros(1, memory_length(cfg), d))
+        self.memory_pos = nn.Parameter(torch.zeros(1, cfg.caption_memory_length, d))
         self.memory_norm = nn.LayerNorm(d)
         # The cells' mean colour enters again after the LayerNorm, through its own small MLP:
         # as 3 of the 67 projected channels it was drowned (measured: colour-shape pairs right

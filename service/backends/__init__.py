@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from service.backends.base import Backend, BatchItem, load_manifest
+from glipv2.runtime.manifest import Manifest
+from service.backends.base import Backend, BatchItem
 from service.settings import Settings
 
-__all__ = ["Backend", "BatchItem", "load_manifest", "create_backend"]
+__all__ = ["Backend", "BatchItem", "Manifest", "create_backend"]
 
 
 def create_backend(settings: Settings) -> Backend:

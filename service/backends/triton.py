@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from glipv2.runtime.graphs import CAPTION_START, CAPTION_STEP, DETECTOR, TEXT_ENCODER, VQA, inputs_of, outputs_of
+from glipv2.runtime.manifest import Manifest
 from service.backends.base import EngineBackend
 
 PING_TIMEOUT_S = 5.0
@@ -152,24 +154,20 @@ class _Http(_Protocol):
                 pass
 
 
-class TritonBackend(EngineBackend):
-    name = "triton"
+class TritonEngine:
+    """The graphs run by a Triton server (glipv2.runtime.batch.Engine), tensors named by
+    glipv2.runtime.graphs."""
 
-    def __init__(self, repository: Path, url: str, cache_size: int = 1024, timeout_s: float = 30.0,
-                 http_url: str | None = None, cache_bytes: int = 64 * 1024 * 1024) -> None:
-        super().__init__(repository, cache_size, cache_bytes)
-        # where Triton runs the models: what the repository's flavour declares (KIND_GPU
-        # instances for gpu / gpu-onnx; Triton started with --exit-on-error refuses to come
-        # up when it cannot place them)
-        self.device = "cpu" if self.manifest.get("flavour") == "cpu" else "cuda"
+    def __init__(self, url: str, models: list[str], timeout_s: float = 30.0, http_url: str | None = None) -> None:
         self.url = url
         self.http_url = http_url or None
         self.timeout_s = float(timeout_s)
-        self.protocols: list[_Protocol] = [_Grpc(url, self.timeout_s, self.models())]
+        self.protocols: list[_Protocol] = [_Grpc(url, self.timeout_s, models)]
         if self.http_url:
-            self.protocols.append(_Http(self.http_url, self.timeout_s, self.models()))
+            self.protocols.append(_Http(self.http_url, self.timeout_s, models))
         self._active: _Protocol | None = None
         self._select_lock = threading.Lock()
+        self.captioner = self if CAPTION_START in models and CAPTION_STEP in models else None
 
     @property
     def protocol(self) -> str | None:
@@ -192,31 +190,26 @@ class TritonBackend(EngineBackend):
             self._active = None
             raise ConnectionError("; ".join(errors))
 
-    def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    def _infer(self, model: str, *arrays: np.ndarray) -> list[np.ndarray]:
         p = self._active or self._select()
-        return p.infer(model, inputs, outputs)
+        return p.infer(model, dict(zip(inputs_of(model), arrays, strict=True)), list(outputs_of(model)))
 
-    def _encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self._infer("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask},
-                           ["token_features"])[0]
+    def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self._infer(TEXT_ENCODER, input_ids, attention_mask)[0]
 
-    def _detect(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray):
-        return tuple(self._infer("detector", {"images": images, "token_features": features,
-                                              "attention_mask": attention_mask},
-                                 ["boxes", "logits", "centerness"]))
+    def detect(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray):
+        return tuple(self._infer(DETECTOR, images, features, attention_mask))
 
-    def _vqa(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self._infer("vqa", {"images": images, "token_features": features, "attention_mask": attention_mask},
-                           ["answer_logits"])[0]
+    def vqa(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self._infer(VQA, images, features, attention_mask)[0]
 
-    def _caption_start(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(self._infer("caption_start", {"images": images},
-                                 ["logprobs", "present_k", "present_v", "cross_k", "cross_v"]))
+    # the CaptionEngine protocol of glipv2.captioning
+    def start(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self._infer(CAPTION_START, images))
 
-    def _caption_step(self, tokens, past_k, past_v, cross_k, cross_v) -> tuple[np.ndarray, ...]:
-        inputs = {"tokens": np.asarray(tokens, dtype=np.int64).reshape(-1, 1), "past_k": past_k, "past_v": past_v,
-                  "cross_k": cross_k, "cross_v": cross_v}
-        return tuple(self._infer("caption_step", inputs, ["logprobs", "present_k", "present_v"]))
+    def step(self, tokens, past_k, past_v, cross_k, cross_v) -> tuple[np.ndarray, ...]:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        return tuple(self._infer(CAPTION_STEP, tokens, past_k, past_v, cross_k, cross_v))
 
     def ping(self) -> None:
         active = self._active
@@ -230,9 +223,38 @@ class TritonBackend(EngineBackend):
                     raise
         self._select()
 
+    def close(self) -> None:
+        for p in self.protocols:
+            p.close()
+
+
+class TritonBackend(EngineBackend):
+    name = "triton"
+
+    def __init__(self, repository: Path, url: str, cache_size: int = 1024, timeout_s: float = 30.0,
+                 http_url: str | None = None, cache_bytes: int = 64 * 1024 * 1024) -> None:
+        manifest = Manifest.load(repository)
+        super().__init__(repository, TritonEngine(url, list(manifest.models), timeout_s, http_url), cache_size,
+                         manifest, cache_bytes)
+        # where Triton runs the models: what the repository's flavour declares (KIND_GPU
+        # instances for gpu / gpu-onnx; Triton started with --exit-on-error refuses to come
+        # up when it cannot place them)
+        self.device = "cpu" if manifest.flavour == "cpu" else "cuda"
+        self.url, self.http_url, self.timeout_s = url, self.engine.http_url, self.engine.timeout_s
+
+    @property
+    def protocols(self) -> list[_Protocol]:
+        return self.engine.protocols
+
+    @property
+    def protocol(self) -> str | None:
+        return self.engine.protocol
+
+    def ping(self) -> None:
+        self.engine.ping()
+
     def stats(self) -> dict:
         return {**super().stats(), "protocol": self.protocol}
 
     def close(self) -> None:
-        for p in self.protocols:
-            p.close()
+        self.engine.close()

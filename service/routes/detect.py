@@ -36,16 +36,6 @@ _ERRORS = error_responses(_BAD_PROMPT)
 _UPLOAD_ERRORS = error_responses(_BAD_PROMPT, upload=True)
 
 
-def _postprocess_config(backend: Backend, score_threshold: float | None, max_detections: int | None) -> PostprocessConfig:
-    defaults = backend.manifest.get("postprocess", {})
-    fields = {k: defaults[k] for k in ("score_threshold", "pre_nms_topk", "nms_iou", "max_detections") if k in defaults}
-    if score_threshold is not None:
-        fields["score_threshold"] = float(score_threshold)
-    if max_detections is not None:
-        fields["max_detections"] = int(max_detections)
-    return PostprocessConfig(**fields)
-
-
 async def _detect(settings: Settings, backend: Backend, batcher, loader: ImageLoader, images: list[Source],
                   prompts: list, cfg: PostprocessConfig) -> DetectResponse:
     started = time.perf_counter()
@@ -69,7 +59,7 @@ async def _detect(settings: Settings, backend: Backend, batcher, loader: ImageLo
             ],
         ))
     done = time.perf_counter()
-    return DetectResponse(model=backend.manifest.get("preset", "glipv2"), results=results,
+    return DetectResponse(model=backend.manifest.preset, results=results,
                           timings=timings(started, decoded, done, timed))
 
 
@@ -77,7 +67,7 @@ async def _detect(settings: Settings, backend: Backend, batcher, loader: ImageLo
              summary="Detect the phrases of a prompt in one or more images (JSON, base64 images)")
 async def detect(req: DetectRequest, settings: SettingsDep, backend: BackendDep, batcher: BatcherDep,
                  loader: LoaderDep) -> DetectResponse:
-    cfg = _postprocess_config(backend, req.score_threshold, req.max_detections)
+    cfg = backend.manifest.postprocess_with(req.score_threshold, req.max_detections)
     return await within_deadline(settings, _detect(settings, backend, batcher, loader,
                                                    [source_of(it) for it in req.images],
                                                    [it.prompt for it in req.images], cfg))
@@ -103,7 +93,7 @@ async def ground(req: GroundRequest, settings: SettingsDep, backend: BackendDep,
     """Each detection's phrase_index is the index of the phrase in `phrases`; phrase is the
     caption text it covers. Without `phrases`, the caption's noun phrases are grounded
     (rule-based chunker, glipv2.phrases) and each result's `phrase_spans` says which."""
-    cfg = _postprocess_config(backend, req.score_threshold, req.max_detections)
+    cfg = backend.manifest.postprocess_with(req.score_threshold, req.max_detections)
     built = [ground_prompt(it.caption, it.phrases) for it in req.images]
     out = await within_deadline(settings, _detect(settings, backend, batcher, loader,
                                                   [source_of(it) for it in req.images], [p for p, _ in built], cfg))
@@ -131,6 +121,6 @@ async def detect_upload(
     score_threshold: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
     max_detections: Annotated[int | None, Form(ge=1, le=1000)] = None,
 ) -> DetectResponse:
-    cfg = _postprocess_config(backend, score_threshold, max_detections)
+    cfg = backend.manifest.postprocess_with(score_threshold, max_detections)
     return await within_deadline(settings, _detect(settings, backend, batcher, loader, [await read_upload(image)],
                                                    [prompt], cfg))

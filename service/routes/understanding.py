@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from glipv2.captioning import DEFAULT_MAX_LEN, MAX_BEAM
-from service.backends.base import CaptionItem, VqaItem
+from glipv2.runtime.batch import CaptionBatchItem, VqaBatchItem
 from service.batcher import MicroBatcher
-from service.deps import BackendDep, LoaderDep, SettingsDep, require_api_key
-from service.errors import BackendUnavailable, InvalidInput, NotSupported
+from service.deps import BackendDep, CaptionBatcherDep, LoaderDep, SettingsDep, VqaBatcherDep, require_api_key
+from service.errors import InvalidInput
 from service.routes.inputs import (ImageLoader, Source, check_image_count, error_responses, read_upload, source_of,
                                    timings, within_deadline)
 from service.schemas import (MAX_QUESTION_CHARS, MAX_TOP_ANSWERS, CaptionRequest, CaptionResponse, CaptionResult,
@@ -24,37 +24,13 @@ from service.schemas import (MAX_QUESTION_CHARS, MAX_TOP_ANSWERS, CaptionRequest
 router = APIRouter(prefix="/v1", tags=["understanding"], dependencies=[Depends(require_api_key)])
 
 
-def _batcher(request: Request, task: str) -> MicroBatcher:
-    backend = getattr(request.app.state, "backend", None)
-    if backend is not None and task not in backend.tasks:
-        what = "VQA head" if task == "vqa" else "caption decoder"
-        raise NotSupported(f"the served model has no {what}; export a checkpoint trained with "
-                           f"{'VQA' if task == 'vqa' else 'captions'} (see docs/architecture.md)")
-    batcher = (getattr(request.app.state, "batchers", None) or {}).get(task)
-    if batcher is None:
-        raise BackendUnavailable("the model is not loaded")
-    return batcher
-
-
-def vqa_batcher(request: Request) -> MicroBatcher:
-    return _batcher(request, "vqa")
-
-
-def caption_batcher(request: Request) -> MicroBatcher:
-    return _batcher(request, "caption")
-
-
-VqaBatcher = Annotated[MicroBatcher, Depends(vqa_batcher)]
-CaptionBatcher = Annotated[MicroBatcher, Depends(caption_batcher)]
-
-
 async def _vqa(settings, backend, batcher: MicroBatcher, loader: ImageLoader, images: list[Source],
                questions: list[str], top_k: int) -> VqaResponse:
     started = time.perf_counter()
     check_image_count(settings, len(images))
     ids = await loader.run(lambda: [backend.encode_question(q) for q in questions])  # 422 before any image work
     loaded = await loader.load(images)
-    items = [VqaItem(im.pixels, q, top_k) for im, q in zip(loaded, ids)]
+    items = [VqaBatchItem(im.pixels, q, top_k) for im, q in zip(loaded, ids)]
     decoded = time.perf_counter()
     timed = await batcher.submit_many(items)
     results = [
@@ -63,7 +39,7 @@ async def _vqa(settings, backend, batcher: MicroBatcher, loader: ImageLoader, im
                   top_answers=[ScoredAnswer(answer=a, score=round(s, 4)) for a, s in t.value.top])
         for q, im, t in zip(questions, loaded, timed)
     ]
-    return VqaResponse(model=backend.manifest.get("preset", "glipv2"), results=results,
+    return VqaResponse(model=backend.manifest.preset, results=results,
                        timings=timings(started, decoded, time.perf_counter(), timed))
 
 
@@ -80,19 +56,19 @@ async def _caption(settings, backend, batcher: MicroBatcher, loader: ImageLoader
     check_image_count(settings, len(images))
     length = _max_len(backend, max_len)
     loaded = await loader.load(images)
-    items = [CaptionItem(im.pixels, beam_size, length) for im in loaded]
+    items = [CaptionBatchItem(im.pixels, beam_size, length) for im in loaded]
     decoded = time.perf_counter()
     timed = await batcher.submit_many(items)
     results = [CaptionResult(width=im.size[0], height=im.size[1], caption=t.value.text,
                              logprob=round(t.value.logprob, 4), num_tokens=t.value.num_tokens)
                for im, t in zip(loaded, timed)]
-    return CaptionResponse(model=backend.manifest.get("preset", "glipv2"), results=results,
+    return CaptionResponse(model=backend.manifest.preset, results=results,
                            timings=timings(started, decoded, time.perf_counter(), timed))
 
 
 @router.post("/vqa", response_model=VqaResponse, responses=error_responses("empty or over-long question (256 tokens)"),
              summary="Answer a question about each image (JSON, base64 images)")
-async def vqa(req: VqaRequest, settings: SettingsDep, backend: BackendDep, batcher: VqaBatcher,
+async def vqa(req: VqaRequest, settings: SettingsDep, backend: BackendDep, batcher: VqaBatcherDep,
               loader: LoaderDep) -> VqaResponse:
     return await within_deadline(settings, _vqa(settings, backend, batcher, loader, [source_of(it) for it in req.images],
                                                 [it.question for it in req.images], req.top_k))
@@ -102,7 +78,7 @@ async def vqa(req: VqaRequest, settings: SettingsDep, backend: BackendDep, batch
              responses=error_responses("empty or over-long question (256 tokens)", upload=True),
              summary="Answer a question about one uploaded image (multipart/form-data)")
 async def vqa_upload(
-    settings: SettingsDep, backend: BackendDep, batcher: VqaBatcher, loader: LoaderDep,
+    settings: SettingsDep, backend: BackendDep, batcher: VqaBatcherDep, loader: LoaderDep,
     image: Annotated[UploadFile, File(description="JPEG, PNG or WebP file")],
     question: Annotated[str, Form(min_length=1, max_length=MAX_QUESTION_CHARS)],
     top_k: Annotated[int, Form(ge=1, le=MAX_TOP_ANSWERS)] = 5,
@@ -114,7 +90,7 @@ async def vqa_upload(
 @router.post("/caption", response_model=CaptionResponse, responses=error_responses("max_len over the model's limit"),
              summary="Caption each image (JSON, base64 images)")
 async def caption(req: CaptionRequest, settings: SettingsDep, backend: BackendDep,
-                  batcher: CaptionBatcher, loader: LoaderDep) -> CaptionResponse:
+                  batcher: CaptionBatcherDep, loader: LoaderDep) -> CaptionResponse:
     return await within_deadline(settings, _caption(settings, backend, batcher, loader,
                                                     [source_of(it) for it in req.images], req.max_len, req.beam_size))
 
@@ -123,7 +99,7 @@ async def caption(req: CaptionRequest, settings: SettingsDep, backend: BackendDe
              responses=error_responses("max_len over the model's limit", upload=True),
              summary="Caption one uploaded image (multipart/form-data)")
 async def caption_upload(
-    settings: SettingsDep, backend: BackendDep, batcher: CaptionBatcher, loader: LoaderDep,
+    settings: SettingsDep, backend: BackendDep, batcher: CaptionBatcherDep, loader: LoaderDep,
     image: Annotated[UploadFile, File(description="JPEG, PNG or WebP file")],
     max_len: Annotated[int | None, Form(ge=1, le=255)] = None,
     beam_size: Annotated[int, Form(ge=1, le=MAX_BEAM)] = 1,

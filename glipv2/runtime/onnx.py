@@ -1,4 +1,5 @@
-"""Run the exported graphs with ONNX Runtime (CPU, or CUDA when available)."""
+"""Run the exported graphs with ONNX Runtime (CPU, or CUDA when available): the engine of
+the embedded backend, of the export parity check and of the benchmarks."""
 
 from __future__ import annotations
 
@@ -7,10 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.layout import CAPTION_START, CAPTION_STEP, DETECTOR, TEXT_ENCODER, VQA, model_file
-from glipv2.pipeline import DetectionPipeline
-from glipv2.postprocess import PostprocessConfig
-from glipv2.text import Tokenizer
+from glipv2.runtime.graphs import CAPTION_START, CAPTION_STEP, DETECTOR, TEXT_ENCODER, VQA, inputs_of, model_file
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -90,27 +88,40 @@ def session(path: Path, threads: int = 0, spinning: bool = True, device: str = "
     return sess
 
 
+class _Graph:
+    """One ONNX session called positionally in glipv2.runtime.graphs' input order."""
+
+    def __init__(self, name: str, sess: ort.InferenceSession) -> None:
+        self.name, self.session, self.inputs = name, sess, inputs_of(name)
+
+    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, dict(zip(self.inputs, arrays, strict=True)))
+
+    def __getattr__(self, name: str):  # the session's own API (get_providers, get_inputs, ...)
+        return getattr(self.session, name)
+
+
 class OrtEngine:
-    """text_encoder.onnx then detector.onnx: the Engine of glipv2.pipeline."""
+    """The engine of glipv2.runtime.batch.BatchRunner over the repository's ONNX files."""
 
     def __init__(self, onnx_dir: Path, threads: int = 0, spinning: bool = True, device: str = "auto") -> None:
         """onnx_dir: an export folder (<model>.onnx) or a Triton repository (<model>/1/model.onnx).
         The VQA and caption graphs are loaded when present (None otherwise). device: see session()."""
-        self.text = session(model_file(onnx_dir, TEXT_ENCODER, "onnx"), threads, spinning, device)
-        self.detector = session(model_file(onnx_dir, DETECTOR, "onnx"), threads, spinning, device)
+        def load(name: str) -> _Graph:
+            return _Graph(name, session(model_file(onnx_dir, name, "onnx"), threads, spinning, device))
 
-        def optional(name: str) -> ort.InferenceSession | None:
-            path = model_file(onnx_dir, name, "onnx")
-            return session(path, threads, spinning, device) if path.is_file() else None
+        def optional(name: str) -> _Graph | None:
+            return load(name) if model_file(onnx_dir, name, "onnx").is_file() else None
 
-        self.vqa_session = optional(VQA)
+        self.text, self.detector = load(TEXT_ENCODER), load(DETECTOR)
+        self.vqa_graph = optional(VQA)
         start, step = optional(CAPTION_START), optional(CAPTION_STEP)
         self.captioner = OrtCaptionEngine(start, step) if start and step else None
 
     def sessions(self) -> list[ort.InferenceSession]:
-        return [s for s in (self.text, self.detector, self.vqa_session,
-                            *((self.captioner.start_session, self.captioner.step_session) if self.captioner else ()))
-                if s is not None]
+        graphs = (self.text, self.detector, self.vqa_graph,
+                  *((self.captioner.start_graph, self.captioner.step_graph) if self.captioner else ()))
+        return [g.session for g in graphs if g is not None]
 
     @property
     def device(self) -> str:
@@ -119,45 +130,33 @@ class OrtEngine:
 
     @property
     def providers(self) -> list[str]:
-        return list(self.text.get_providers())
+        return list(self.text.session.get_providers())
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.text.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        return self.text(input_ids, attention_mask)[0]
 
     def detect(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray):
-        return tuple(self.detector.run(None, {"images": images, "token_features": features,
-                                              "attention_mask": attention_mask}))
-
-    def __call__(self, images: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray):
-        return self.detect(images, self.encode_text(input_ids, attention_mask), attention_mask)
+        return tuple(self.detector(images, features, attention_mask))
 
     def vqa(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        if self.vqa_session is None:
+        if self.vqa_graph is None:
             raise RuntimeError("no vqa graph in this export (the model has no VQA head)")
-        return self.vqa_session.run(None, {"images": images, "token_features": features,
-                                           "attention_mask": attention_mask})[0]
+        return self.vqa_graph(images, features, attention_mask)[0]
 
     def answer(self, images: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """The VqaEngine of glipv2.understanding: question ids -> answer logits."""
+        """Question ids -> answer logits (text encoder, then the vqa graph)."""
         return self.vqa(images, self.encode_text(input_ids, attention_mask), attention_mask)
 
 
 class OrtCaptionEngine:
     """caption_start.onnx / caption_step.onnx: the CaptionEngine of glipv2.captioning."""
 
-    def __init__(self, start: ort.InferenceSession, step: ort.InferenceSession) -> None:
-        self.start_session, self.step_session = start, step
+    def __init__(self, start: _Graph, step: _Graph) -> None:
+        self.start_graph, self.step_graph = start, step
 
     def start(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(self.start_session.run(None, {"images": images}))
+        return tuple(self.start_graph(images))
 
     def step(self, tokens, past_k, past_v, cross_k, cross_v) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return tuple(self.step_session.run(None, {
-            "tokens": np.asarray(tokens, dtype=np.int64).reshape(-1, 1), "past_k": past_k, "past_v": past_v,
-            "cross_k": cross_k, "cross_v": cross_v}))
-
-
-class OrtPredictor(DetectionPipeline):
-    def __init__(self, onnx_dir: Path, image_hw: tuple[int, int], tokenizer: Tokenizer | None = None,
-                 postprocess: PostprocessConfig = PostprocessConfig(), threads: int = 0) -> None:
-        super().__init__(OrtEngine(onnx_dir, threads), image_hw, tokenizer, postprocess)
+        return tuple(self.step_graph(np.asarray(tokens, dtype=np.int64).reshape(-1, 1), past_k, past_v,
+                                     cross_k, cross_v))

@@ -1,0 +1,283 @@
+"""manifest.json: what a rendered model repository promises its clients, as one typed,
+frozen dataclass.
+
+export/repository.py writes it (`Manifest(...).dump(path)`), the gateway and the TensorRT
+tools read it (`Manifest.load(repository)`), so a renamed or missing key fails when the
+file is read, naming the key, not later inside a request. The format version changes
+when the layout of the file does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from glipv2.postprocess import PostprocessConfig
+
+FORMAT = "glipv2-serve-repository/1"
+MANIFEST_FILE = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """manifest.json is missing a key, has one it should not, or a value of the wrong kind."""
+
+
+def _require(d: Mapping[str, Any], where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    if not isinstance(d, Mapping):
+        raise ManifestError(f"{where} must be an object, got {type(d).__name__}")
+    missing = [k for k in required if k not in d]
+    unknown = [k for k in d if k not in required and k not in optional]
+    if missing:
+        raise ManifestError(f"{where}: missing {', '.join(map(repr, missing))}")
+    if unknown:
+        raise ManifestError(f"{where}: unknown {', '.join(map(repr, unknown))}")
+
+
+def _int(value: Any, where: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise ManifestError(f"{where} must be an integer" + (f" >= {minimum}" if minimum is not None else "")
+                            + f", got {value!r}")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ManifestError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def _ints(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ManifestError(f"{where} must be a list of integers, got {value!r}")
+    return tuple(_int(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str  # v2-protocol name: FP32, INT64, UINT8
+    dims: tuple[int, ...]  # without the batch axis; -1 = the graph's dynamic axis
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> TensorSpec:
+        _require(d, where, ("dtype", "dims"))
+        return cls(_str(d["dtype"], f"{where}.dtype"), _ints(d["dims"], f"{where}.dims"))
+
+
+@dataclass(frozen=True)
+class DynamicAxis:
+    counts: str  # "tokens" or "steps"
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One graph of the repository: its tensors (in call order) and batch limit."""
+
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    max_batch_size: int
+    dynamic_axis: DynamicAxis | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> GraphEntry:
+        _require(d, where, ("inputs", "outputs", "max_batch_size"), ("dynamic_axis",))
+        tensors = {}
+        for kind in ("inputs", "outputs"):
+            if not isinstance(d[kind], Mapping) or not d[kind]:
+                raise ManifestError(f"{where}.{kind} must be a non-empty object")
+            tensors[kind] = {n: TensorSpec.from_dict(t, f"{where}.{kind}.{n}") for n, t in d[kind].items()}
+        axis = d.get("dynamic_axis")
+        if axis is not None:
+            _require(axis, f"{where}.dynamic_axis", ("counts", "min", "opt", "max"))
+            axis = DynamicAxis(_str(axis["counts"], f"{where}.dynamic_axis.counts"),
+                               *(_int(axis[k], f"{where}.dynamic_axis.{k}", 1) for k in ("min", "opt", "max")))
+        return cls(tensors["inputs"], tensors["outputs"], _int(d["max_batch_size"], f"{where}.max_batch_size", 1),
+                   axis)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str  # relative to the project when the checkpoint was inside it
+    sha256: str
+    step: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """What the image input of every graph takes: letterboxed to hw (top-left, padded
+    bottom/right with pad_value), uint8 RGB, NCHW; the graph normalises it."""
+
+    hw: tuple[int, int]
+    dtype: str = "uint8"
+    layout: str = "NCHW"
+    channels: str = "RGB"
+    pad_value: int = 114
+
+
+@dataclass(frozen=True)
+class CaptionSpec:
+    tokens: tuple[int, ...]  # the decoder's shortlist of WordPiece ids
+    start_id: int
+    end_id: int
+    max_len: int  # most tokens a caption may have (the model's positions minus the start token)
+
+    @property
+    def max_positions(self) -> int:
+        """Decoder positions, start token included (glipv2.understanding.CaptionPipeline)."""
+        return self.max_len + 1
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: str
+    flavour: str  # cpu | gpu-onnx | gpu
+    checkpoint: CheckpointInfo
+    preset: str
+    model_config: dict[str, Any]  # glipv2.config.ModelConfig.to_dict()
+    tokenizer: str  # file name inside the repository
+    max_tokens: int
+    token_buckets: tuple[int, ...]
+    image: ImageLayout
+    top_k: int
+    max_batch_size: int
+    models: dict[str, GraphEntry]
+    postprocess: PostprocessConfig = PostprocessConfig()
+    answer_vocabulary: tuple[str, ...] | None = None
+    caption: CaptionSpec | None = None
+    # what export.tensorrt built the model.plan files from and for (TensorRT version, GPU,
+    # checkpoint, signatures); absent until plans are built. Its keys are the builder's.
+    engines: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.format != FORMAT:
+            raise ManifestError(f"format {self.format!r}, expected {FORMAT!r} (re-render the repository: make export)")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return self.image.hw
+
+    def postprocess_with(self, score_threshold: float | None = None,
+                         max_detections: int | None = None) -> PostprocessConfig:
+        """The repository's postprocessing defaults with a request's overrides."""
+        changes: dict[str, Any] = {}
+        if score_threshold is not None:
+            changes["score_threshold"] = float(score_threshold)
+        if max_detections is not None:
+            changes["max_detections"] = int(max_detections)
+        return replace(self.postprocess, **changes)
+
+    # ------------------------------------------------------------------ (de)serialise
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
+        optional = ("postprocess", "answer_vocabulary", "caption", "engines")
+        _require(d, "manifest", tuple(f.name for f in fields(cls) if f.name not in optional), optional)
+        ck = d["checkpoint"]
+        _require(ck, "manifest.checkpoint", ("path", "sha256"), ("step", "metrics"))
+        image = d["image"]
+        _require(image, "manifest.image", ("hw",), ("dtype", "layout", "channels", "pad_value"))
+        hw = _ints(image["hw"], "manifest.image.hw")
+        if len(hw) != 2 or min(hw) < 1:
+            raise ManifestError(f"manifest.image.hw must be [height, width], got {list(hw)}")
+        if not isinstance(d["models"], Mapping) or not d["models"]:
+            raise ManifestError("manifest.models must be a non-empty object")
+        if not isinstance(d["model_config"], Mapping):
+            raise ManifestError("manifest.model_config must be an object")
+        pp = d.get("postprocess")
+        try:
+            postprocess = PostprocessConfig(**pp) if pp else PostprocessConfig()
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest.postprocess: {exc}") from None
+        caption = d.get("caption")
+        if caption is not None:
+            _require(caption, "manifest.caption", ("tokens", "start_id", "end_id", "max_len"))
+            caption = CaptionSpec(_ints(caption["tokens"], "manifest.caption.tokens"),
+                                  *(_int(caption[k], f"manifest.caption.{k}", 0) for k in ("start_id", "end_id")),
+                                  _int(caption["max_len"], "manifest.caption.max_len", 1))
+        answers = d.get("answer_vocabulary")
+        if answers is not None and (not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
+            raise ManifestError("manifest.answer_vocabulary must be a list of strings or null")
+        return cls(
+            format=d["format"],
+            flavour=_str(d["flavour"], "manifest.flavour"),
+            checkpoint=CheckpointInfo(_str(ck["path"], "manifest.checkpoint.path"),
+                                      _str(ck["sha256"], "manifest.checkpoint.sha256"),
+                                      ck.get("step"), dict(ck.get("metrics") or {})),
+            preset=_str(d["preset"], "manifest.preset"),
+            model_config=dict(d["model_config"]),
+            tokenizer=_str(d["tokenizer"], "manifest.tokenizer"),
+            max_tokens=_int(d["max_tokens"], "manifest.max_tokens", 1),
+            token_buckets=tuple(sorted(_ints(d["token_buckets"], "manifest.token_buckets"))),
+            image=ImageLayout((hw[0], hw[1]), **{k: image[k] for k in ("dtype", "layout", "channels", "pad_value")
+                                                 if k in image}),
+            top_k=_int(d["top_k"], "manifest.top_k", 1),
+            max_batch_size=_int(d["max_batch_size"], "manifest.max_batch_size", 1),
+            models={name: GraphEntry.from_dict(e, f"manifest.models.{name}") for name, e in d["models"].items()},
+            postprocess=postprocess,
+            answer_vocabulary=tuple(answers) if answers else None,
+            caption=caption,
+            engines=dict(d["engines"]) if isinstance(d.get("engines"), Mapping) else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of manifest.json (lists, not tuples)."""
+        def graph(e: GraphEntry) -> dict[str, Any]:
+            return {
+                **{kind: {n: {"dtype": t.dtype, "dims": list(t.dims)} for n, t in tensors.items()}
+                   for kind, tensors in (("inputs", e.inputs), ("outputs", e.outputs))},
+                "max_batch_size": e.max_batch_size,
+                "dynamic_axis": asdict(e.dynamic_axis) if e.dynamic_axis else None,
+            }
+
+        return json.loads(json.dumps({
+            "format": self.format,
+            "flavour": self.flavour,
+            "checkpoint": asdict(self.checkpoint),
+            "preset": self.preset,
+            "model_config": self.model_config,
+            "tokenizer": self.tokenizer,
+            "max_tokens": self.max_tokens,
+            "token_buckets": list(self.token_buckets),
+            "image": asdict(self.image),
+            "top_k": self.top_k,
+            "max_batch_size": self.max_batch_size,
+            "models": {name: graph(e) for name, e in self.models.items()},
+            "postprocess": asdict(self.postprocess),
+            "answer_vocabulary": list(self.answer_vocabulary) if self.answer_vocabulary else None,
+            "caption": asdict(self.caption) if self.caption else None,
+            **({"engines": self.engines} if self.engines is not None else {}),
+        }))
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def dump(self, path: str | Path) -> Path:
+        """Write manifest.json (to `path`, or into `path` when it is a folder)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_FILE
+        path.write_text(self.dumps())
+        return path
+
+    @classmethod
+    def load(cls, repository: str | Path) -> Manifest:
+        """<repository>/manifest.json (or the file itself). FileNotFoundError names `make
+        export`; ManifestError names the bad key."""
+        path = Path(repository)
+        if path.is_dir() or not path.suffix:
+            path = path / MANIFEST_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no manifest; run `make export` to render the model repository")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path}: not JSON ({exc})") from None
+        try:
+            return cls.from_dict(data)
+        except ManifestError as exc:
+            raise ManifestError(f"{path}: {exc}") from None

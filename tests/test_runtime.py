@@ -1,0 +1,120 @@
+"""glipv2.runtime: the torch-free contract between export and serving (manifest, graph
+signatures, the ONNX Runtime engine, the one batch assembly)."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glipv2.runtime.manifest import FORMAT, Manifest, ManifestError
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO = ROOT / "model_repository"
+FORBIDDEN = ("torch", "export", "training")
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level package of every import in a file, lazy (in-function) imports included."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+@pytest.mark.parametrize("package", ["service", "glipv2/runtime"])
+def test_serving_code_never_imports_torch_export_or_training(package):
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files
+    bad = {str(f.relative_to(ROOT)): sorted(_imports(f) & set(FORBIDDEN)) for f in files}
+    assert not {f: m for f, m in bad.items() if m}
+
+
+def test_gateway_process_loads_no_torch():
+    """Importing every service module (and building the app) pulls in none of them."""
+    code = ("import sys, pkgutil, importlib, service\n"
+            "for m in pkgutil.walk_packages(service.__path__, 'service.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "import glipv2.runtime.onnx, glipv2.runtime.pipeline\n"
+            "from service.app import create_app; create_app()\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_committed_manifest_round_trips():
+    text = (REPO / "manifest.json").read_text()
+    m = Manifest.load(REPO)
+    assert m.format == FORMAT and m.image_hw == tuple(json.loads(text)["image"]["hw"])
+    assert m.dumps() == text  # the class writes exactly what it reads
+    assert m.caption is not None and m.caption.max_positions == m.caption.max_len + 1
+    assert list(m.models["detector"].inputs) == ["images", "token_features", "attention_mask"]
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d.update(format="glipv2-serve-repository/0"), "format"),
+    (lambda d: d.update(image_size=d.pop("image")), "missing 'image'"),  # a renamed key fails at load
+    (lambda d: d.update(extra_key=1), "unknown 'extra_key'"),
+    (lambda d: d["models"]["detector"].pop("outputs"), r"models.detector: missing 'outputs'"),
+    (lambda d: d.update(top_k="100"), "top_k must be an integer"),
+    (lambda d: d["postprocess"].update(nms_iou=2.0), "postprocess"),
+])
+def test_bad_manifests_fail_when_read(tmp_path, change, match):
+    d = json.loads((REPO / "manifest.json").read_text())
+    change(d)
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ManifestError, match=match):
+        Manifest.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="make export"):
+        Manifest.load(tmp_path / "nowhere")
+
+
+def test_postprocess_overrides():
+    m = Manifest.load(REPO)
+    pp = m.postprocess_with(score_threshold=0.3, max_detections=7)
+    assert (pp.score_threshold, pp.max_detections, pp.nms_iou) == (0.3, 7, m.postprocess.nms_iou)
+    assert m.postprocess_with() == m.postprocess
+
+
+def test_export_writes_the_manifest_through_the_class():
+    export_repository = pytest.importorskip("export.repository")  # imports torch
+    from glipv2.checkpoint import load_model
+
+    model, ckpt = load_model(ROOT / "demo" / "tiny.pt")
+    m = export_repository.manifest_of(model.cfg, ROOT / "demo" / "tiny.pt", ckpt, "cpu", 100, 8)
+    assert isinstance(m, Manifest) and Manifest.from_dict(m.to_dict()) == m
+
+
+def test_parity_path_is_the_gateway_path():
+    """DetectionPipeline (evaluation, export parity) and the embedded backend give the same
+    detections: both are glipv2.runtime.batch.BatchRunner over the same engine."""
+    from glipv2.image import letterbox
+    from glipv2.runtime.batch import BatchItem, BatchRunner
+    from glipv2.runtime.pipeline import DetectionPipeline
+    from glipv2.text import build_prompt
+    from service.backends.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend(REPO, cache_size=16, threads=1)
+    assert type(backend).run_batch is BatchRunner.run_batch
+    pipe = DetectionPipeline(backend.engine, backend.image_hw, backend.tokenizer)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (90 + 30 * i, 120, 3), dtype=np.uint8) for i in range(3)]
+    prompts = ["circle. square.", "red star. blue hexagon. cross.", "circle. square."]
+    ours = pipe.predict(images, [build_prompt(p) for p in prompts])
+    items = []
+    for im, p in zip(images, prompts):
+        pixels, lb = letterbox(im, backend.image_hw)
+        items.append(BatchItem(pixels, lb, backend.tokenize(p), pipe.postprocess))
+    theirs = backend.run_batch(items)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        np.testing.assert_array_equal(a.phrase_ids, b.phrase_ids)
+    assert backend.stats()["cache_hits"] == 1  # the repeated prompt
