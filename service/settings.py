@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     # Admission at the door (service.admission), on the headers, before anything is read
     # or decoded: beyond these an inference request is answered 503 + Retry-After at once.
     max_concurrent_requests: int = Field(
-        32, ge=1, description="inference requests in progress (reading, decoding, queued, running); beyond: 503")
+        16, ge=1, description="inference requests in progress (reading, decoding, queued, running); beyond: 503")
     max_body_mb_in_flight: int = Field(
         128, ge=1, description="declared body MiB of the inference requests in progress; beyond: 503")
     decode_threads: int = Field(
