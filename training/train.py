@@ -183,6 +183,22 @@ def latest_checkpoint(cfg: TrainConfig) -> Path | None:
     return found[-1] if found else None
 
 
+def readable_checkpoint(cfg: TrainConfig, announce: bool = True) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint that reads back, and its contents. A newer one that does not
+    (truncated by a full disk, a copy cut short) is set aside as step_*.pt.unreadable with
+    a warning, and the one before it is used: a run loses the steps since that one, never
+    the whole run."""
+    for path in sorted(checkpoint_dir(cfg).glob("step_*.pt"), reverse=True):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as e:
+            if announce:
+                print(f"warning: {e}; resuming from the checkpoint before it", file=sys.stderr)
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_name(path.name + ".unreadable"))
+    return None, None
+
+
 def _prune(cfg: TrainConfig) -> None:
     for old in sorted(checkpoint_dir(cfg).glob("step_*.pt"))[: -cfg.keep_last]:
         old.unlink(missing_ok=True)
@@ -273,9 +289,8 @@ def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     step, best = 0, None
-    resume_from = latest_checkpoint(cfg)
+    resume_from, ckpt = readable_checkpoint(cfg, announce=info.is_main)
     if resume_from is not None:
-        ckpt = read_checkpoint(resume_from)
         if ckpt.get("model_config") != model_cfg.to_dict():
             raise CheckpointError(f"{resume_from} was trained with another model config; use a new --out-dir")
         if ckpt["step"] >= cfg.max_steps:
