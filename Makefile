@@ -43,6 +43,12 @@ compose-cli:
 	@test -x /usr/bin/docker-compose || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose)
 
+# Overload, big images, slow URL origin, Triton restart and soak figures against the real
+# server (issue 14), appended to bench/results/soak.jsonl (bench/soak.py).
+.PHONY: soak
+soak: setup repository triton-server
+	$(PY) -m bench.soak
+
 # Debian's chromium + chromedriver for the demo page's browser test
 # (tests/test_service_browser.py); installed only when missing (CI runs as root).
 .PHONY: browser
