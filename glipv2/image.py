@@ -35,13 +35,16 @@ def to_pil_rgb(image: np.ndarray | Image.Image) -> Image.Image:
 
 
 def letterbox(
-    image: np.ndarray | Image.Image, target_hw: HW, pad_value: int = PAD_VALUE
+    image: np.ndarray | Image.Image, target_hw: HW, pad_value: int = PAD_VALUE, orig_hw: HW | None = None
 ) -> tuple[np.ndarray, Letterbox]:
     """Resize keeping aspect ratio to fit target_hw (PIL bilinear), paste top-left and
-    pad the bottom/right with pad_value. Returns (uint8 [3, th, tw] RGB, Letterbox)."""
+    pad the bottom/right with pad_value. Returns (uint8 [3, th, tw] RGB, Letterbox).
+
+    orig_hw: the size of the image `image` was decoded from at reduced scale (a JPEG in
+    draft mode); the Letterbox then maps model-input boxes to those original pixels."""
     pil = to_pil_rgb(image)
     w, h = pil.size
-    lb = Letterbox.fit((h, w), target_hw)
+    lb = Letterbox.fit(orig_hw or (h, w), target_hw)
     rh, rw = lb.resized_hw
     if (rh, rw) != (h, w):
         pil = pil.resize((rw, rh), Image.BILINEAR)

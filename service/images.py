@@ -27,9 +27,11 @@ from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from glipv2.boxes import Letterbox
+from glipv2.image import letterbox
 from service.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
 
-__all__ = ["SUPPORTED_FORMATS", "ImageURL", "URLNotAllowed", "decode_base64", "decode_image",
+__all__ = ["SUPPORTED_FORMATS", "ImageURL", "URLNotAllowed", "decode_base64", "decode_image", "decode_letterboxed",
            "fetch_url", "parse_allowlist", "url_allowed"]
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -79,6 +81,42 @@ _CORRUPT = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, s
 def decode_image(raw: bytes, max_pixels: int) -> np.ndarray:
     """Bytes -> uint8 [H, W, 3] RGB, orientation applied. 415 for other formats, 413 over
     max_pixels (checked before decoding), 422 for a corrupt file."""
+    return np.asarray(_decode(raw, max_pixels)[0], dtype=np.uint8)
+
+
+def decode_letterboxed(raw: bytes, max_pixels: int, target_hw: tuple[int, int]
+                       ) -> tuple[np.ndarray, Letterbox, tuple[int, int]]:
+    """Bytes -> (uint8 [3, th, tw] letterboxed into target_hw, its Letterbox to original
+    pixels, original (width, height) as displayed). Same errors and limits as decode_image.
+
+    A JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8, Pillow's draft mode) that
+    still covers the letterboxed size, then resized the rest of the way: the model never
+    sees more than target_hw, so decoding all 12 megapixels of a phone photo was wasted."""
+    rgb, (w, h) = _decode(raw, max_pixels, target_hw)
+    pixels, lb = letterbox(rgb, target_hw, orig_hw=(h, w))
+    return pixels, lb, (w, h)
+
+
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_SWAPS_AXES = (5, 6, 7, 8)
+
+
+def _draft(img: Image.Image, target_hw: tuple[int, int]) -> tuple[int, int]:
+    """Ask the JPEG decoder for the smallest DCT scale whose output still covers what the
+    letterbox keeps of the displayed image; returns the displayed (width, height) of the
+    full-size image (what boxes refer to)."""
+    w, h = img.size
+    swap = img.getexif().get(0x0112, 1) in _SWAPS_AXES
+    dw, dh = (h, w) if swap else (w, h)
+    rh, rw = Letterbox.fit((dh, dw), target_hw).resized_hw
+    img.draft("RGB", (rh, rw) if swap else (rw, rh))  # in stored orientation; >= the size asked for
+    return dw, dh
+
+
+def _decode(raw: bytes, max_pixels: int, fit_hw: tuple[int, int] | None = None
+            ) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image, orientation applied; its full-size displayed (width, height)). With
+    fit_hw, a JPEG may come back smaller (draft mode, see decode_letterboxed)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -102,6 +140,7 @@ def decode_image(raw: bytes, max_pixels: int) -> np.ndarray:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                size = _draft(img, fit_hw) if fit_hw and img.format == "JPEG" else None
                 img.load()  # first frame of animated PNG / WebP
                 oriented = ImageOps.exif_transpose(img)
                 rgb = oriented.convert("RGB")
@@ -109,7 +148,7 @@ def decode_image(raw: bytes, max_pixels: int) -> np.ndarray:
             raise PayloadTooLarge(f"image has more than {max_pixels} pixels", limit=max_pixels) from None
         except _CORRUPT as exc:  # truncated or corrupt data
             raise InvalidInput(f"image cannot be decoded: {exc}") from None
-    return np.asarray(rgb, dtype=np.uint8)
+    return rgb, size or rgb.size
 
 
 # ------------------------------------------------------------------------ image URLs

@@ -13,10 +13,9 @@ import numpy as np
 from fastapi import UploadFile
 
 from glipv2.boxes import Letterbox
-from glipv2.image import letterbox
 from service.batcher import Timed
 from service.errors import InvalidInput, PayloadTooLarge, RequestTimeout
-from service.images import ImageURL, decode_base64, decode_image, fetch_url, parse_allowlist
+from service.images import ImageURL, decode_base64, decode_letterboxed, fetch_url, parse_allowlist
 from service.schemas import ErrorResponse, Timings
 from service.settings import Settings
 
@@ -82,11 +81,11 @@ class LoadedImage:
 
 
 def _decode(raw: bytes, max_pixels: int, image_hw: tuple[int, int]) -> LoadedImage:
-    """Blocking: bytes -> letterboxed pixels. Only the small letterboxed copy outlives the
-    call, so the full-size pixels in memory are at most one image per decode thread."""
-    pixels_hwc = decode_image(raw, max_pixels)
-    pixels, lb = letterbox(pixels_hwc, image_hw)
-    return LoadedImage(pixels, lb, (pixels_hwc.shape[1], pixels_hwc.shape[0]))
+    """Blocking: bytes -> letterboxed pixels (a JPEG decoded at reduced DCT scale, see
+    service.images.decode_letterboxed). Only the small letterboxed copy outlives the call,
+    so the decoded pixels in memory are at most one image per decode thread."""
+    pixels, lb, size = decode_letterboxed(raw, max_pixels, image_hw)
+    return LoadedImage(pixels, lb, size)
 
 
 class ImageLoader:
