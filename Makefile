@@ -104,6 +104,7 @@ bench: setup repository triton-server
 	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 1
 	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 3
 	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 1 --backend triton
+	$(PY) -m bench.gateway --repository $(REPOSITORY)
 
 clean:
 	rm -rf $(VENV) data runs .cache

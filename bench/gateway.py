@@ -79,17 +79,26 @@ class Client:
     """One keep-alive HTTP/1.1 connection (http.client: no extra dependency, little CPU)."""
 
     def __init__(self, port: int) -> None:
+        self.port = port
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
 
+    def _request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        for attempt in (0, 1):  # the server closes idle keep-alive connections (uvicorn: 5 s)
+            try:
+                self.conn.request(method, path, body=body, headers=headers or {})
+                r = self.conn.getresponse()
+                return r.status, r.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+                if attempt:
+                    raise
+
     def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        self.conn.request("POST", path, body=body, headers={"Content-Type": content_type})
-        r = self.conn.getresponse()
-        return r.status, r.read()
+        return self._request("POST", path, body, {"Content-Type": content_type})
 
     def get(self, path: str) -> dict:
-        self.conn.request("GET", path)
-        r = self.conn.getresponse()
-        return json.loads(r.read())
+        return json.loads(self._request("GET", path)[1])
 
 
 def json_body(jpeg: bytes, prompt: str = PROMPT) -> bytes:
