@@ -98,13 +98,20 @@ serve: setup
 	@$(MAKE) --no-print-directory repository
 	GLIPV2_HOST=$(HOST) GLIPV2_PORT=$(PORT) GLIPV2_REPOSITORY=$(REPOSITORY) $(PY) -m service
 
-# Benchmarks print ratios measured side by side in one run; results go to bench/results/.
+# Benchmarks print ratios measured side by side in one run; results are appended to
+# runs/bench/ (ignored by git). `make bench-record` appends them to the committed
+# reference results in bench/results/ instead (on purpose, for a README figure).
+BENCH_FLAGS ?=
 bench: setup repository triton-server
-	$(PY) -m bench.export_latency --checkpoint $(CHECKPOINT)
-	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 1
-	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 3
-	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 1 --backend triton
-	$(PY) -m bench.gateway --repository $(REPOSITORY)
+	$(PY) -m bench.export_latency --checkpoint $(CHECKPOINT) $(BENCH_FLAGS)
+	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 1 $(BENCH_FLAGS)
+	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 3 $(BENCH_FLAGS)
+	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 1 --backend triton $(BENCH_FLAGS)
+	$(PY) -m bench.gateway --repository $(REPOSITORY) $(BENCH_FLAGS)
+
+.PHONY: bench-record
+bench-record:
+	@$(MAKE) --no-print-directory bench BENCH_FLAGS=--record
 
 clean:
 	rm -rf $(VENV) data runs .cache

@@ -8,7 +8,8 @@ repository, cpu flavour; the decoder caches then travel with every step request)
 - batched: run_caption_batch on batches of --batch images (what the micro-batcher forms
   under concurrent load: every row decodes in lockstep, finished rows leave the batch).
 The two alternate --rounds times (so machine noise hits both alike); medians, images/s and
-the ratio are printed and appended to bench/results/caption_throughput.jsonl.
+the ratio are printed and appended to runs/bench/caption_throughput.jsonl (the committed
+bench/results/ with --record; see bench/output.py).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.output import add_record_flag, results_file
 from glipv2.image import letterbox
 from glipv2.runtime.batch import CaptionBatchItem
 from service.backends.embedded import EmbeddedBackend
 from training import shapes_world as sw
 
-RESULTS = Path(__file__).resolve().parent / "results" / "caption_throughput.jsonl"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backend", choices=("embedded", "triton"), default="embedded")
     p.add_argument("--no-save", action="store_true")
+    add_record_flag(p)
     args = p.parse_args(argv)
     server = None
     if args.backend == "triton":
@@ -100,8 +102,10 @@ def _run(args: argparse.Namespace, backend) -> int:
           f"sequential {row['sequential_images_per_s']:.1f} img/s, batch {args.batch} "
           f"{row['batched_images_per_s']:.1f} img/s ({row['speedup_batched_over_sequential']:.2f}x)")
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
+        out = results_file("caption_throughput.jsonl", args.record)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"appended to {out}")
+        with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
     return 0
 

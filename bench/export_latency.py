@@ -2,7 +2,8 @@
 
 `python -m bench.export_latency --checkpoint demo/tiny.pt` exports the checkpoint, then
 for each batch size times both engines alternately (so machine noise hits both alike)
-and prints median latencies and the ratio. Results are appended to bench/results/.
+and prints median latencies and the ratio. Results are appended to
+runs/bench/export_latency.jsonl (bench/results/ with --record; see bench/output.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import numpy as np
 import torch
 
 from export.onnx_export import export_onnx
+from bench.output import add_record_flag, results_file
 from glipv2.runtime.onnx import OrtEngine
-from glipv2.checkpoint import load_model
+from glipv2.checkpoint import CheckpointError, load_model
 from glipv2.modeling.glipv2 import GLIPv2
 from glipv2.text import Tokenizer, build_prompt, pad_batch, tokenize
 
@@ -82,15 +84,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top-k", type=int, default=100)
-    p.add_argument("--out", type=Path, default=Path("bench/results/export_latency.jsonl"))
+    p.add_argument("--out", type=Path, default=None, help="default runs/bench/export_latency.jsonl")
+    add_record_flag(p)
     args = p.parse_args(argv)
-    rows = run(args.checkpoint, args.batches, args.repeats, args.threads, args.top_k)
+    args.out = args.out or results_file("export_latency.jsonl", args.record)
+    if not args.checkpoint.is_file():
+        print(f"error: checkpoint {args.checkpoint} does not exist (the demo model is demo/tiny.pt; "
+              "`make demo-model` trains it)", file=sys.stderr)
+        return 2
+    try:
+        rows = run(args.checkpoint, args.batches, args.repeats, args.threads, args.top_k)
+    except CheckpointError as e:
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
               platform.machine(), "device": "cpu", "threads": args.threads, "checkpoint": str(args.checkpoint),
               "rows": rows}
     with open(args.out, "a") as f:
         f.write(json.dumps(record) + "\n")
+    print(f"appended to {args.out}")
     return 0
 
 

@@ -13,7 +13,8 @@
 4. throughput at concurrency 1, 4, 16, 64 (640x480, JSON) and the batch sizes the
    micro-batcher formed (from /v1/stats);
 5. a cached prompt against a new prompt on every request (the text encoder runs).
-The table is printed and appended to bench/results/gateway.jsonl.
+The table is printed and appended to runs/bench/gateway.jsonl (the committed
+bench/results/ with --record; see bench/output.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-RESULTS = Path(__file__).resolve().parent / "results" / "gateway.jsonl"
+from bench.output import add_record_flag, results_file
+
 SIZES = ((640, 480), (1920, 1080), (4032, 3024))
 PROMPT = "red circle. blue square. green triangle. star."
 WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "small", "large", "circle", "square", "triangle",
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=6.0, help="duration of each throughput level")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--no-save", action="store_true")
+    add_record_flag(p)
     args = p.parse_args(argv)
 
     from glipv2.image import letterbox
@@ -259,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(row)
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
+        results = results_file("gateway.jsonl", args.record)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        print(f"appended to {results}")
+        with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
     return 0
 

@@ -1,6 +1,6 @@
 """Gateway under overload, big images, slow URL origins, a Triton restart and a steady
 soak: the figures of issue 14, measured against the real server (`python -m service`
-in a subprocess, localhost only), appended to bench/results/soak.jsonl.
+in a subprocess, localhost only), appended to runs/bench/soak.jsonl (bench/results/ with --record).
 
 Scenarios (`--scenarios`, default all):
 - overload: closed-loop HTTP/1.1 clients (a small asyncio load generator, like wrk) at
@@ -46,8 +46,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.output import add_record_flag, results_file
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "soak.jsonl"
+
 PROMPT = "circle. square. triangle. star. hexagon. ellipse."
 
 
@@ -426,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code", type=Path, default=None, help="serve the service package from this folder")
     p.add_argument("--label", default="this tree")
     p.add_argument("--no-save", action="store_true")
+    add_record_flag(p)
     args = p.parse_args(argv)
     record = {"bench": "soak", "label": args.label, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "host": f"{platform.machine()}, {os.cpu_count()} cpus", "results": {}}
@@ -435,8 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         record["results"][name] = SCENARIOS[name](args, args.code)
         print(f"  {name}: {record['results'][name]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
+        results = results_file("soak.jsonl", args.record)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        print(f"appended to {results}")
+        with results.open("a") as f:
             f.write(json.dumps(record) + "\n")
     return 0
 

@@ -608,7 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve = sub.add_parser("serve", help="run tritonserver on a model repository until Ctrl-C")
     p_serve.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository")
     p_serve.add_argument("--host", default="127.0.0.1")
-    p_serve.add_argument("--http-port", type=int, default=8000)
+    # Not 8000: that is the gateway's port (GLIPV2_PORT), and both run side by side; 8010
+    # is also where compose.yaml publishes Triton's HTTP port. gRPC stays on 8001, the
+    # gateway's default GLIPV2_TRITON_URL.
+    p_serve.add_argument("--http-port", type=int, default=8010)
     p_serve.add_argument("--grpc-port", type=int, default=8001)
     p_serve.add_argument("--metrics-port", type=int, default=8002)
     p_serve.add_argument("--log-verbose", type=int, default=0)

@@ -36,3 +36,58 @@ def test_own_checkpoint_repositories_are_ignored_by_git():
                  "models/mine-model_repository-gpu/detector/config.pbtxt"):
         out = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
         assert out.returncode == 0, f"{path} is not ignored"
+
+
+def test_benchmarks_write_user_results_to_an_ignored_place(tmp_path, monkeypatch, capsys):
+    """A user's `bench.*` run appends to runs/bench/ (ignored by git); only --record (make
+    bench-record) appends to the committed bench/results/."""
+    import pytest
+
+    from bench import caption_throughput, output
+
+    repo = ROOT / "model_repository"
+    if not (repo / "caption_step" / "1" / "model.onnx").is_file():
+        pytest.skip("model_repository has no ONNX files: run `make export`")
+    assert subprocess.run(["git", "check-ignore", "-q", "--no-index", str(output.USER_RESULTS / "x.jsonl")],
+                          cwd=ROOT).returncode == 0
+    assert output.results_file("x.jsonl", record=True) == ROOT / "bench" / "results" / "x.jsonl"
+    user, reference = tmp_path / "user", tmp_path / "reference"
+    monkeypatch.setattr(output, "USER_RESULTS", user)
+    monkeypatch.setattr(output, "REFERENCE_RESULTS", reference)
+    args = ["--repository", str(repo), "--images", "2", "--batch", "2", "--rounds", "1", "--threads", "1"]
+    assert caption_throughput.main(args) == 0
+    assert len((user / "caption_throughput.jsonl").read_text().splitlines()) == 1 and not reference.exists()
+    assert caption_throughput.main([*args, "--record"]) == 0
+    assert (reference / "caption_throughput.jsonl").is_file()
+
+
+def test_export_latency_with_a_missing_checkpoint_is_one_clear_line(tmp_path):
+    out = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "bench.export_latency", "--checkpoint",
+                          str(tmp_path / "nope.pt")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "nope.pt does not exist" in out.stderr, out.stderr
+
+
+def test_local_tritonserver_ports_leave_the_gateway_its_port():
+    """`make serve` and `export.local_triton serve` run side by side: the gateway keeps 8000
+    and finds Triton's gRPC where its default GLIPV2_TRITON_URL points."""
+    from export.local_triton import build_parser
+    from service.settings import Settings
+
+    args = build_parser().parse_args(["serve"])
+    settings = Settings()
+    assert settings.port not in (args.http_port, args.grpc_port, args.metrics_port)
+    assert settings.triton_url == f"localhost:{args.grpc_port}"
+
+
+def test_docs_cite_only_files_in_the_repository():
+    """Every file a README or docs page links to or names as *.md exists in the repository."""
+    import re
+
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "model_repository" / "README.md"]:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)#\s]+)\)", text) + re.findall(r"\b([\w./-]+\.md)\b", text):
+            if "://" in target:
+                continue
+            found = (page.parent / target).exists() or (ROOT / target).exists()
+            assert found, f"{page.relative_to(ROOT)} cites {target}, which is not in the repository"

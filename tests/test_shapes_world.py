@@ -1,4 +1,4 @@
-"""The shapes world follows shared/shapes-world.md: scene constraints, tight boxes on the
+"""The shapes world follows docs/shapes-world.md: scene constraints, tight boxes on the
 rendered pixels, and task ground truth checked against an independent reading."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The synthetic "shapes world" (shared/shapes-world.md): scene sampling, rendering and
+"""The synthetic "shapes world" (docs/shapes-world.md): scene sampling, rendering and
 the ground truth of every task (detection, grounding, VQA, captioning).
 
 numpy + PIL only. Everything is a pure function of the numpy Generator passed in, so a
