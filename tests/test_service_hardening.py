@@ -181,7 +181,7 @@ def test_open_endpoints_setting(open_endpoints):
             anon = c.get(path)
             assert anon.status_code == (200 if name in opened else 401), (path, anon.status_code)
             assert c.get(path, headers={"X-API-Key": "s3cr3t-key"}).status_code == 200, path
-        for path in ("/openapi.json", "/redoc"):
+        for path in ("/openapi.json", "/redoc", "/docs/assets/swagger-ui.css"):
             assert c.get(path).status_code == (200 if "docs" in opened else 401)
         assert c.get("/v1/models").status_code == 401  # the API itself always needs the key
 
