@@ -334,5 +334,6 @@ def test_cpu_profile_up_answers_like_the_embedded_backend(tmp_path):
         try:
             engine.compose("--profile", "cpu", "down", "--volumes", "--remove-orphans",
                            env={"COMPOSE_PROJECT_NAME": project}, check=False, timeout=300)
+            engine.docker("image", "prune", "--force", check=False)  # the images earlier builds replaced
         finally:
             engine.stop()
