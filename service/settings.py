@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
+    workers: int = Field(
+        1, ge=1, le=64, description="gateway processes sharing the port (triton backend only: Triton batches "
+        "across them; embedded workers would each load the models onto the same cores and split the batches)")
 
     @field_validator("open_endpoints")
     @classmethod
