@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 from export import graphs, onnx_export, trt_ops
 from glipv2.config import ModelConfig
 from glipv2.image import PAD_VALUE
-from glipv2.postprocess import PostprocessConfig
+from glipv2.postprocess import SERVING_SCORE_THRESHOLD, PostprocessConfig
 from glipv2.runtime.graphs import opt_batch
 from glipv2.runtime.manifest import (FORMAT, MANIFEST_FILE, CaptionSpec, CheckpointInfo, DynamicAxis, GraphEntry,
                                      ImageLayout, Manifest, TensorSpec)
@@ -326,7 +326,7 @@ def manifest_of(
         top_k=top_k,
         max_batch_size=max_batch_size,
         models=models,
-        postprocess=PostprocessConfig(),
+        postprocess=PostprocessConfig(score_threshold=SERVING_SCORE_THRESHOLD),
         answer_vocabulary=tuple(model_cfg.vqa_answers) or None,
         # a caption has at most caption_max_len - 1 tokens: position 0 is the start token
         caption=CaptionSpec(tuple(model_cfg.caption_tokens), model_cfg.caption_start_id, model_cfg.caption_end_id,
@@ -370,7 +370,7 @@ def manifest_of(
         top_k=top_k,
         max_batch_size=max_batch_size,
         models=models,
-        postprocess=PostprocessConfig(),
+        postprocess=PostprocessConfig(score_threshold=SERVING_SCORE_THRESHOLD),
         answer_vocabulary=tuple(model_cfg.vqa_answers) or None,
         # a caption has at most caption_max_len - 1 tokens: position 0 is the start token
         caption=CaptionSpec(tuple(model_cfg.caption_tokens), model_cfg.caption_start_id, model_cfg.caption_end_id,

@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("image", type=Path, help="JPEG, PNG or WebP file")
     d.add_argument("--prompt", "-p", required=True, help="phrases separated by '.': 'red circle. star.'")
     d.add_argument("--out", "-o", type=Path, help="write the image with the boxes drawn here (PNG, JPEG or WebP)")
-    d.add_argument("--threshold", "-t", type=float, default=0.3, help="minimum score (default 0.3)")
+    d.add_argument("--threshold", "-t", type=float, default=None,
+                   help="keep detections scoring above this (default: the model's, as the API: "
+                        "/v1/models postprocess.score_threshold)")
     d.add_argument("--max-detections", type=int, default=100, help="at most this many boxes (default 100)")
     common(d)
 
@@ -124,7 +126,7 @@ def _detect(args: argparse.Namespace) -> dict:
 
     if not args.prompt.strip():
         raise CLIError("the prompt is empty: give phrases such as --prompt 'red circle. star.'")
-    if not 0.0 <= args.threshold <= 1.0:
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise CLIError(f"--threshold must be in [0, 1], not {args.threshold}")
     if args.max_detections < 1:
         raise CLIError("--max-detections must be at least 1")
@@ -145,10 +147,10 @@ def _detect(args: argparse.Namespace) -> dict:
         {"box": [round(float(v), 2) for v in box], "score": round(float(s), 4),
          "phrase": phrases[int(p)], "phrase_index": int(p)}
         for box, s, p in zip(det.boxes, det.scores, det.phrase_ids)
-        if float(s) >= args.threshold
     ]
     return {"image": str(args.image), "width": int(pixels_hwc.shape[1]), "height": int(pixels_hwc.shape[0]),
-            "prompt": tokenized.prompt.text, "phrases": phrases, "detections": detections,
+            "prompt": tokenized.prompt.text, "phrases": phrases, "score_threshold": cfg.score_threshold,
+            "detections": detections,
             "_pixels": pixels_hwc}
 
 

@@ -88,7 +88,8 @@ class DetectRequest(BaseModel):
         min_length=1, description="one or more images, each with its own prompt; batched together"
     )
     score_threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="keep detections scoring above this (default: the model's, 0.05)"
+        None, ge=0.0, le=1.0, description="keep detections scoring above this (default: the model's, GET /v1/models "
+                                    "postprocess.score_threshold: 0.45 for the demo model, its best-F1 threshold)"
     )
     max_detections: int | None = Field(
         None, ge=1, le=1000, description="at most this many detections per image (default 100)"
@@ -189,12 +190,23 @@ class ScoredAnswer(BaseModel):
     score: float = Field(ge=0.0, le=1.0, description="sigmoid score (answers are scored independently)")
 
 
+VQA_SCOPE = (
+    "What it can answer: the question kinds it was trained on. The demo model knows the shapes world's "
+    "questions: 'what color is the star?', 'how many circles are there?' (0-6), 'is there a red square?', "
+    "'what shape is left of the blue circle?', 'what color is the largest object?'. What it cannot: anything "
+    "else (other objects, 'is there a dog?'; other phrasings, 'how many shapes are there?'). Every question "
+    "gets the best answer of the answer vocabulary (GET /v1/models answer_vocabulary), and the score says how "
+    "sure the model is of that answer among its answers, not that the question is one it can answer: an "
+    "out-of-domain question can get a wrong answer with a high score.")
+
+
 class VqaResult(BaseModel):
     width: int
     height: int
     question: str
-    answer: str = Field(description="the best answer of the model's answer vocabulary")
-    score: float = Field(ge=0.0, le=1.0)
+    answer: str = Field(description="the best answer of the model's answer vocabulary. " + VQA_SCOPE)
+    score: float = Field(ge=0.0, le=1.0, description="the answer's sigmoid score: confidence among the "
+                         "vocabulary's answers, not that the question is answerable (see answer)")
     top_answers: list[ScoredAnswer] = Field(description="best first")
 
 

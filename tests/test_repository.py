@@ -36,6 +36,7 @@ from export.repository import (
 )
 from glipv2.config import ModelConfig, get_preset
 from glipv2.text import DEFAULT_BUCKETS, default_tokenizer_path
+from glipv2.postprocess import SERVING_SCORE_THRESHOLD
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo" / "tiny.pt"
@@ -257,7 +258,8 @@ def test_manifest():
     assert m["models"]["text_encoder"]["inputs"] == {"input_ids": {"dtype": "INT64", "dims": [-1]},
                                                      "attention_mask": {"dtype": "INT64", "dims": [-1]}}
     assert m["models"]["detector"]["outputs"]["logits"] == {"dtype": "FP32", "dims": [100, -1]}
-    assert m["postprocess"] == {"score_threshold": 0.05, "pre_nms_topk": 1000, "nms_iou": 0.6, "max_detections": 100}
+    assert m["postprocess"] == {"score_threshold": SERVING_SCORE_THRESHOLD, "pre_nms_topk": 1000, "nms_iou": 0.6,
+                                "max_detections": 100}
     json.dumps(m)
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse
+
+from glipv2.postprocess import SERVING_SCORE_THRESHOLD
 
 from service.errors import ServiceError
 
@@ -29,8 +31,13 @@ class NotFound(ServiceError):
 
 
 @router.get("/")
-async def index() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=_HEADERS)
+async def index(request: Request) -> HTMLResponse:
+    """The page, its threshold slider starting at the served model's default (the one the
+    API applies when a request names none), so the page shows what the API would answer."""
+    backend = request.app.state.backend
+    threshold = backend.manifest.postprocess.score_threshold if backend is not None else SERVING_SCORE_THRESHOLD
+    html = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{score_threshold}}", f"{threshold:.2f}")
+    return HTMLResponse(html, headers=_HEADERS)
 
 
 @router.get("/static/{name}")

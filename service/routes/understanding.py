@@ -19,7 +19,7 @@ from service.errors import InvalidInput
 from service.routes.inputs import (ImageLoader, Source, check_image_count, error_responses, read_upload, source_of,
                                    timings, within_deadline)
 from service.schemas import (MAX_QUESTION_CHARS, MAX_TOP_ANSWERS, CaptionRequest, CaptionResponse, CaptionResult,
-                             ScoredAnswer, VqaRequest, VqaResponse, VqaResult)
+                             ScoredAnswer, VQA_SCOPE, VqaRequest, VqaResponse, VqaResult)
 
 router = APIRouter(prefix="/v1", tags=["understanding"], dependencies=[Depends(require_api_key)])
 
@@ -67,7 +67,7 @@ async def _caption(settings, backend, batcher: MicroBatcher, loader: ImageLoader
 
 
 @router.post("/vqa", response_model=VqaResponse, responses=error_responses("empty or over-long question (256 tokens)"),
-             summary="Answer a question about each image (JSON, base64 images)")
+             summary="Answer a question about each image (JSON, base64 images)", description=VQA_SCOPE)
 async def vqa(req: VqaRequest, settings: SettingsDep, backend: BackendDep, batcher: VqaBatcherDep,
               loader: LoaderDep) -> VqaResponse:
     return await within_deadline(settings, _vqa(settings, backend, batcher, loader, [source_of(it) for it in req.images],
@@ -76,7 +76,7 @@ async def vqa(req: VqaRequest, settings: SettingsDep, backend: BackendDep, batch
 
 @router.post("/vqa/upload", response_model=VqaResponse,
              responses=error_responses("empty or over-long question (256 tokens)", upload=True),
-             summary="Answer a question about one uploaded image (multipart/form-data)")
+             summary="Answer a question about one uploaded image (multipart/form-data)", description=VQA_SCOPE)
 async def vqa_upload(
     settings: SettingsDep, backend: BackendDep, batcher: VqaBatcherDep, loader: LoaderDep,
     image: Annotated[UploadFile, File(description="JPEG, PNG or WebP file")],
