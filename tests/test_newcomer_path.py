@@ -91,3 +91,16 @@ def test_docs_cite_only_files_in_the_repository():
                 continue
             found = (page.parent / target).exists() or (ROOT / target).exists()
             assert found, f"{page.relative_to(ROOT)} cites {target}, which is not in the repository"
+
+
+def test_docs_commands_use_the_projects_venv():
+    """A command block's `python -m ...` outside the venv fails ("No module named 'tqdm'"):
+    the README's commands name .venv/bin/python (the TensorRT container's python3 aside)."""
+    import re
+
+    for page in (ROOT / "README.md", ROOT / "model_repository" / "README.md"):
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+            if "docker run" in block:  # runs inside NVIDIA's container, whose python3 is right
+                continue
+            for line in block.splitlines():
+                assert not re.match(r"\s*python3? -m", line), f"{page.name}: {line.strip()}"
