@@ -233,3 +233,54 @@ def test_normal_keep_alive_requests_still_work(live_server):
         for pause in (0.0, 0.5, 0.5):
             time.sleep(pause)
             assert c.post("/v1/detect", json=_detect_body(SMALL)).status_code == 200
+
+
+# ------------------------------------------------------------------ SIGTERM drains in flight
+
+def test_sigterm_drains_requests_in_flight(tmp_path):
+    """`python -m service` gets SIGTERM while a request is decoding eight 4-Mpx images:
+    that request still gets its 200, then the server exits cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GLIPV2_PORT": str(port), "GLIPV2_REPOSITORY": str(REPO), "GLIPV2_THREADS": "2",
+           "GLIPV2_DECODE_THREADS": "1", "GLIPV2_MAX_IMAGE_PIXELS": "5000000", "GLIPV2_LOG_LEVEL": "info"}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO.parent, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("server not ready:\n" + (tmp_path / "server.log").read_text())
+        result: dict = {}
+
+        def call():
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/detect", json=_detect_body(BIG, 8), timeout=60)
+            result.update(status=r.status_code, seconds=time.perf_counter() - t0)
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.5)  # the request is decoding
+        proc.send_signal(signal.SIGTERM)
+        t.join(timeout=60)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert result.get("status") == 200, (result, (tmp_path / "server.log").read_text()[-2000:])
+    assert result["seconds"] > 0.5  # it was in flight when the signal came
+    assert code in (0, -signal.SIGTERM)
