@@ -99,7 +99,7 @@ def test_docs_commands_use_the_projects_venv():
     import re
 
     for page in (ROOT / "README.md", ROOT / "model_repository" / "README.md"):
-        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+        for block in re.findall(r"```\w*\n(.*?)```", page.read_text(), re.S):
             if "docker run" in block:  # runs inside NVIDIA's container, whose python3 is right
                 continue
             for line in block.splitlines():
