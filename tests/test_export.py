@@ -1,5 +1,6 @@
 """ONNX export: checker, dynamic axes, TensorRT op support, parity with PyTorch."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,11 @@ from export.onnx_export import export_onnx
 from glipv2.runtime.onnx import OrtEngine
 from export.trt_ops import graph_ops, unsupported_ops
 from export.verify import (LOGIT_TOLERANCE, ParityReport, compare_detections, compare_outputs, compare_understanding,
-                           main, sample_images)
+                           main, same_detections, sample_images)
+import torch
+
 from glipv2.checkpoint import load_model
+from glipv2.postprocess import Detections
 from glipv2.text import Tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "tiny.pt"
@@ -95,6 +99,34 @@ def test_same_detections_on_shapes_images(exported):
     compare_detections(model, out, sample_images(None, 6), 100, Tokenizer(), report)
     assert report.detections > 0
     assert report.detection_mismatches == []
+
+
+def test_parity_comparator_reports_a_real_mismatch(exported):
+    """Against graphs of another model the comparator must not answer "same": the PyTorch
+    model with its box regression bias nudged, run against the unchanged ONNX graphs."""
+    model, out = exported
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.head.bbox_pred.bias += 0.05
+    report = ParityReport()
+    compare_detections(changed, out, sample_images(None, 2), 100, Tokenizer(), report)
+    assert report.detections > 0
+    assert report.detection_mismatches and all("differ" in m for m in report.detection_mismatches)
+
+
+def test_same_detections_names_each_difference():
+    ref = Detections(np.array([[10, 10, 50, 50], [60, 60, 90, 90]], np.float32), np.array([0.9, 0.5], np.float32),
+                     np.array([0, 1]))
+
+    def variant(boxes=ref.boxes, scores=ref.scores, phrases=ref.phrase_ids):
+        return Detections(np.asarray(boxes, np.float32), np.asarray(scores, np.float32), np.asarray(phrases))
+
+    assert same_detections(ref, variant()) is None
+    assert same_detections(ref, variant(ref.boxes + 0.04, ref.scores + 5e-5)) is None  # inside the tolerances
+    assert same_detections(ref, variant(ref.boxes[:1], ref.scores[:1], ref.phrase_ids[:1])) == "2 vs 1 detections"
+    assert same_detections(ref, variant(phrases=[0, 0])) == "phrases differ"
+    assert same_detections(ref, variant(ref.boxes + [0, 0, 0.1, 0])).startswith("boxes differ by up to 0.100")
+    assert same_detections(ref, variant(scores=[0.9, 0.501])).startswith("scores differ by up to 1.00e-03")
 
 
 def test_same_answers_and_captions_on_shapes_images(exported):

@@ -1,10 +1,15 @@
-"""Each loss: a finite value, gradients into the parts it trains, off when weighted 0."""
+"""Each loss: a finite value, gradients into the parts it trains, off when weighted 0, and
+the value of small hand-computed cases."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 from glipv2.config import LossConfig
+from glipv2.modeling.glipv2 import DetectorOutput
+from glipv2.modeling.head import HeadOutput
 from training.batch import Collator, phrase_key
 from training.data import GroundingSample, join_phrases
 from training.losses import GLIPv2Loss, sigmoid_focal_loss
@@ -111,3 +116,63 @@ def test_mlm_masks_only_real_words(batch, tokenizer):
     assert (batch.attention_mask[masked] == 1).all()
     assert not (batch.mlm_labels[masked] == tokenizer.cls_id).any()
     assert not (batch.mlm_labels[masked] == tokenizer.token_to_id(".")).any()
+
+
+# ------------------------------------------------------------- hand-computed references
+
+
+def test_giou_loss_hand_value():
+    from glipv2.modeling import box_ops
+
+    pred = torch.tensor([[0.0, 0, 2, 2], [0, 0, 4, 4], [0, 0, 1, 1]])
+    target = torch.tensor([[1.0, 1, 3, 3], [0, 0, 4, 4], [2, 0, 3, 1]])
+    # 1: inter 1, union 7, hull 9 -> GIoU 1/7 - 2/9; 2: identical -> 0;
+    # 3: disjoint, union 2, hull 3 -> GIoU 0 - 1/3, loss 4/3
+    expected = torch.tensor([1 - (1 / 7 - 2 / 9), 0.0, 4 / 3])
+    torch.testing.assert_close(box_ops.giou_loss(pred, target), expected)
+
+
+def test_centerness_target_hand_value():
+    from glipv2.modeling import box_ops
+
+    anchors = torch.tensor([[1.0, 0, 3, 2], [3, 1, 5, 3]])  # centres (2, 1) and (4, 2)
+    boxes = torch.tensor([[0.0, 0, 8, 4], [0, 0, 8, 4]])
+    # (2, 1): l 2, r 6, t 1, b 3 -> sqrt(2/6 * 1/3) = 1/3; (4, 2) is the centre -> 1
+    torch.testing.assert_close(box_ops.centerness_target(anchors, boxes), torch.tensor([1 / 3, 1.0]))
+
+
+def _focal(x: float, target: int) -> float:
+    """GLIP's focal loss (alpha 0.25, gamma 2) of one logit, written out."""
+    p = 1 / (1 + np.exp(-x))
+    return -0.25 * (1 - p) ** 2 * np.log(p) if target else -0.75 * p**2 * np.log(1 - p)
+
+
+def test_contrastive_loss_hand_value(small_model, batch):
+    """Two prompts, "circle. star." and "circle. square." (its last token padding), one
+    positive region each: a "circle" region and a "square" region. With zero region and
+    token embeddings every logit is the token's bias, so the loss is a sum of focal terms
+    over a target table written out by hand: a region's positives are the tokens of
+    phrases with its phrase's text, in either prompt."""
+    circle, star, square = 11, 22, 33  # phrase keys (text hashes)
+    b = dataclasses.replace(
+        batch,
+        positive_map=torch.tensor([[[0, 1, 0, 0], [0, 0, 1, 0]], [[0, 1, 0, 0], [0, 0, 1, 0]]], dtype=torch.float32),
+        phrase_keys=torch.tensor([[circle, star], [circle, square]]),
+        attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+        step_seed=0,
+    )
+    bias = torch.tensor([[0.0, 1.0, -1.0, 2.0], [0.5, -2.0, 3.0, 5.0]])
+    head = HeadOutput(box_deltas=torch.zeros(2, 3, 4), centerness=torch.zeros(2, 3),
+                      regions=torch.zeros(2, 3, 8), tokens=torch.zeros(2, 4, 8), token_bias=bias,
+                      fused_text=torch.zeros(2, 4, 8))
+    out = DetectorOutput(boxes=torch.zeros(2, 3, 4), logits=torch.zeros(2, 3, 4), centerness=torch.zeros(2, 3), head=head)
+    pos_index = [(0, torch.tensor([0]), torch.tensor([[True, False]])),  # image 0, anchor 0: "circle"
+                 (1, torch.tensor([2]), torch.tensor([[False, True]]))]  # image 1, anchor 2: "square"
+    loss = GLIPv2Loss(LossConfig(), [])._contrastive(small_model, out, b, pos_index)
+
+    #         image 0 tokens | image 1 tokens (the last is padding)
+    target = [[0, 1, 0, 0,     0, 1, 0, None],   # the circle region
+              [0, 0, 0, 0,     0, 0, 1, None]]   # the square region
+    logits = bias.flatten().tolist()
+    expected = sum(_focal(x, t) for row in target for x, t in zip(logits, row) if t is not None) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)

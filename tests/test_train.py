@@ -36,21 +36,76 @@ def _run(out_dir, steps, save_every):
     return [sys.executable, "-m", "training.train", *args]
 
 
+def _records(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+LOSSES = ("total", "grounding", "box_giou", "centerness", "contrastive")
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    """A resumed run starts at its checkpoint's step with the weights, optimizer, schedule,
+    data position and global RNG of the run that stopped, so its steps reproduce those of a
+    run that never stopped, loss for loss. The text encoder is left unfrozen so that its
+    dropout draws from the global RNG (the frozen tiny model draws nothing from it)."""
+    args = [*SMALL, "--save-every", "2", "--model", "image_hw=[64,64]", "--batch-size", "2",
+            "--model", "freeze_text=false"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(config_from_args([*args, "--out-dir", str(straight), "--max-steps", "4"]))
+    train(config_from_args([*args, "--out-dir", str(resumed), "--max-steps", "2"]))
+    before = (resumed / "metrics.jsonl").read_text()
+    train(config_from_args([*args, "--out-dir", str(resumed), "--max-steps", "4"]))
+    after = (resumed / "metrics.jsonl").read_text()
+    # The second run did steps 3 and 4 only: a run that started over would log 1 and 2 again.
+    assert after.startswith(before)
+    second = [json.loads(line) for line in after[len(before):].splitlines()]
+    assert [r["step"] for r in second] == [3, 4]
+    expected = _records(straight)[2:]
+    for got, want in zip(second, expected):
+        for k in LOSSES:
+            assert got[k] == want[k], (got["step"], k, got[k], want[k])
+        assert got["lr"] == want["lr"]
+    a = torch.load(straight / "checkpoints" / "step_00000004.pt", weights_only=False)
+    b = torch.load(resumed / "checkpoints" / "step_00000004.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])  # the dropout stream went on, not over
+
+
 def test_sigkill_and_resume_reaches_the_same_weights(tmp_path):
-    steps = 16
+    steps = 8
     straight = tmp_path / "straight"
-    subprocess.run(_run(straight, steps, 4), cwd=REPO, check=True, capture_output=True)
+    subprocess.run(_run(straight, steps, 2), cwd=REPO, check=True, capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_run(killed, steps, 4), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = killed / "checkpoints" / "step_00000004.pt"
-    deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(_run(killed, steps, 2), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    first = killed / "checkpoints" / "step_00000002.pt"
+    deadline = time.monotonic() + 600
+    while not first.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the first run exited with {proc.returncode} before its first checkpoint:\n"
+                        + (tmp_path / "first.log").read_text()[-3000:])
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the first run wrote no checkpoint within 600 s")
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "checkpoints" / f"step_{steps:08d}.pt").exists(), "the run finished before the kill"
-    subprocess.run(_run(killed, steps, 4), cwd=REPO, check=True, capture_output=True)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before the kill"
+    saved = sorted(int(p.stem[5:]) for p in (killed / "checkpoints").glob("step_*.pt"))
+    assert saved and saved[-1] < steps, saved
+    stopped_at = saved[-1]
+    logged = _records(killed)  # up to the kill, possibly past the last checkpoint
+    assert [r["step"] for r in logged][:stopped_at] == list(range(1, stopped_at + 1))
+
+    subprocess.run(_run(killed, steps, 2), cwd=REPO, check=True, capture_output=True, timeout=600)
+    records = _records(killed)
+    # The second run started after the last checkpoint: the steps up to it are logged once,
+    # by the first run; a run that started over would have logged them a second time.
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert records[:stopped_at] == logged[:stopped_at]
+    for got, want in zip(records, _records(straight)):
+        assert all(got[k] == want[k] for k in LOSSES), (got, want)
 
     a = torch.load(straight / "checkpoints" / f"step_{steps:08d}.pt", weights_only=False)
     b = torch.load(killed / "checkpoints" / f"step_{steps:08d}.pt", weights_only=False)

@@ -326,6 +326,9 @@ def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, sampler=_Range(step * cfg.grad_accum, cfg.max_steps * cfg.grad_accum),
         num_workers=cfg.workers, persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+        # Its own generator: a loader draws its workers' base seed when iterated, and a draw
+        # from the global RNG here would shift a resumed run's stream (dropout) by one.
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     log = RunLog(Path(cfg.out_dir), enabled=info.is_main, resumed_at=step)
     if info.is_main:
