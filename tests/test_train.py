@@ -98,7 +98,9 @@ def test_sigkill_and_resume_reaches_the_same_weights(tmp_path):
     logged = _records(killed)  # up to the kill, possibly past the last checkpoint
     assert [r["step"] for r in logged][:stopped_at] == list(range(1, stopped_at + 1))
 
-    subprocess.run(_run(killed, steps, 2), cwd=REPO, check=True, capture_output=True, timeout=600)
+    second = subprocess.run(_run(killed, steps, 2), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"from {killed / 'checkpoints' / f'step_{stopped_at:08d}.pt'} (step {stopped_at} of {steps})" in second.stderr
     records = _records(killed)
     # The second run started after the last checkpoint: the steps up to it are logged once,
     # by the first run; a run that started over would have logged them a second time.
