@@ -55,7 +55,7 @@ def _qa(n_scenes: int, seed: int):
 
 
 def test_vqa_answers_most_questions_right(client):
-    qa = _qa(12, seed=4242)
+    qa = _qa(24, seed=4242)
     right = 0
     for start in range(0, len(qa), 8):  # the per-request image limit
         chunk = qa[start:start + 8]
@@ -66,7 +66,10 @@ def test_vqa_answers_most_questions_right(client):
             assert res["question"] == q and len(res["top_answers"]) == 3
             assert res["answer"] == res["top_answers"][0]["answer"]
             right += res["answer"] == a
-    assert len(qa) > 50 and right / len(qa) >= 0.75, f"{right} of {len(qa)} answers right"
+    # The demo model answers 117 of these 142 questions right (0.82). 0.70 leaves 17 answers
+    # of margin and stays well above what a model blind to the image reaches (about 0.56:
+    # the most common answer of each question type, on these very questions).
+    assert len(qa) > 120 and right / len(qa) >= 0.70, f"{right} of {len(qa)} answers right"
 
 
 def test_captions_name_the_objects(client):
