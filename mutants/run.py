@@ -34,6 +34,7 @@ import fnmatch
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -153,6 +154,27 @@ def check_copy_imports(copy: Path) -> None:
         raise RuntimeError(f"the scratch copy's packages are not the ones imported: {out.stdout}{out.stderr}")
 
 
+_RUNNING: set[subprocess.Popen] = set()
+_LOCK = threading.Lock()
+_STOPPING = threading.Event()  # interrupted: queued mutants are not started
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Ends the process group of one test run (what is left of it)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_all(*_: object) -> None:
+    _STOPPING.set()
+    with _LOCK:
+        for proc in list(_RUNNING):
+            _kill(proc)
+    raise SystemExit(130)
+
+
 @dataclasses.dataclass
 class Outcome:
     returncode: int
@@ -169,11 +191,23 @@ def run_pytest(copy: Path, tests: list[str], timeout: float, stop_first: bool) -
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *tests]
     if stop_first:
         cmd.insert(4, "-x")
+    # A session of its own: a timeout or an interrupted runner ends the tests' children too
+    # (training subprocesses, a tritonserver), not just pytest.
+    proc = subprocess.Popen(cmd, cwd=copy, env=_env(copy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    with _LOCK:
+        _RUNNING.add(proc)
     try:
-        out = subprocess.run(cmd, cwd=copy, env=_env(copy), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stdout or b"")[-2000:]
-        return Outcome(-1, 0, 0, 0, tail.decode(errors="replace") if isinstance(tail, bytes) else tail, True)
+        stdout, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        stdout, _ = proc.communicate()
+        return Outcome(-1, 0, 0, 0, stdout[-2000:], True)
+    finally:
+        _kill(proc)
+        with _LOCK:
+            _RUNNING.discard(proc)
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
     n = failed = skipped = 0
     if report.is_file():
         for suite in ET.parse(report).getroot().iter("testsuite"):
@@ -232,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     mutants = load()
+    signal.signal(signal.SIGTERM, _kill_all)
+    signal.signal(signal.SIGINT, _kill_all)
     if args.select:
         mutants = [m for m in mutants if any(fnmatch.fnmatch(m.id, g) or fnmatch.fnmatch(m.source, g) for g in args.select)]
     if not mutants:
@@ -271,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             lock = threading.Lock()
 
             def work(m: Mutant) -> Result:
+                if _STOPPING.is_set():
+                    return Result(m, "ERROR", "not run: interrupted", 0.0)
                 copy = free.get()
                 try:
                     r = run_mutant(m, copy, args.timeout)
