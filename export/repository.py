@@ -334,50 +334,6 @@ def manifest_of(
     )
 
 
-def manifest_of(
-    model_cfg: ModelConfig,
-    checkpoint_path: Path,
-    ckpt: Mapping[str, Any],
-    flavour: str,
-    top_k: int,
-    max_batch_size: int,
-) -> Manifest:
-    """The repository's manifest: everything a client needs to talk to the models."""
-    from glipv2.checkpoint import file_sha256
-
-    if flavour not in FLAVOURS:
-        raise SettingsError(f"unknown flavour {flavour!r}; choose one of {list(FLAVOURS)}")
-
-    def tensors(sig: Signature) -> dict[str, TensorSpec]:
-        return {n: TensorSpec(_protocol_dtype(dt), tuple(dims)) for n, (dt, dims) in sig.items()}
-
-    models = {
-        name: GraphEntry(tensors(spec.inputs), tensors(spec.outputs), max_batch_size * spec.batch_multiplier,
-                         DynamicAxis(spec.dynamic, *spec.dynamic_range) if spec.dynamic else None)
-        for name, spec in graphs.graph_specs(model_cfg, top_k).items()
-    }
-    return Manifest(
-        format=FORMAT,
-        flavour=flavour,
-        checkpoint=CheckpointInfo(_display_path(checkpoint_path), file_sha256(checkpoint_path), ckpt.get("step"),
-                                  dict(ckpt.get("metrics") or {})),
-        preset=model_cfg.preset,
-        model_config=json.loads(json.dumps(model_cfg.to_dict())),
-        tokenizer=TOKENIZER,
-        max_tokens=MAX_TOKENS,
-        token_buckets=tuple(DEFAULT_BUCKETS),
-        image=ImageLayout(tuple(model_cfg.image_hw), "uint8", "NCHW", "RGB", PAD_VALUE),
-        top_k=top_k,
-        max_batch_size=max_batch_size,
-        models=models,
-        postprocess=PostprocessConfig(score_threshold=SERVING_SCORE_THRESHOLD),
-        answer_vocabulary=tuple(model_cfg.vqa_answers) or None,
-        # a caption has at most caption_max_len - 1 tokens: position 0 is the start token
-        caption=CaptionSpec(tuple(model_cfg.caption_tokens), model_cfg.caption_start_id, model_cfg.caption_end_id,
-                            model_cfg.caption_max_len - 1) if model_cfg.caption_tokens else None,
-    )
-
-
 def build_manifest(
     model_cfg: ModelConfig,
     checkpoint_path: Path,
