@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +17,7 @@ import pytest
 
 from service.app import create_app
 from service.settings import Settings
+from tests.live_server import serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = ROOT / "model_repository"
@@ -39,31 +37,11 @@ def _readme_blocks() -> tuple[str, dict]:
 
 @pytest.fixture(scope="module")
 def gateway():
-    import uvicorn
-
     if not all((REPO / m / "1" / "model.onnx").is_file() for m in ("text_encoder", "detector")):
         pytest.skip("model_repository has no ONNX files: run `make export`")
     app = create_app(Settings(repository=REPO, backend="embedded", api_key=None))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://{base}/health/ready", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not become ready"
-        time.sleep(0.1)
-    yield base
-    srv.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with serve_in_thread(app) as base:
+        yield base.removeprefix("http://")
 
 
 def _readme_layout(r: dict) -> str:

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +22,7 @@ from PIL import Image
 from glipv2.boxes import box_iou
 from service.app import create_app
 from service.settings import Settings
+from tests.live_server import serve_in_thread
 from training.shapes_world import SHAPES, render, sample_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,32 +44,12 @@ def _model_files_present() -> bool:
 def server():
     """The real app (create_app, default settings on model_repository/) served by uvicorn in
     a thread, on a socket bound to a free port; yields the base URL."""
-    import uvicorn
-
     if not _model_files_present():  # a fresh clone: render the repository from the demo checkpoint
         subprocess.run([sys.executable, "-m", "export.build", "--checkpoint", str(ROOT / "demo" / "tiny.pt"),
                         "--out", str(REPO)], cwd=ROOT, check=True)
     app = create_app(Settings(repository=REPO, backend="embedded", api_key=None))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:  # ready = model loaded and the backend answers
-        try:
-            if httpx.get(base + "/health/ready", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not become ready"
-        time.sleep(0.1)
-    yield base
-    srv.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with serve_in_thread(app) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
