@@ -135,6 +135,9 @@ def make_copy(dest: Path) -> None:
     for rel in LINK_IGNORED:
         if (ROOT / rel).exists():
             (dest / rel).symlink_to(ROOT / rel)
+    # Some tests ask git about the tree (`git check-ignore` for where results may go): the
+    # copy is a repository of its own, as a clone would be, so they see the same .gitignore.
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
 
 
 def _env(copy: Path) -> dict[str, str]:
