@@ -60,9 +60,18 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {e}") from e
+        # weights_only first: official GLIP files (plain tensors) never need more. This
+        # project's training checkpoints also hold RNG states, which need the full loader.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch raises many types for truncated or foreign files
+            raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {e}") from e
+    from glipv2.official import convert_loaded, is_official
+
+    if is_official(ckpt):  # microsoft/GLIP's {"model": {"module.*": tensor}}: convert on the fly
+        return convert_loaded(ckpt, path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} checkpoint")
     return ckpt

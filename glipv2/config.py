@@ -48,6 +48,10 @@ class ModelConfig:
     prior_prob: float = 0.01
     vocab_size: int = 30522
     head_kernel: int = 3  # bbox / centerness conv kernel; official GLIP uses 1x1
+    # "conv": plain 3x3 conv + GroupNorm + ReLU per level; "dyhead": GLIP's DyConv layers
+    # (deformable convs across levels, scale-aware attention, DyReLU; modeling/dyhead.py).
+    tower: str = "conv"
+    fusion_norm_residual: bool = False  # GLIP adds the fusion update to the normed input
     # Understanding heads. Their vocabularies come from the training annotations (set by
     # the training run, empty in the presets): no answers = no VQA head, no caption
     # tokens = no caption decoder.
@@ -81,6 +85,7 @@ class ModelConfig:
         need(self.fpn_channels % self.tower_groups == 0, "fpn_channels", "must be divisible by tower_groups")
         need(0.0 < self.prior_prob < 1.0, "prior_prob", "must be in (0, 1)")
         need(self.head_kernel in (1, 3), "head_kernel", "must be 1 or 3")
+        need(self.tower in ("conv", "dyhead"), "tower", "must be 'conv' or 'dyhead'")
         need(len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean", "mean and std need 3 values")
         need(len(set(self.vqa_answers)) == len(self.vqa_answers), "vqa_answers", "must be distinct")
         need(len(set(self.caption_tokens)) == len(self.caption_tokens), "caption_tokens", "must be distinct")
@@ -163,7 +168,8 @@ PRESETS: dict[str, ModelConfig] = {
         tower_groups=16,
         proj_dim=64,
     ),
-    # The official GLIP-T shapes: Swin-T, FPN P3-P7 at 256, bert-base, 6 fusion layers.
+    # Official GLIP-T (configs/pretrain/glip_Swin_T_O365.yaml): Swin-T, FPN P3-P7 at 256,
+    # bert-base, 6 x [MHA-B fusion, BERT layer, DyConv], ATSS anchors 64..1024.
     "glip-t": ModelConfig(
         preset="glip-t",
         image_hw=(800, 1344),
@@ -190,6 +196,8 @@ PRESETS: dict[str, ModelConfig] = {
         tower_groups=16,
         proj_dim=256,
         head_kernel=1,
+        tower="dyhead",
+        fusion_norm_residual=True,
     ),
 }
 

@@ -34,12 +34,18 @@ SERVING_SCORE_THRESHOLD = 0.45
 @dataclass(frozen=True)
 class PostprocessConfig:
     """Defaults are GLIP's test settings (pre-NMS threshold 0.05, top 1000, NMS 0.6,
-    100 detections per image)."""
+    100 detections per image).
+
+    threshold_on: "score" thresholds the final score sqrt(p * sigmoid(centerness));
+    "probability" is the official ATSSPostProcessor's rule: the phrase probability p (the
+    mean token sigmoid, before the centerness factor) must exceed the threshold. Models
+    converted from official GLIP weights use "probability" (their manifest says so)."""
 
     score_threshold: float = 0.05
     pre_nms_topk: int = 1000
     nms_iou: float = 0.6
     max_detections: int = 100
+    threshold_on: str = "score"
 
     def __post_init__(self) -> None:
         for name in ("score_threshold", "nms_iou"):
@@ -50,6 +56,8 @@ class PostprocessConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.threshold_on not in ("score", "probability"):
+            raise ValueError(f"threshold_on must be 'score' or 'probability', got {self.threshold_on!r}")
 
 
 @dataclass
@@ -89,15 +97,19 @@ def _fit_tokens(pm: np.ndarray, num_tokens: int) -> np.ndarray:
     return np.pad(pm, pad)
 
 
-def phrase_scores(logits: np.ndarray, centerness: np.ndarray, positive_map: np.ndarray) -> np.ndarray:
-    """[K, P] scores, GLIP's way: the mean of sigmoid(token logits) over the phrase's
-    tokens (a matmul with the row-normalised positive map), times sigmoid(centerness),
-    then sqrt (a geometric mean, so the score stays on a probability-like scale).
-    Zero positive-map rows (padding phrases, and padding tokens' columns) give 0."""
+def phrase_probabilities(logits: np.ndarray, positive_map: np.ndarray) -> np.ndarray:
+    """[K, P]: the mean of sigmoid(token logits) over each phrase's tokens (a matmul with
+    the row-normalised positive map; GLIP's SCORE_AGG "MEAN"). Zero rows give 0."""
     logits = np.asarray(logits, dtype=np.float32)
     pm = normalize_positive_map(_fit_tokens(positive_map, logits.shape[-1]))
-    probs = _sigmoid(logits) @ pm.T
-    scores = probs * _sigmoid(np.asarray(centerness).reshape(-1))[:, None]
+    return _sigmoid(logits) @ pm.T
+
+
+def phrase_scores(logits: np.ndarray, centerness: np.ndarray, positive_map: np.ndarray) -> np.ndarray:
+    """[K, P] scores, GLIP's way: the phrase probability (phrase_probabilities) times
+    sigmoid(centerness), then sqrt (a geometric mean, so the score stays on a
+    probability-like scale)."""
+    scores = phrase_probabilities(logits, positive_map) * _sigmoid(np.asarray(centerness).reshape(-1))[:, None]
     return np.sqrt(np.clip(scores, 0.0, None)).astype(np.float32)
 
 
@@ -108,23 +120,30 @@ def postprocess(
     positive_map: np.ndarray,
     letterbox: Letterbox,
     cfg: PostprocessConfig = PostprocessConfig(),
+    levels: np.ndarray | None = None,
 ) -> Detections:
     """Detections for one image. boxes [K, 4] are in model-input pixels.
 
-    The threshold applies to the final (sqrt) score, so every returned score exceeds
-    cfg.score_threshold. (Official GLIP thresholds the token probability before the
-    centerness factor; at 0.05 both keep all useful low-score boxes for AP.)
+    The threshold applies to the final (sqrt) score, or with threshold_on="probability"
+    to the phrase probability as official GLIP does (see PostprocessConfig). levels [K],
+    when given (every anchor of the image, not a top-K), makes the pre-NMS top-k apply per
+    FPN level as in the official ATSSPostProcessor.
     """
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    scores = phrase_scores(logits, centerness, positive_map)  # [K, P]
-    if scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"{boxes.shape[0]} boxes but {scores.shape[0]} rows of logits")
+    probs = phrase_probabilities(logits, positive_map)  # [K, P]
+    if probs.shape[0] != boxes.shape[0]:
+        raise ValueError(f"{boxes.shape[0]} boxes but {probs.shape[0]} rows of logits")
+    scores = np.sqrt(np.clip(probs * _sigmoid(np.asarray(centerness).reshape(-1))[:, None], 0.0, None))
 
-    anchor_idx, phrase_idx = np.nonzero(scores > cfg.score_threshold)
-    cand = scores[anchor_idx, phrase_idx]
-    if cand.size > cfg.pre_nms_topk:
-        top = np.argsort(-cand, kind="stable")[: cfg.pre_nms_topk]
-        anchor_idx, phrase_idx, cand = anchor_idx[top], phrase_idx[top], cand[top]
+    passing = (probs if cfg.threshold_on == "probability" else scores) > cfg.score_threshold
+    anchor_idx, phrase_idx = np.nonzero(passing)
+    cand = scores[anchor_idx, phrase_idx].astype(np.float32)
+    groups = [np.arange(cand.size)] if levels is None else [
+        np.nonzero(np.asarray(levels)[anchor_idx] == lv)[0] for lv in np.unique(levels)]
+    kept = [g[np.argsort(-cand[g], kind="stable")[: cfg.pre_nms_topk]] if g.size > cfg.pre_nms_topk else g
+            for g in groups]
+    sel = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    anchor_idx, phrase_idx, cand = anchor_idx[sel], phrase_idx[sel], cand[sel]
     if cand.size == 0:
         return Detections.empty()
 

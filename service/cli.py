@@ -1,5 +1,5 @@
 """The `glipv2` command: `glipv2 detect IMAGE --prompt ...`, `glipv2 vqa IMAGE --question ...`,
-`glipv2 caption IMAGE` and `glipv2 serve`.
+`glipv2 caption IMAGE`, `glipv2 serve` and `glipv2 convert --official FILE.pth --out glip_t.pt`.
 
 detect, vqa and caption run the embedded backend (ONNX Runtime, in this process) on one
 image — the same code the gateway runs (service.images for decoding and limits,
@@ -9,6 +9,11 @@ boxes with "phrase score" labels; vqa prints the ranked answers; caption the cap
 
 serve runs the gateway like `python -m service`, with command-line overrides of the
 GLIPV2_* settings.
+
+convert turns an official GLIP-T checkpoint (microsoft/GLIP) into a glipv2-serve
+checkpoint and prints the key report (glipv2.official); it needs torch (the [export] or
+[train] extra), which the other commands never import. Exit 1 when a key is missing or
+mis-shaped (the report names them).
 
 Exit codes: 0 ok, 2 bad usage or input (missing image, unsupported image format, empty
 or over-long prompt or question, missing model repository, a model without the task's
@@ -34,7 +39,7 @@ class CLIError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glipv2", description="GLIPv2: detect, answer questions, caption, or serve.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{detect,vqa,caption,serve}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{detect,vqa,caption,serve,convert}")
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--repository", "-r", type=Path, default=Path("model_repository"),
@@ -71,7 +76,37 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--repository", type=Path, help="default GLIPV2_REPOSITORY or model_repository")
     s.add_argument("--triton-url", help="default GLIPV2_TRITON_URL or localhost:8001")
     s.add_argument("--log-level", help="default GLIPV2_LOG_LEVEL or info")
+
+    k = sub.add_parser("convert", help="convert an official GLIP-T checkpoint (microsoft/GLIP) to a glipv2-serve one")
+    k.add_argument("--official", type=Path, required=True, help="e.g. glip_tiny_model_o365_goldg.pth")
+    k.add_argument("--out", type=Path, required=True, help="glipv2-serve checkpoint to write (e.g. glip_t.pt)")
+    k.add_argument("--ema", action="store_true", help="convert the file's model_ema weights instead of model")
+    k.add_argument("--verbose", "-v", action="store_true", help="also list every mapped key")
     return p
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        from glipv2.checkpoint import CheckpointError, atomic_save
+        from glipv2.official import checkpoint_from, convert_state_dict, read_official
+    except ImportError as e:
+        raise CLIError(f"convert needs torch: install the export extra ({e})") from e
+    if not args.official.is_file():
+        raise CLIError(f"{args.official} does not exist (download it from the GLIP model zoo)")
+    try:
+        state, report = convert_state_dict(read_official(args.official, args.ema))
+    except CheckpointError as e:
+        raise CLIError(str(e)) from e
+    if args.verbose:
+        print("\n".join(f"  {o} -> {m}" for o, m in report.mapped.items()))
+    print(report.format())
+    if not report.ok:
+        print(f"glipv2: error: {args.official} does not convert: {len(report.missing)} missing, "
+              f"{len(report.misshaped)} mis-shaped (listed above); nothing written", file=sys.stderr)
+        return 1
+    atomic_save(checkpoint_from(state, report, args.official, args.ema), args.out)
+    print(f"wrote {args.out} (preset glip-t)")
+    return 0
 
 
 # ------------------------------------------------------------------------------ detect
@@ -297,7 +332,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"detect": cmd_detect, "vqa": cmd_vqa, "caption": cmd_caption, "serve": cmd_serve}[args.command](args)
+        return {"detect": cmd_detect, "vqa": cmd_vqa, "caption": cmd_caption, "serve": cmd_serve,
+                "convert": cmd_convert}[args.command](args)
     except CLIError as exc:
         print(f"glipv2: error: {exc}", file=sys.stderr)
         return 2

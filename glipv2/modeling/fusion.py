@@ -54,10 +54,16 @@ class BiMultiHeadAttention(nn.Module):
 
 
 class BiAttentionBlock(nn.Module):
-    """Pre-norm residual cross-attention with layer scale on both streams."""
+    """Cross-attention with layer scale on both streams.
 
-    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_scale: float) -> None:
+    norm_residual=False: pre-norm, the update is added to the raw input. True: GLIP's
+    BiAttentionBlockForCheckpoint, which adds the update to the LayerNorm'd input
+    (v = norm(v); v = v + gamma * attn(v, l)); official weights expect that."""
+
+    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_scale: float,
+                 norm_residual: bool = False) -> None:
         super().__init__()
+        self.norm_residual = norm_residual
         self.layer_norm_v = nn.LayerNorm(v_dim)
         self.layer_norm_l = nn.LayerNorm(l_dim)
         self.attn = BiMultiHeadAttention(v_dim, l_dim, embed_dim, num_heads)
@@ -70,7 +76,10 @@ class BiAttentionBlock(nn.Module):
         """visual: FPN maps [B, C, H, W] per level, fused jointly as one sequence."""
         shapes = [f.shape[-2:] for f in visual]
         flat = torch.cat([f.flatten(2).transpose(1, 2) for f in visual], dim=1)  # [B, sum HW, C]
-        dv, dl = self.attn(self.layer_norm_v(flat), self.layer_norm_l(text), text_mask)
+        normed_v, normed_l = self.layer_norm_v(flat), self.layer_norm_l(text)
+        if self.norm_residual:
+            flat, text = normed_v, normed_l
+        dv, dl = self.attn(normed_v, normed_l, text_mask)
         flat = flat + self.gamma_v * dv
         text = text + self.gamma_l * dl
         out, start = [], 0

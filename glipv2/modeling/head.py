@@ -1,9 +1,11 @@
 """The grounding head: deep fusion interleaved with a conv tower, then ATSS-style outputs.
 
-Names follow GLIP's VLDyHead where they have an equivalent (bbox_pred, centerness,
-scales, dot_product_projection_text, log_scale, bias_lang, bias0). GLIP's DyConv tower
-uses a deformable conv, a compiled CUDA op that blocks ONNX/TensorRT export and CPU
-inference; this tower uses plain 3x3 conv + GroupNorm + ReLU instead.
+Names follow GLIP's VLDyHead (bbox_pred, centerness, scales, dot_product_projection_text,
+log_scale, bias_lang, bias0). Two towers: "conv" (plain 3x3 conv + GroupNorm + ReLU per
+level; the tiny preset, cheap to train on a CPU) and "dyhead" (GLIP's DyConv layers with
+their deformable convs in plain PyTorch, modeling/dyhead.py; the glip-t preset, so that
+official weights run as trained). With cfg.fusion_text_layer, a BERT layer (GLIP's
+BertEncoderLayer, official names) runs on the text after each fusion block.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from glipv2.config import ModelConfig
+from glipv2.modeling.dyhead import BertLayer, DyConv
 from glipv2.modeling.fusion import BiAttentionBlock
 
 _LOGIT_CLAMP = 50000.0
@@ -48,16 +51,17 @@ class GroundingHead(nn.Module):
         c, dt = cfg.fpn_channels, cfg.text_dim
         depth = max(cfg.fusion_layers, 2)
         self.fusion = nn.ModuleList(
-            BiAttentionBlock(c, dt, cfg.fusion_dim, cfg.fusion_heads, cfg.fusion_layer_scale)
+            BiAttentionBlock(c, dt, cfg.fusion_dim, cfg.fusion_heads, cfg.fusion_layer_scale,
+                             norm_residual=cfg.fusion_norm_residual)
             for _ in range(cfg.fusion_layers)
         )
         self.text_layers = nn.ModuleList(
-            # A BERT layer (GELU, post-norm, eps 1e-12), as GLIP's BertEncoderLayer.
-            nn.TransformerEncoderLayer(dt, max(1, dt // 64), 4 * dt, dropout=0.0, activation="gelu",
-                                       layer_norm_eps=1e-12, batch_first=True)
-            for _ in range(cfg.fusion_layers if cfg.fusion_text_layer else 0)
+            BertLayer(dt, max(1, dt // 64)) for _ in range(cfg.fusion_layers if cfg.fusion_text_layer else 0)
         )
-        self.tower = nn.ModuleList(_tower_conv(c, cfg.tower_groups) for _ in range(depth))
+        self.dyhead = cfg.tower == "dyhead"
+        self.tower = nn.ModuleList(
+            DyConv(c, cfg.tower_groups) if self.dyhead else _tower_conv(c, cfg.tower_groups) for _ in range(depth)
+        )
         k = cfg.head_kernel
         self.bbox_pred = nn.Conv2d(c, 4, k, 1, k // 2)
         self.centerness = nn.Conv2d(c, 1, k, 1, k // 2)
@@ -69,19 +73,19 @@ class GroundingHead(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(1))
         self.bias_lang = nn.Parameter(torch.zeros(dt))
         self.bias0 = nn.Parameter(torch.tensor([cfg.bias0_init]))
-        for m in [*self.tower.modules(), self.bbox_pred, self.centerness]:
+        for m in [*([] if self.dyhead else self.tower.modules()), self.bbox_pred, self.centerness]:
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
     def forward(self, feats: list[torch.Tensor], text: torch.Tensor, text_mask: torch.Tensor) -> HeadOutput:
-        for i, conv in enumerate(self.tower):
+        for i, layer in enumerate(self.tower):
             if i < len(self.fusion):
                 feats, text = self.fusion[i](feats, text, text_mask)
                 if self.text_layers:
-                    text = self.text_layers[i](text, src_key_padding_mask=text_mask == 0)
-            feats = [conv(f) for f in feats]
+                    text = self.text_layers[i](text, text_mask)
+            feats = layer(feats) if self.dyhead else [layer(f) for f in feats]
 
         def flat(x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, HW, C], level-major order
             return x.flatten(2).transpose(1, 2)
