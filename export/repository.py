@@ -35,11 +35,11 @@ from typing import Any, Callable, Mapping
 
 from export import graphs, onnx_export, trt_ops
 from glipv2.config import ModelConfig
-from glipv2.image import PAD_VALUE
+from glipv2.image import pad_value_for
 from glipv2.postprocess import SERVING_SCORE_THRESHOLD, PostprocessConfig
 from glipv2.runtime.graphs import opt_batch
 from glipv2.runtime.manifest import (FORMAT, MANIFEST_FILE, CaptionSpec, CheckpointInfo, DynamicAxis, GraphEntry,
-                                     ImageLayout, Manifest, TensorSpec)
+                                     ImageLayout, Manifest, Normalisation, TensorSpec)
 from glipv2.text import DEFAULT_BUCKETS, MAX_TOKENS, default_tokenizer_path
 
 __all__ = [
@@ -322,11 +322,15 @@ def manifest_of(
         tokenizer=TOKENIZER,
         max_tokens=MAX_TOKENS,
         token_buckets=tuple(DEFAULT_BUCKETS),
-        image=ImageLayout(tuple(model_cfg.image_hw), "uint8", "NCHW", "RGB", PAD_VALUE),
+        image=ImageLayout(tuple(model_cfg.image_hw), "uint8", "NCHW", "RGB",
+                          pad_value_for(model_cfg.pixel_mean, model_cfg.bgr, model_cfg.pad_with_mean),
+                          model_cfg.resize_max_side,
+                          Normalisation(tuple(model_cfg.pixel_mean), tuple(model_cfg.pixel_std),
+                                        "BGR" if model_cfg.bgr else "RGB")),
         top_k=top_k,
         max_batch_size=max_batch_size,
         models=models,
-        postprocess=PostprocessConfig(score_threshold=SERVING_SCORE_THRESHOLD),
+        postprocess=PostprocessConfig(score_threshold=SERVING_SCORE_THRESHOLD, threshold_on=model_cfg.threshold_on),
         answer_vocabulary=tuple(model_cfg.vqa_answers) or None,
         # a caption has at most caption_max_len - 1 tokens: position 0 is the start token
         caption=CaptionSpec(tuple(model_cfg.caption_tokens), model_cfg.caption_start_id, model_cfg.caption_end_id,

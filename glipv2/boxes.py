@@ -187,10 +187,15 @@ class Letterbox:
     target_hw: HW
 
     @classmethod
-    def fit(cls, orig_hw: HW, target_hw: HW) -> "Letterbox":
+    def fit(cls, orig_hw: HW, target_hw: HW, max_side: int = 0) -> "Letterbox":
+        """max_side > 0 also caps the resized long side (official GLIP: MAX_SIZE_TEST 1333
+        in a 800 x 1344 canvas, so landscape images get exactly the official scale)."""
         orig = (int(orig_hw[0]), int(orig_hw[1]))
         target = (int(target_hw[0]), int(target_hw[1]))
-        return cls(scale=letterbox_scale(orig, target), orig_hw=orig, target_hw=target)
+        scale = letterbox_scale(orig, target)
+        if max_side > 0:
+            scale = min(scale, max_side / max(orig))
+        return cls(scale=scale, orig_hw=orig, target_hw=target)
 
     @property
     def resized_hw(self) -> HW:

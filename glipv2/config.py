@@ -51,6 +51,11 @@ class ModelConfig:
     # "conv": plain 3x3 conv + GroupNorm + ReLU per level; "dyhead": GLIP's DyConv layers
     # (deformable convs across levels, scale-aware attention, DyReLU; modeling/dyhead.py).
     tower: str = "conv"
+    # Preprocessing and postprocessing rules that travel to the manifest (official GLIP:
+    # long side capped at 1333, padding with the mean, threshold on the phrase probability).
+    resize_max_side: int = 0  # 0 = only fit the image_hw canvas
+    pad_with_mean: bool = False
+    threshold_on: str = "score"  # see glipv2.postprocess.PostprocessConfig
     fusion_norm_residual: bool = False  # GLIP adds the fusion update to the normed input
     # Understanding heads. Their vocabularies come from the training annotations (set by
     # the training run, empty in the presets): no answers = no VQA head, no caption
@@ -86,6 +91,8 @@ class ModelConfig:
         need(0.0 < self.prior_prob < 1.0, "prior_prob", "must be in (0, 1)")
         need(self.head_kernel in (1, 3), "head_kernel", "must be 1 or 3")
         need(self.tower in ("conv", "dyhead"), "tower", "must be 'conv' or 'dyhead'")
+        need(self.threshold_on in ("score", "probability"), "threshold_on", "must be 'score' or 'probability'")
+        need(self.resize_max_side >= 0, "resize_max_side", "must be >= 0")
         need(len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean", "mean and std need 3 values")
         need(len(set(self.vqa_answers)) == len(self.vqa_answers), "vqa_answers", "must be distinct")
         need(len(set(self.caption_tokens)) == len(self.caption_tokens), "caption_tokens", "must be distinct")
@@ -198,6 +205,9 @@ PRESETS: dict[str, ModelConfig] = {
         head_kernel=1,
         tower="dyhead",
         fusion_norm_residual=True,
+        resize_max_side=1333,
+        pad_with_mean=True,
+        threshold_on="probability",
     ),
 }
 

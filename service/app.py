@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         }
         for b in batchers.values():
             await b.start()
-        app.state.loader = ImageLoader(settings, be.image_hw)
+        app.state.loader = ImageLoader(settings, be.image_hw, be.manifest.image.pad_value, be.manifest.image.max_side)
         app.state.backend, app.state.batcher, app.state.batchers = be, batchers["detect"], batchers
         log.info("serving %s (%s backend on %s, tasks: %s) from %s", be.manifest.preset, be.name,
                  getattr(be, "device", "cpu"), ", ".join(be.tasks), settings.repository)

@@ -129,6 +129,14 @@ def check_exported(repo: Path) -> None:
         raise CLIError(f"{repo} is not exported yet (missing {', '.join(missing)}); {export}")
 
 
+def _letterbox(pixels_hwc, backend):
+    """The image as the exported model expects it: the manifest's padding and long-side cap."""
+    from glipv2.image import letterbox
+
+    layout = backend.manifest.image
+    return letterbox(pixels_hwc, backend.image_hw, layout.pad_value, max_side=layout.max_side)
+
+
 def _open(args: argparse.Namespace):
     """(decoded image [H, W, 3], EmbeddedBackend) for a command; CLIError on bad input."""
     from service.errors import ServiceError
@@ -155,7 +163,6 @@ def _open(args: argparse.Namespace):
 
 
 def _detect(args: argparse.Namespace) -> dict:
-    from glipv2.image import letterbox
     from glipv2.text import PromptError
     from service.backends import BatchItem
 
@@ -172,7 +179,7 @@ def _detect(args: argparse.Namespace) -> dict:
         except PromptError as exc:
             raise CLIError(f"prompt: {exc}") from None
         cfg = backend.manifest.postprocess_with(args.threshold, args.max_detections)
-        pixels, lb = letterbox(pixels_hwc, backend.image_hw)
+        pixels, lb = _letterbox(pixels_hwc, backend)
         item = BatchItem(pixels=pixels, letterbox=lb, prompt=tokenized, postprocess=cfg)
         det = backend.run_batch([item])[0]
         phrases = list(tokenized.prompt.phrases)
@@ -252,7 +259,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_vqa(args: argparse.Namespace) -> int:
-    from glipv2.image import letterbox
     from glipv2.text import PromptError
     from glipv2.runtime.batch import TaskUnavailable, VqaBatchItem
 
@@ -266,7 +272,7 @@ def cmd_vqa(args: argparse.Namespace) -> int:
             ids = backend.encode_question(args.question)
         except (PromptError, TaskUnavailable) as exc:
             raise CLIError(str(exc)) from None
-        answer = backend.run_vqa_batch([VqaBatchItem(letterbox(pixels_hwc, backend.image_hw)[0], ids, args.top_k)])[0]
+        answer = backend.run_vqa_batch([VqaBatchItem(_letterbox(pixels_hwc, backend)[0], ids, args.top_k)])[0]
     finally:
         backend.close()
     result = {"image": str(args.image), "question": args.question, "answer": answer.answer,
@@ -282,7 +288,6 @@ def cmd_vqa(args: argparse.Namespace) -> int:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from glipv2.captioning import DEFAULT_MAX_LEN, MAX_BEAM
-    from glipv2.image import letterbox
     from glipv2.runtime.batch import CaptionBatchItem
 
     if not 1 <= args.beam_size <= MAX_BEAM:
@@ -295,7 +300,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         max_len = args.max_len or min(DEFAULT_MAX_LEN, limit)
         if not 1 <= max_len <= limit:
             raise CLIError(f"--max-len must be in 1..{limit} for this model")
-        item = CaptionBatchItem(letterbox(pixels_hwc, backend.image_hw)[0], args.beam_size, max_len)
+        item = CaptionBatchItem(_letterbox(pixels_hwc, backend)[0], args.beam_size, max_len)
         caption = backend.run_caption_batch([item])[0]
     finally:
         backend.close()

@@ -21,6 +21,7 @@ import struct
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
@@ -28,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from glipv2.boxes import Letterbox
-from glipv2.image import letterbox
+from glipv2.image import PAD_VALUE, letterbox
 from service.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
 
 __all__ = ["SUPPORTED_FORMATS", "ImageURL", "URLNotAllowed", "decode_base64", "decode_image", "decode_letterboxed",
@@ -84,16 +85,18 @@ def decode_image(raw: bytes, max_pixels: int) -> np.ndarray:
     return np.asarray(_decode(raw, max_pixels)[0], dtype=np.uint8)
 
 
-def decode_letterboxed(raw: bytes, max_pixels: int, target_hw: tuple[int, int]
+def decode_letterboxed(raw: bytes, max_pixels: int, target_hw: tuple[int, int],
+                       pad_value: int | Sequence[int] = PAD_VALUE, max_side: int = 0,
                        ) -> tuple[np.ndarray, Letterbox, tuple[int, int]]:
     """Bytes -> (uint8 [3, th, tw] letterboxed into target_hw, its Letterbox to original
     pixels, original (width, height) as displayed). Same errors and limits as decode_image.
+    pad_value and max_side: the manifest's image layout (glipv2.image.letterbox).
 
     A JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8, Pillow's draft mode) that
     still covers the letterboxed size, then resized the rest of the way: the model never
     sees more than target_hw, so decoding all 12 megapixels of a phone photo was wasted."""
-    rgb, (w, h) = _decode(raw, max_pixels, target_hw)
-    pixels, lb = letterbox(rgb, target_hw, orig_hw=(h, w))
+    rgb, (w, h) = _decode(raw, max_pixels, target_hw, max_side)
+    pixels, lb = letterbox(rgb, target_hw, pad_value, orig_hw=(h, w), max_side=max_side)
     return pixels, lb, (w, h)
 
 
@@ -101,19 +104,19 @@ def decode_letterboxed(raw: bytes, max_pixels: int, target_hw: tuple[int, int]
 _SWAPS_AXES = (5, 6, 7, 8)
 
 
-def _draft(img: Image.Image, target_hw: tuple[int, int]) -> tuple[int, int]:
+def _draft(img: Image.Image, target_hw: tuple[int, int], max_side: int = 0) -> tuple[int, int]:
     """Ask the JPEG decoder for the smallest DCT scale whose output still covers what the
     letterbox keeps of the displayed image; returns the displayed (width, height) of the
     full-size image (what boxes refer to)."""
     w, h = img.size
     swap = img.getexif().get(0x0112, 1) in _SWAPS_AXES
     dw, dh = (h, w) if swap else (w, h)
-    rh, rw = Letterbox.fit((dh, dw), target_hw).resized_hw
+    rh, rw = Letterbox.fit((dh, dw), target_hw, max_side).resized_hw
     img.draft("RGB", (rh, rw) if swap else (rw, rh))  # in stored orientation; >= the size asked for
     return dw, dh
 
 
-def _decode(raw: bytes, max_pixels: int, fit_hw: tuple[int, int] | None = None
+def _decode(raw: bytes, max_pixels: int, fit_hw: tuple[int, int] | None = None, max_side: int = 0
             ) -> tuple[Image.Image, tuple[int, int]]:
     """(RGB image, orientation applied; its full-size displayed (width, height)). With
     fit_hw, a JPEG may come back smaller (draft mode, see decode_letterboxed)."""
@@ -140,7 +143,7 @@ def _decode(raw: bytes, max_pixels: int, fit_hw: tuple[int, int] | None = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                size = _draft(img, fit_hw) if fit_hw and img.format == "JPEG" else None
+                size = _draft(img, fit_hw, max_side) if fit_hw and img.format == "JPEG" else None
                 img.load()  # first frame of animated PNG / WebP
                 oriented = ImageOps.exif_transpose(img)
                 rgb = oriented.convert("RGB")

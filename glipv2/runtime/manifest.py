@@ -4,7 +4,12 @@ frozen dataclass.
 export/repository.py writes it (`Manifest(...).dump(path)`), the gateway and the TensorRT
 tools read it (`Manifest.load(repository)`), so a renamed or missing key fails when the
 file is read, naming the key, not later inside a request. The format version changes
-when the layout of the file does.
+when the layout of the file does (a reader refuses other versions and says to re-render):
+
+    /1  the first typed layout
+    /2  image.pad_value may be one value per RGB channel; image.max_side (long-side cap),
+        image.normalisation (what the graph applies) and postprocess.threshold_on (score or
+        official probability rule) are written, for models converted from official GLIP
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, Mapping
 
 from glipv2.postprocess import PostprocessConfig
 
-FORMAT = "glipv2-serve-repository/1"
+FORMAT = "glipv2-serve-repository/2"
 MANIFEST_FILE = "manifest.json"
 
 
@@ -107,6 +112,40 @@ class CheckpointInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def _float(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ManifestError(f"{where} must be a number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """What the graph does to the uint8 pixels it is given (written for clients that run the
+    ONNX files themselves; the gateway only sends uint8): reorder the channels to
+    channel_order, then (x - mean) / std per channel, x on the 0-255 scale."""
+
+    mean: tuple[float, float, float]  # in channel_order
+    std: tuple[float, float, float]
+    channel_order: str  # "RGB", or "BGR" (official GLIP weights)
+    scale: str = "0-255"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> Normalisation:
+        _require(d, where, ("mean", "std", "channel_order", "scale"))
+        triples = {}
+        for k in ("mean", "std"):
+            if not isinstance(d[k], (list, tuple)) or len(d[k]) != 3:
+                raise ManifestError(f"{where}.{k} must be 3 numbers, got {d[k]!r}")
+            triples[k] = tuple(_float(v, f"{where}.{k}[{i}]") for i, v in enumerate(d[k]))
+        if min(triples["std"]) <= 0:
+            raise ManifestError(f"{where}.std must be positive, got {list(triples['std'])}")
+        if d["channel_order"] not in ("RGB", "BGR"):
+            raise ManifestError(f"{where}.channel_order must be 'RGB' or 'BGR', got {d['channel_order']!r}")
+        if d["scale"] != "0-255":
+            raise ManifestError(f"{where}.scale must be '0-255', got {d['scale']!r}")
+        return cls(triples["mean"], triples["std"], d["channel_order"], d["scale"])
+
+
 @dataclass(frozen=True)
 class ImageLayout:
     """What the image input of every graph takes: letterboxed to hw (top-left, padded
@@ -116,7 +155,28 @@ class ImageLayout:
     dtype: str = "uint8"
     layout: str = "NCHW"
     channels: str = "RGB"
-    pad_value: int = 114
+    pad_value: int | tuple[int, int, int] = 114  # one value, or one per RGB channel
+    # Official GLIP weights (glipv2.official): the long side is capped at max_side (0 = the
+    # canvas only) and padding is the pixel mean, zero after the graph's normalisation.
+    max_side: int = 0
+    normalisation: Normalisation | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> ImageLayout:
+        _require(d, where, ("hw", "pad_value", "max_side", "normalisation"), ("dtype", "layout", "channels"))
+        hw = _ints(d["hw"], f"{where}.hw")
+        if len(hw) != 2 or min(hw) < 1:
+            raise ManifestError(f"{where}.hw must be [height, width], got {list(hw)}")
+        pad = d["pad_value"]
+        pads = _ints(pad if isinstance(pad, (list, tuple)) else [pad], f"{where}.pad_value")
+        if len(pads) not in (1, 3) or not all(0 <= v <= 255 for v in pads):
+            raise ManifestError(f"{where}.pad_value must be one value or 3 (RGB) in 0..255, got {pad!r}")
+        norm = d["normalisation"]
+        return cls((hw[0], hw[1]), **{k: _str(d[k], f"{where}.{k}") for k in ("dtype", "layout", "channels")
+                                      if k in d},
+                   pad_value=pads if isinstance(pad, (list, tuple)) else pads[0],
+                   max_side=_int(d["max_side"], f"{where}.max_side", 0),
+                   normalisation=None if norm is None else Normalisation.from_dict(norm, f"{where}.normalisation"))
 
 
 @dataclass(frozen=True)
@@ -177,13 +237,10 @@ class Manifest:
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
         optional = ("postprocess", "answer_vocabulary", "caption", "engines")
         _require(d, "manifest", tuple(f.name for f in fields(cls) if f.name not in optional), optional)
+        if d["format"] != FORMAT:  # before the keys of another version are read
+            raise ManifestError(f"format {d['format']!r}, expected {FORMAT!r} (re-render the repository: make export)")
         ck = d["checkpoint"]
         _require(ck, "manifest.checkpoint", ("path", "sha256"), ("step", "metrics"))
-        image = d["image"]
-        _require(image, "manifest.image", ("hw",), ("dtype", "layout", "channels", "pad_value"))
-        hw = _ints(image["hw"], "manifest.image.hw")
-        if len(hw) != 2 or min(hw) < 1:
-            raise ManifestError(f"manifest.image.hw must be [height, width], got {list(hw)}")
         if not isinstance(d["models"], Mapping) or not d["models"]:
             raise ManifestError("manifest.models must be a non-empty object")
         if not isinstance(d["model_config"], Mapping):
@@ -213,8 +270,7 @@ class Manifest:
             tokenizer=_str(d["tokenizer"], "manifest.tokenizer"),
             max_tokens=_int(d["max_tokens"], "manifest.max_tokens", 1),
             token_buckets=tuple(sorted(_ints(d["token_buckets"], "manifest.token_buckets"))),
-            image=ImageLayout((hw[0], hw[1]), **{k: image[k] for k in ("dtype", "layout", "channels", "pad_value")
-                                                 if k in image}),
+            image=ImageLayout.from_dict(d["image"], "manifest.image"),
             top_k=_int(d["top_k"], "manifest.top_k", 1),
             max_batch_size=_int(d["max_batch_size"], "manifest.max_batch_size", 1),
             models={name: GraphEntry.from_dict(e, f"manifest.models.{name}") for name, e in d["models"].items()},

@@ -13,6 +13,7 @@ import numpy as np
 from fastapi import UploadFile
 
 from glipv2.boxes import Letterbox
+from glipv2.image import PAD_VALUE
 from service.batcher import Timed
 from service.errors import InvalidInput, PayloadTooLarge, RequestTimeout
 from service.images import ImageURL, decode_base64, decode_letterboxed, fetch_url, parse_allowlist
@@ -80,11 +81,12 @@ class LoadedImage:
     size: tuple[int, int]  # original (width, height)
 
 
-def _decode(raw: bytes, max_pixels: int, image_hw: tuple[int, int]) -> LoadedImage:
+def _decode(raw: bytes, max_pixels: int, image_hw: tuple[int, int], pad_value: int | Sequence[int] = PAD_VALUE,
+            max_side: int = 0) -> LoadedImage:
     """Blocking: bytes -> letterboxed pixels (a JPEG decoded at reduced DCT scale, see
     service.images.decode_letterboxed). Only the small letterboxed copy outlives the call,
     so the decoded pixels in memory are at most one image per decode thread."""
-    pixels, lb, size = decode_letterboxed(raw, max_pixels, image_hw)
+    pixels, lb, size = decode_letterboxed(raw, max_pixels, image_hw, pad_value, max_side)
     return LoadedImage(pixels, lb, size)
 
 
@@ -94,7 +96,9 @@ class ImageLoader:
     requests arrive, and the default pool stays free for readiness checks), URL fetches
     in another (a slow origin holds a fetch thread, never a decoder)."""
 
-    def __init__(self, settings: Settings, image_hw: tuple[int, int]) -> None:
+    def __init__(self, settings: Settings, image_hw: tuple[int, int],
+                 pad_value: int | Sequence[int] = PAD_VALUE, max_side: int = 0) -> None:
+        self.pad_value, self.max_side = pad_value, max_side  # the manifest's image layout
         self.settings = settings
         self.image_hw = tuple(image_hw)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
@@ -115,7 +119,8 @@ class ImageLoader:
         return decode_base64(image, s.max_body_bytes) if isinstance(image, str) else image
 
     async def _one(self, image: Source) -> LoadedImage:
-        return await self.run(_decode, await self._raw(image), self.settings.max_image_pixels, self.image_hw)
+        return await self.run(_decode, await self._raw(image), self.settings.max_image_pixels, self.image_hw,
+                              self.pad_value, self.max_side)
 
     async def load(self, images: Sequence[Source]) -> list[LoadedImage]:
         """Every image fetched/decoded (base64 str, raw bytes or an allowed URL) and
