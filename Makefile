@@ -108,6 +108,7 @@ bench: setup repository triton-server
 	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 3 $(BENCH_FLAGS)
 	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 1 --backend triton $(BENCH_FLAGS)
 	$(PY) -m bench.gateway --repository $(REPOSITORY) $(BENCH_FLAGS)
+	$(PY) -m bench.official_latency $(BENCH_FLAGS)
 
 .PHONY: bench-record
 bench-record:
@@ -136,12 +137,15 @@ REPOSITORY ?= $(if $(filter $(DEMO_CHECKPOINT),$(CHECKPOINT)),$(REPOSITORY_NAME)
 .PHONY: repository
 repository: setup
 	@$(PY) -m export.build --checkpoint $(CHECKPOINT) --out $(REPOSITORY) --flavour $(FLAVOUR) \
-		--top-k $(TOP_K) --max-batch-size $(MAX_BATCH) --if-changed
+		--top-k $(TOP_K) --max-batch-size $(MAX_BATCH) --if-changed $(if $(IMAGE_HW),--image-hw $(IMAGE_HW))
 
+# CHECKPOINT may also be an official GLIP-T file (glip_tiny_model_o365_goldg.pth), converted
+# on the fly; IMAGE_HW="H W" exports at another canvas (default: the checkpoint's).
+IMAGE_HW ?=
 .PHONY: export
 export: setup
 	$(PY) -m export.build --checkpoint $(CHECKPOINT) --out $(REPOSITORY) --flavour $(FLAVOUR) \
-		--top-k $(TOP_K) --max-batch-size $(MAX_BATCH)
+		--top-k $(TOP_K) --max-batch-size $(MAX_BATCH) $(if $(IMAGE_HW),--image-hw $(IMAGE_HW))
 
 # compose.yaml's cpu profile brought up for real with a Docker engine of the test's own
 # (installs docker.io, docker-compose and debootstrap when missing; builds a Debian base

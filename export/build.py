@@ -3,6 +3,9 @@
     python -m export.build --checkpoint demo/tiny.pt --out model_repository --flavour cpu \\
         --top-k 100 --max-batch-size 8
 
+--checkpoint also takes an official GLIP-T file (microsoft/GLIP's .pth), converted on the
+fly (glipv2.official; refused, naming the keys, if anything is missing or mis-shaped).
+
 Exit status: 0 done, 2 a missing or unusable checkpoint or bad arguments, 1 a model the
 repository refuses (e.g. an op TensorRT cannot parse). Errors are one line on stderr.
 """
@@ -44,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flavour", choices=FLAVOURS, default="cpu",
                    help="cpu: python backend + ONNX Runtime; gpu: tensorrt_plan; gpu-onnx: onnxruntime + TensorRT fp16")
     p.add_argument("--top-k", type=int, default=100, help="anchors kept inside the detector graph")
+    p.add_argument("--image-hw", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="input canvas (multiples of 32; default: the checkpoint's, 800 1344 for glip-t)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--preferred-batch-sizes", type=int, nargs="+", default=None,
                    help="default: half the max batch and the max batch")
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         out = render_repository(
             args.checkpoint, args.out, flavour=args.flavour, top_k=args.top_k,
-            max_batch_size=args.max_batch_size, log=log, replace_flavour=args.force,
+            max_batch_size=args.max_batch_size, log=log, replace_flavour=args.force, image_hw=args.image_hw,
             settings=settings,
         )
     except (CheckpointError, SettingsError) as e:

@@ -482,6 +482,7 @@ def render_repository(
     settings: BatchingSettings = BatchingSettings(),
     log: Callable[[str], None] | None = None,
     replace_flavour: bool = False,
+    image_hw: tuple[int, int] | None = None,
 ) -> Path:
     """checkpoint -> ONNX graphs -> a complete Triton repository at `out` (returned).
 
@@ -506,7 +507,7 @@ def render_repository(
             f"({default_repository(flavour)}, the default for --flavour {flavour}) or pass --force to replace it")
 
     say(f"[1/5] loading checkpoint {checkpoint}")
-    model, ckpt = load_model(checkpoint)
+    model, ckpt = load_model(checkpoint, image_hw=image_hw)
     cfg = model.cfg
     for name in graphs.graph_specs(cfg, top_k):  # settings that depend on the model (top-K vs anchors) fail here
         render_config(name, flavour, cfg, top_k, max_batch_size, settings)

@@ -117,8 +117,10 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLi
     load_model_weights(model, cfg, {**state, **fresh}, f"checkpoint {path}")
 
 
-def load_model(path: str | os.PathLike[str], preset: str | None = None, device: str = "cpu"):
-    """Rebuild the model a checkpoint was trained as. `preset`, when given, must match."""
+def load_model(path: str | os.PathLike[str], preset: str | None = None, device: str = "cpu",
+               image_hw: tuple[int, int] | None = None):
+    """Rebuild the model a checkpoint was trained as. `preset`, when given, must match.
+    image_hw, when given, replaces the input canvas (the weights do not depend on it)."""
     from glipv2.modeling.glipv2 import build_model
 
     ckpt = read_checkpoint(path)
@@ -128,6 +130,12 @@ def load_model(path: str | os.PathLike[str], preset: str | None = None, device: 
         raise CheckpointError(f"checkpoint {path} has an invalid model_config: {e}") from e
     if preset is not None and cfg.preset != preset:
         raise CheckpointError(f"checkpoint {path} is a {cfg.preset!r} model, not {preset!r}")
+    if image_hw is not None:
+        try:
+            cfg = cfg.replace(image_hw=tuple(int(v) for v in image_hw))
+        except ValueError as e:
+            raise CheckpointError(f"cannot export {path} at {image_hw}: {e}") from e
+        ckpt = {**ckpt, "model_config": cfg.to_dict()}
     model = build_model(cfg)
     load_model_weights(model, cfg, ckpt["model"], f"checkpoint {path}")
     return model.to(device).eval(), ckpt

@@ -228,3 +228,15 @@ def test_detections_match_the_official_postprocess(parity_run):
     np.testing.assert_allclose(dets.scores, fx["det_scores"][order], rtol=1e-3, atol=1e-4)
     np.testing.assert_array_equal(dets.phrase_ids, fx["det_labels"][order] - 1)
     np.testing.assert_allclose(dets.boxes, want_boxes[order], rtol=1e-3, atol=2e-2)
+
+
+def test_cli_convert_prints_the_report_and_fails_on_missing_keys(tmp_path, official_state, capsys):
+    from service.cli import main
+
+    path = tmp_path / "partial.pth"
+    torch.save({"model": {k: v for k, v in official_state.items() if ".dyhead_tower.16." in k}}, path)
+    assert main(["convert", "--official", str(path), "--out", str(tmp_path / "x.pt")]) == 1
+    out, err = capsys.readouterr()
+    assert "missing:" in out and "head.tower.0.offset.weight" in out and "mapped: " in out
+    assert "nothing written" in err and not (tmp_path / "x.pt").exists()
+    assert main(["convert", "--official", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x.pt")]) == 2

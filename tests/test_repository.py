@@ -246,7 +246,10 @@ def test_manifest():
     assert m["preset"] == "tiny" and ModelConfig.from_dict(m["model_config"]) == cfg
     assert m["tokenizer"] == "tokenizer.json" and m["max_tokens"] == 256
     assert m["token_buckets"] == list(DEFAULT_BUCKETS)
-    assert m["image"] == {"hw": [256, 256], "dtype": "uint8", "layout": "NCHW", "channels": "RGB", "pad_value": 114}
+    assert m["image"] == {"hw": [256, 256], "dtype": "uint8", "layout": "NCHW", "channels": "RGB", "pad_value": 114,
+                          "max_side": 0, "normalisation": {"mean": [123.675, 116.28, 103.53],
+                                                           "std": [58.395, 57.12, 57.375],
+                                                           "channel_order": "RGB", "scale": "0-255"}}
     assert (m["top_k"], m["max_batch_size"]) == (100, 8)
     assert m["answer_vocabulary"] == list(cfg.vqa_answers) and "red" in m["answer_vocabulary"]
     assert m["caption"] == {"tokens": list(cfg.caption_tokens), "start_id": 101, "end_id": 102,
@@ -259,7 +262,7 @@ def test_manifest():
                                                      "attention_mask": {"dtype": "INT64", "dims": [-1]}}
     assert m["models"]["detector"]["outputs"]["logits"] == {"dtype": "FP32", "dims": [100, -1]}
     assert m["postprocess"] == {"score_threshold": SERVING_SCORE_THRESHOLD, "pre_nms_topk": 1000, "nms_iou": 0.6,
-                                "max_detections": 100}
+                                "max_detections": 100, "threshold_on": "score"}
     json.dumps(m)
 
 
