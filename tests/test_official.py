@@ -237,6 +237,6 @@ def test_cli_convert_prints_the_report_and_fails_on_missing_keys(tmp_path, offic
     torch.save({"model": {k: v for k, v in official_state.items() if ".dyhead_tower.16." in k}}, path)
     assert main(["convert", "--official", str(path), "--out", str(tmp_path / "x.pt")]) == 1
     out, err = capsys.readouterr()
-    assert "missing:" in out and "head.tower.0.offset.weight" in out and "mapped: " in out
+    assert "missing: 722" in out and "backbone.layers.0.blocks.0.attn.proj.bias" in out and "mapped: 16" in out
     assert "nothing written" in err and not (tmp_path / "x.pt").exists()
     assert main(["convert", "--official", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x.pt")]) == 2
