@@ -65,6 +65,15 @@ def test_committed_manifest_round_trips():
     (lambda d: d["models"]["detector"].pop("outputs"), r"models.detector: missing 'outputs'"),
     (lambda d: d.update(top_k="100"), "top_k must be an integer"),
     (lambda d: d["postprocess"].update(nms_iou=2.0), "postprocess"),
+    (lambda d: d["postprocess"].update(threshold_on="logit"), "threshold_on"),
+    # format 2: the official preprocessing is part of the layout
+    (lambda d: d.update(format="glipv2-serve-repository/1") or d["image"].pop("max_side"), "expected .*/2"),
+    (lambda d: d["image"].pop("normalisation"), "manifest.image: missing 'normalisation'"),
+    (lambda d: d["image"].update(pad_value=[104, 117]), "pad_value must be one value or 3"),
+    (lambda d: d["image"].update(pad_value=300), "pad_value must be one value or 3"),
+    (lambda d: d["image"].update(max_side=-1), "max_side must be an integer >= 0"),
+    (lambda d: d["image"]["normalisation"].update(channel_order="GBR"), "channel_order"),
+    (lambda d: d["image"]["normalisation"].update(std=[1, 0, 1]), "std must be positive"),
 ])
 def test_bad_manifests_fail_when_read(tmp_path, change, match):
     d = json.loads((REPO / "manifest.json").read_text())
@@ -74,6 +83,21 @@ def test_bad_manifests_fail_when_read(tmp_path, change, match):
         Manifest.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="make export"):
         Manifest.load(tmp_path / "nowhere")
+
+
+def test_official_image_layout_round_trips():
+    """A repository of official GLIP weights: BGR normalisation, per-channel mean padding,
+    the 1333 long-side cap, the probability threshold rule."""
+    d = json.loads((REPO / "manifest.json").read_text())
+    d["image"].update(pad_value=[124, 116, 104], max_side=1333,
+                      normalisation={"mean": [103.53, 116.28, 123.675], "std": [57.375, 57.12, 58.395],
+                                     "channel_order": "BGR", "scale": "0-255"})
+    d["postprocess"]["threshold_on"] = "probability"
+    m = Manifest.from_dict(d)
+    assert m.image.pad_value == (124, 116, 104) and m.image.max_side == 1333
+    assert m.image.normalisation.channel_order == "BGR" and m.image.normalisation.std[0] == 57.375
+    assert m.postprocess.threshold_on == "probability"
+    assert m.to_dict() == d and Manifest.from_dict(m.to_dict()) == m
 
 
 def test_postprocess_overrides():

@@ -71,6 +71,19 @@ def test_draft_matches_full_decode(large, orientation):
     assert np.abs(pixels.astype(int) - ref.astype(int)).mean() < 2.0
 
 
+def test_draft_keeps_the_official_layout(large):
+    """Official GLIP weights (manifest image.max_side, per-channel mean padding): the draft
+    scale is chosen for the capped size, and the padding is the manifest's, not grey 114."""
+    canvas, cap, pad = (200, 336), 333, (124, 116, 104)
+    raw = _jpeg(large.resize((2400, 1200)))
+    pixels, lb, _ = decode_letterboxed(raw, 10**8, canvas, pad, cap)
+    ref, ref_lb = letterbox(decode_image(raw, 10**8), canvas, pad, max_side=cap)
+    assert lb == ref_lb and lb.resized_hw == (167, 333)  # long side capped, not the canvas' 336
+    assert _decode(raw, 10**8, canvas, cap)[0].size == (600, 300)  # 1/4 scale covers 333 x 166
+    assert (pixels[:, 170:, :] == np.array(pad, np.uint8)[:, None, None]).all()
+    assert np.abs(pixels.astype(int) - ref.astype(int)).mean() < 2.0
+
+
 def test_small_and_non_jpeg_images_are_decoded_whole():
     img = _photo(300, 200)
     for raw in (_jpeg(img), _png(img)):

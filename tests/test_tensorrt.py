@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from glipv2.runtime.graphs import model_file
+from glipv2.runtime.manifest import FORMAT
 
 from export import tensorrt as ets
 from glipv2.postprocess import Detections
@@ -31,7 +32,7 @@ def sample_manifest(image_hw=HW, text_dim=TEXT_DIM, top_k=100, max_batch_size=8,
     """Shaped like export/repository.py's manifest.json (dims exclude the batch axis)."""
     h, w = image_hw
     manifest = {
-        "format": "glipv2-serve-repository/1",
+        "format": FORMAT,
         "flavour": "gpu",
         "checkpoint": {"path": "demo/tiny.pt", "sha256": "0" * 64},
         "preset": "tiny",
@@ -39,7 +40,7 @@ def sample_manifest(image_hw=HW, text_dim=TEXT_DIM, top_k=100, max_batch_size=8,
         "tokenizer": "tokenizer.json",
         "max_tokens": 256,
         "token_buckets": [16, 32, 64, 128, 256],
-        "image": {"hw": [h, w]},
+        "image": {"hw": [h, w], "pad_value": 114, "max_side": 0, "normalisation": None},
         "top_k": top_k,
         "max_batch_size": max_batch_size,
         "models": {
