@@ -65,7 +65,7 @@ def _inputs(cfg):
     from glipv2.text import Tokenizer, build_prompt, tokenize
 
     pixels, _ = letterbox(_image(), cfg.image_hw, pad_value_for(cfg.pixel_mean, cfg.bgr, cfg.pad_with_mean),
-                          cfg.resize_max_side)
+                          max_side=cfg.resize_max_side)
     t = tokenize(Tokenizer(), build_prompt(PROMPT))
     return pixels[None], t.input_ids.astype(np.int64)[None], t.attention_mask.astype(np.int64)[None]
 

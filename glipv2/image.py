@@ -45,7 +45,7 @@ def to_pil_rgb(image: np.ndarray | Image.Image) -> Image.Image:
 
 
 def letterbox(
-    image: np.ndarray | Image.Image, target_hw: HW, pad_value: int | Sequence[int] = PAD_VALUE,
+    image: np.ndarray | Image.Image, target_hw: HW, pad_value: int | Sequence[int] = PAD_VALUE, *,
     orig_hw: HW | None = None, max_side: int = 0,
 ) -> tuple[np.ndarray, Letterbox]:
     """Resize keeping aspect ratio to fit target_hw (PIL bilinear; max_side > 0 also caps
@@ -68,7 +68,7 @@ def letterbox(
 
 
 def letterbox_batch(
-    images: Sequence[np.ndarray | Image.Image], target_hw: HW, pad_value: int | Sequence[int] = PAD_VALUE,
+    images: Sequence[np.ndarray | Image.Image], target_hw: HW, pad_value: int | Sequence[int] = PAD_VALUE, *,
     max_side: int = 0,
 ) -> tuple[np.ndarray, list[Letterbox]]:
     """Letterbox every image into the same target size: (uint8 [B, 3, th, tw], boxes)."""

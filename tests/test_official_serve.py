@@ -65,7 +65,7 @@ def test_onnx_runtime_equals_pytorch(official_repo):
 
     pth, repo = official_repo
     model, _ = load_model(pth, image_hw=(256, 384))
-    pixels, _ = letterbox(_image(), (256, 384), [124, 116, 104], 1333)
+    pixels, _ = letterbox(_image(), (256, 384), (124, 116, 104), max_side=1333)
     t = tokenize(Tokenizer(), build_prompt(PROMPT))
     ids, mask = t.input_ids[None].astype(np.int64), t.attention_mask[None].astype(np.int64)
     text = ort.InferenceSession(str(repo / "text_encoder" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
