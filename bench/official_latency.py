@@ -10,7 +10,9 @@ weights. Every backend runs in its own fresh process (batch 1, the same image an
 `--threads` intra-op threads), so its peak resident memory (ru_maxrss) is its own. The
 GLIP-T ONNX graphs are exported first (text_encoder + detector, as `make export` does);
 ONNX Runtime's outputs are compared with PyTorch's on the same input (parity figures).
-Prints a table and appends one JSON line to bench/results/official_latency.jsonl.
+Grounding DINO's ONNX export is attempted too; when it exports, ONNX Runtime runs it in a
+fourth process. Prints a table and appends one JSON line to runs/bench/official_latency.jsonl
+(bench/results/ with --record).
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from bench.output import add_record_flag, results_file
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ROOT / "tests" / "fixtures" / "official_glip" / "glip_t_keys.json"
-RESULTS = ROOT / "bench" / "results" / "official_latency.jsonl"
 PROMPT = "person. bicycle. traffic light."
 IMAGE_HW = (800, 1333)  # the resized image (official MIN/MAX_SIZE_TEST); the canvas is 800 x 1344
 
@@ -128,39 +132,87 @@ def worker_ort(args) -> dict:
     return {"times_ms": times}
 
 
-def worker_gdino(args) -> dict:
+def _gdino_inputs():
+    """Grounding DINO's inputs for the same image and prompt: RGB in [0, 1] normalised with
+    ImageNet statistics (its image processor's defaults), the BERT-base-uncased tokens."""
     import torch
-    from transformers import BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection
+    from transformers import BertTokenizerFast
 
     from glipv2.modeling.language import minilm_dir
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = GroundingDinoForObjectDetection(GroundingDinoConfig()).eval()  # tiny: Swin-T + BERT-base
     tok = BertTokenizerFast.from_pretrained(str(minilm_dir()), local_files_only=True)  # bert-base-uncased vocab
     enc = tok([PROMPT], return_tensors="pt")
     img = torch.from_numpy(_image()).permute(2, 0, 1)[None].float() / 255.0
     pixel_values = (img - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor(
         [0.229, 0.224, 0.225])[:, None, None]
     mask = torch.ones(1, *IMAGE_HW, dtype=torch.long)
+    return pixel_values, enc.input_ids, enc.token_type_ids, enc.attention_mask, mask
+
+
+GDINO_INPUTS = ("pixel_values", "input_ids", "token_type_ids", "attention_mask", "pixel_mask")
+
+
+def worker_gdino(args) -> dict:
+    import torch
+    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    # The default config is Grounding DINO-T: Swin-T backbone, BERT-base text encoder, 900
+    # queries, 6 + 6 layers. Built from the config: random weights, nothing downloaded.
+    model = GroundingDinoForObjectDetection(GroundingDinoConfig()).eval()
+    inputs = _gdino_inputs()
+
+    class Outputs(torch.nn.Module):  # a tuple of tensors, what the ONNX exporter takes
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *xs):
+            out = self.model(**dict(zip(GDINO_INPUTS, xs)))
+            return out.logits, out.pred_boxes
+
+    wrapped = Outputs().eval()
 
     def run():
         with torch.no_grad():
-            return model(pixel_values=pixel_values, pixel_mask=mask, input_ids=enc.input_ids,
-                         attention_mask=enc.attention_mask, token_type_ids=enc.token_type_ids)
+            return wrapped(*inputs)
 
     result = {"times_ms": _time(run, args.repeats),
               "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
     if args.export:
+        path = Path(args.work) / "gdino.onnx"
         try:
             t0 = time.perf_counter()
-            with torch.no_grad():
-                torch.onnx.export(model, (pixel_values, enc.input_ids, enc.token_type_ids, enc.attention_mask,
-                                          mask), str(Path(args.work) / "gdino.onnx"), opset_version=17, dynamo=False)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(wrapped, inputs, str(path), opset_version=17, dynamo=False,
+                                  input_names=list(GDINO_INPUTS), output_names=["logits", "pred_boxes"])
             result["onnx_export"] = f"exported in {time.perf_counter() - t0:.0f} s"
-        except Exception as e:  # record why, the comparison still stands without it
-            result["onnx_export"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            np.savez(Path(args.work) / "gdino_torch_out.npz", *[t.numpy() for t in run()])
+        except Exception as e:  # record why; the comparison still stands without it
+            path.unlink(missing_ok=True)
+            result["onnx_export"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
     return result
+
+
+def worker_gdino_ort(args) -> dict:
+    import onnxruntime as ort
+
+    inputs = {n: t.numpy() for n, t in zip(GDINO_INPUTS, _gdino_inputs())}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    sess = ort.InferenceSession(str(Path(args.work) / "gdino.onnx"), opts, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}  # the exporter drops inputs the trace never read
+
+    def run():
+        return sess.run(None, {n: v for n, v in inputs.items() if n in names})
+
+    times = _time(run, args.repeats)
+    want = np.load(Path(args.work) / "gdino_torch_out.npz")
+    diff = {name: float(np.abs(g - want[f"arr_{i}"]).max()) for i, (name, g) in
+            enumerate(zip(("logits", "pred_boxes"), run()))}
+    return {"times_ms": times, "ort_vs_torch_max_abs_diff": diff}
 
 
 def _child(kind: str, args, work: str) -> dict:
@@ -183,21 +235,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--no-export", action="store_true", help="skip Grounding DINO's ONNX export attempt")
-    p.add_argument("--worker", choices=("torch", "ort", "gdino"), help=argparse.SUPPRESS)
+    add_record_flag(p)
+    p.add_argument("--worker", choices=("torch", "ort", "gdino", "gdino_ort"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--export", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        res = {"torch": worker_torch, "ort": worker_ort, "gdino": worker_gdino}[args.worker](args)
+        res = {"torch": worker_torch, "ort": worker_ort, "gdino": worker_gdino,
+               "gdino_ort": worker_gdino_ort}[args.worker](args)
         res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         print(json.dumps(res))
         return 0
 
     with tempfile.TemporaryDirectory(prefix="glip-bench-") as work:
         rows = {}
-        for kind in ("torch", "ort", "gdino"):
+        for kind in ("torch", "ort", "gdino", "gdino_ort"):
+            if kind == "gdino_ort" and not (Path(work) / "gdino.onnx").is_file():
+                continue  # its export failed (the reason is in rows["gdino"]) or was skipped
             print(f"running {kind} ...", flush=True)
+            t0 = time.perf_counter()
             rows[kind] = _child(kind, args, work)
+            print(f"  {kind}: median {statistics.median(rows[kind]['times_ms']):.0f} ms, "
+                  f"{time.perf_counter() - t0:.0f} s in all", flush=True)
         a, b = np.load(Path(work) / "torch_out.npz"), np.load(Path(work) / "ort_out.npz")
         parity = {name: float(np.abs(a[f"arr_{i}"] - b[f"arr_{i}"]).max())
                   for i, name in enumerate(("boxes", "logits", "centerness"))}
@@ -210,18 +269,23 @@ def main(argv: list[str] | None = None) -> int:
         "median_ms": med, "load_average_at_end": __import__("os").getloadavg(), "ort_vs_torch_max_abs_diff": parity,
         "ratio_torch_over_ort": med["torch"] / med["ort"], "ratio_gdino_over_glip_torch": med["gdino"] / med["torch"],
         "ratio_gdino_over_glip_ort": med["gdino"] / med["ort"],
+        **({"ratio_gdino_ort_over_glip_ort": med["gdino_ort"] / med["ort"]} if "gdino_ort" in med else {}),
     }
     print(f"{'backend':34s} {'median ms':>10s} {'peak RSS MB':>12s}")
     for k, label in (("torch", "GLIP-T PyTorch eager"), ("ort", "GLIP-T ONNX Runtime"),
-                     ("gdino", "Grounding DINO-T (HF) PyTorch eager")):
+                     ("gdino", "Grounding DINO-T (HF) PyTorch eager"), ("gdino_ort", "Grounding DINO-T ONNX Runtime")):
+        if k not in med:
+            continue
         print(f"{label:34s} {med[k]:10.0f} {rows[k]['peak_rss_mb']:12.0f}")
     print(f"GLIP-T PyTorch / ORT: {record['ratio_torch_over_ort']:.2f}x; Grounding DINO / GLIP-T ORT: "
           f"{record['ratio_gdino_over_glip_ort']:.2f}x; ORT vs PyTorch max |diff| {parity}")
     print(f"GLIP-T ONNX op check: {rows['torch'].get('trt_op_check')}; Grounding DINO ONNX: "
           f"{rows['gdino'].get('onnx_export', 'not attempted')}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
+    out = results_file("official_latency.jsonl", args.record)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
         f.write(json.dumps(record) + "\n")
+    print(f"appended to {out}")
     return 0
 
 
