@@ -8,6 +8,11 @@ exported graphs):
 Caches are batch-first: [N, L, H, t, d] (self-attention, t grows by one per step) and
 [N, L, H, M, d] (cross-attention, fixed). Every row of a batch moves in lockstep, so several requests
 decode as one batch; a row that is done leaves the batch (its cache rows are dropped).
+
+An engine may instead run the whole loop itself (CaptionLoop.decode): the Triton backend's
+`caption` model runs this module's beam_search inside Triton, next to the graphs, so the
+caches never cross the network. `decode` picks the engine's loop when it has one. This file
+imports numpy only: `make export` copies it into that Triton model's folder as is.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ class CaptionEngine(Protocol):
              cross_k: np.ndarray, cross_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
+class CaptionLoop(Protocol):
+    def decode(self, images: np.ndarray, beam_size: int, max_len: Sequence[int]) -> list["Hypothesis"]:
+        """The whole decode (beam_search with this module's defaults) run by the engine."""
+        ...
+
+
 @dataclass
 class Hypothesis:
     tokens: list[int]  # decoder shortlist indices, end token excluded
@@ -37,16 +48,33 @@ class Hypothesis:
         return self.logprob / max(1, len(self.tokens) + 1) ** length_penalty
 
 
+def _limits(max_len: int | Sequence[int], images: int, beam_size: int) -> list[int]:
+    """One token limit per image (max_len may be one for all), checked with the beam size."""
+    limits = [int(max_len)] * images if np.isscalar(max_len) else [int(m) for m in max_len]
+    if len(limits) != images or min(limits, default=1) < 1:
+        raise ValueError("max_len needs one positive length per image")
+    if not 1 <= beam_size <= MAX_BEAM:
+        raise ValueError(f"beam_size must be in 1..{MAX_BEAM}")
+    return limits
+
+
+def decode(engine: CaptionEngine | CaptionLoop, images: np.ndarray, end_index: int, beam_size: int = 1,
+           max_len: int | Sequence[int] = DEFAULT_MAX_LEN) -> list[Hypothesis]:
+    """Best hypothesis per image: the engine's own loop when it has one, else beam_search
+    here over its start / step calls."""
+    limits = _limits(max_len, images.shape[0], beam_size)
+    loop = getattr(engine, "decode", None)
+    if loop is not None:
+        return loop(images, beam_size, limits)
+    return beam_search(engine, images, end_index, beam_size, limits)
+
+
 def beam_search(engine: CaptionEngine, images: np.ndarray, end_index: int, beam_size: int = 1,
                 max_len: int | Sequence[int] = DEFAULT_MAX_LEN, length_penalty: float = 0.7) -> list[Hypothesis]:
     """Best hypothesis per image. beam_size 1 is greedy decoding. max_len (tokens before the
     end token) may differ per image."""
     b = images.shape[0]
-    limits = [int(max_len)] * b if np.isscalar(max_len) else [int(m) for m in max_len]
-    if len(limits) != b or min(limits, default=1) < 1:
-        raise ValueError("max_len needs one positive length per image")
-    if not 1 <= beam_size <= MAX_BEAM:
-        raise ValueError(f"beam_size must be in 1..{MAX_BEAM}")
+    limits = _limits(max_len, b, beam_size)
     k = beam_size
     logprobs, past_k, past_v, cross_k, cross_v = engine.start(images)
     rows = list(range(b))  # images still decoding; their beams hold consecutive cache rows

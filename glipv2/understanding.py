@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from glipv2.captioning import DEFAULT_MAX_LEN, CaptionEngine, beam_search
+from glipv2.captioning import DEFAULT_MAX_LEN, CaptionEngine, CaptionLoop, decode
 from glipv2.image import letterbox_batch
 from glipv2.text import Tokenizer
 
@@ -39,7 +39,7 @@ def rank_answers(logits: np.ndarray, answers: Sequence[str], top_k: int = 5) -> 
 
 
 class CaptionPipeline:
-    def __init__(self, engine: CaptionEngine, image_hw: tuple[int, int], caption_tokens: Sequence[int],
+    def __init__(self, engine: CaptionEngine | CaptionLoop, image_hw: tuple[int, int], caption_tokens: Sequence[int],
                  max_positions: int, end_id: int, tokenizer: Tokenizer | None = None) -> None:
         if not caption_tokens:
             raise ValueError("the model has no caption decoder (it was trained without captions)")
@@ -59,5 +59,5 @@ class CaptionPipeline:
         """Letterboxed uint8 images [B, 3, H, W] -> captions."""
         if max(np.atleast_1d(max_len)) > self.max_len:
             raise ValueError(f"max_len must be at most {self.max_len} tokens for this model")
-        hyps = beam_search(self.engine, pixels, self.end_index, beam_size, max_len)
+        hyps = decode(self.engine, pixels, self.end_index, beam_size, max_len)
         return [Caption(self.tokenizer.decode(self.token_ids[h.tokens]), h.logprob, len(h.tokens)) for h in hyps]

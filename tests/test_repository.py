@@ -21,6 +21,9 @@ from export.repository import (
     FLAVOURS,
     FORMAT,
     MODELS,
+    CAPTION_MODEL,
+    CAPTIONING,
+    PB_TENSORS,
     PYTHON_MODEL,
     BatchingSettings,
     RepositoryError,
@@ -158,6 +161,34 @@ def test_preferred_batch_sizes_scale_with_the_beams(flavour, demo_cfg):
     assert list(step.dynamic_batching.preferred_batch_size) == [10, 40]
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_caption_loop_model_config(flavour, demo_cfg):
+    """The `caption` model (the decode loop inside Triton) is a python model in every
+    flavour, batched by images, with the graphs' names and the end token from the one
+    table; caption_start / caption_step, which only it calls, never wait in their queue."""
+    from glipv2.runtime.graphs import GRAPH_IO
+
+    cfg = parse(render_config("caption", flavour, demo_cfg, max_batch_size=8))
+    assert cfg.backend == "python" and not cfg.platform and cfg.max_batch_size == 8
+    assert mc.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == "KIND_CPU"
+    assert [(t.name, dtype(t), list(t.dims)) for t in cfg.input] == [
+        ("images", "TYPE_UINT8", [3, 256, 256]), ("beam_size", "TYPE_INT32", [1]), ("max_len", "TYPE_INT32", [1])]
+    assert [(t.name, dtype(t), list(t.dims)) for t in cfg.output] == [
+        ("tokens", "TYPE_INT64", [-1]), ("num_tokens", "TYPE_INT32", [1]), ("logprob", "TYPE_FP64", [1])]
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert params["graphs"] == ("onnxruntime" if flavour == "cpu" else "triton")
+    for graph, key in (("caption_start", "start"), ("caption_step", "step")):
+        assert params[f"{key}_model"] == graph
+        assert [params[f"{key}_inputs"].split(","), params[f"{key}_outputs"].split(",")] == \
+            [list(names) for names in GRAPH_IO[graph]]
+    assert demo_cfg.caption_tokens[int(params["end_index"])] == demo_cfg.caption_end_id
+    assert int(params["max_len"]) == demo_cfg.caption_max_len - 1
+    assert cfg.dynamic_batching.max_queue_delay_microseconds > 0  # it merges requests itself
+    for graph in ("caption_start", "caption_step"):
+        assert parse(render_config(graph, flavour, demo_cfg)).dynamic_batching.max_queue_delay_microseconds == 0
+    assert parse(render_config("detector", flavour, demo_cfg)).dynamic_batching.max_queue_delay_microseconds > 0
+
+
 def test_gpu_onnx_profiles_equal_the_plans_profiles(demo_cfg):
     """The gpu-onnx engines and the gpu flavour's plans are built for the same (min, opt,
     max) shapes: the profile export.tensorrt gives from the manifest."""
@@ -223,10 +254,11 @@ def test_committed_repository_matches_a_fresh_render():
         assert committed == render_config(model, "cpu", cfg, 100, 8), f"{model}: run `make export`"
         rendered = COMMITTED / model / "1" / "model.py"  # generated, not in git
         assert not rendered.exists() or rendered.read_bytes() == PYTHON_MODEL.read_bytes()
+    assert (COMMITTED / "caption" / "config.pbtxt").read_text() == render_config("caption", "cpu", cfg, 100, 8)
     manifest = json.loads((COMMITTED / "manifest.json").read_text())
     assert manifest == build_manifest(cfg, DEMO, ckpt, "cpu", 100, 8), "manifest.json is stale: run `make export`"
     ignored = (COMMITTED / ".gitignore").read_text().split()
-    assert {"*.onnx", "*.plan", "tokenizer.json", "*/1/model.py"} <= set(ignored)
+    assert {"*.onnx", "*.plan", "tokenizer.json", "*/1/model.py", "*/1/*.py"} <= set(ignored)
     assert (COMMITTED / "README.md").is_file()
 
 
@@ -253,7 +285,7 @@ def test_manifest():
     assert (m["top_k"], m["max_batch_size"]) == (100, 8)
     assert m["answer_vocabulary"] == list(cfg.vqa_answers) and "red" in m["answer_vocabulary"]
     assert m["caption"] == {"tokens": list(cfg.caption_tokens), "start_id": 101, "end_id": 102,
-                            "max_len": cfg.caption_max_len - 1}
+                            "max_len": cfg.caption_max_len - 1, "decoder": "caption"}
     assert set(m["models"]) == {"text_encoder", "detector", "vqa", "caption_start", "caption_step"}
     assert m["models"]["caption_step"]["max_batch_size"] == 8 * 5  # every beam of every image
     assert m["models"]["caption_step"]["dynamic_axis"] == {"counts": "steps", "min": 1, "opt": 16,
@@ -282,6 +314,14 @@ def test_render_writes_a_complete_repository(rendered):
         assert (rendered / model / "1" / "model.py").read_bytes() == PYTHON_MODEL.read_bytes()
         parse((rendered / model / "config.pbtxt").read_text())
     assert (rendered / "tokenizer.json").read_bytes() == default_tokenizer_path().read_bytes()
+    # the caption loop: its model, the tensor helpers and glipv2/captioning.py as is, no ONNX of its own
+    loop = rendered / "caption" / "1"
+    assert sorted(p.name for p in loop.iterdir() if p.suffix == ".py") == ["glipv2_captioning.py", "model.py",
+                                                                            "pb_tensors.py"]
+    assert (loop / "model.py").read_bytes() == CAPTION_MODEL.read_bytes()
+    assert (loop / "glipv2_captioning.py").read_bytes() == CAPTIONING.read_bytes()
+    assert (loop / "pb_tensors.py").read_bytes() == PB_TENSORS.read_bytes()
+    assert not (loop / "model.onnx").exists()
     manifest = json.loads((rendered / "manifest.json").read_text())
     assert manifest["flavour"] == "cpu" and manifest["checkpoint"]["path"] == "demo/tiny.pt"
     assert "*.onnx" in (rendered / ".gitignore").read_text()
@@ -311,6 +351,7 @@ def test_rerender_replaces_the_folder_and_keeps_readme(rendered, tmp_path, monke
     assert not (out / "stale.txt").exists()
     assert (out / "README.md").read_text() == "hand-written\n"
     assert not (out / "detector" / "1" / "model.py").exists()  # gpu: no python backend
+    assert (out / "caption" / "1" / "model.py").read_bytes() == CAPTION_MODEL.read_bytes()  # but the loop is python
     assert (out / "detector" / "1" / "model.onnx").is_file()  # export.tensorrt builds model.plan from it
     assert parse((out / "detector" / "config.pbtxt").read_text()).max_batch_size == 4
     assert json.loads((out / "manifest.json").read_text())["flavour"] == "gpu"
@@ -365,6 +406,11 @@ def test_if_changed_skips_a_current_repository(rendered, tmp_path, monkeypatch, 
     assert "up to date" in capsys.readouterr().out
     assert not repository_is_current(DEMO, out, "cpu", 100, 4)  # another max batch
     assert not repository_is_current(DEMO, out, "cpu", 100, 8, BatchingSettings(max_queue_size=3))
+    stale = out / "caption" / "1" / "glipv2_captioning.py"
+    stale.write_text(stale.read_text() + "# an older copy\n")
+    assert not repository_is_current(DEMO, out, "cpu", 100, 8)  # a stale copy of a python file
+    shutil.copyfile(CAPTIONING, stale)
+    assert repository_is_current(DEMO, out, "cpu", 100, 8)
     (out / "vqa" / "1" / "model.onnx").unlink()
     assert not repository_is_current(DEMO, out, "cpu", 100, 8)
     monkeypatch.setattr(onnx_export, "export_onnx", _fake_export(rendered))
@@ -594,3 +640,71 @@ def test_if_changed_re_exports_another_checkpoint(rendered, tmp_path, monkeypatc
     assert manifest["checkpoint"]["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
     assert manifest["checkpoint"]["step"] == 7
     assert repository_is_current(other, out, "cpu", 100, 8)
+
+
+# --------------------------------------------------------------------------- the caption loop model
+
+
+@pytest.fixture(scope="module")
+def caption_loop(rendered):
+    """The rendered `caption` model (cpu flavour: the graphs run by ONNX Runtime in its
+    process), initialised with the stand-in pb_utils."""
+    mp = pytest.MonkeyPatch()
+    mp.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    for name in ("pb_tensors", "glipv2_captioning"):  # the rendered copies, imported afresh
+        mp.delitem(sys.modules, name, raising=False)
+    try:
+        spec = importlib.util.spec_from_file_location("_triton_caption", rendered / "caption" / "1" / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = parse((rendered / "caption" / "config.pbtxt").read_text())
+        instance = module.TritonPythonModel()
+        instance.initialize({"model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
+                             "model_repository": str(rendered / "caption"), "model_version": "1",
+                             "model_name": "caption"})
+        yield instance
+    finally:
+        mp.undo()
+
+
+def test_caption_loop_model_batches_requests_and_equals_the_gateways_decoder(caption_loop, rendered):
+    """Images of all requests with the same beam size decode in one lockstep batch (one
+    caption_start call per beam size); every image's caption equals glipv2.captioning's
+    beam search over the embedded engine; a bad request gets its own error."""
+    from glipv2.captioning import beam_search
+    from glipv2.image import letterbox
+    from glipv2.runtime.onnx import OrtEngine
+    from training import shapes_world as sw
+
+    rng = np.random.default_rng(31)
+    images = np.stack([letterbox(sw.render(sw.sample_scene(rng), rng), (256, 256))[0] for _ in range(4)])
+
+    def request(idx, beam, limits):
+        return _FakeRequest(images=images[idx], beam_size=np.full((len(idx), 1), beam, np.int32),
+                            max_len=np.asarray(limits, np.int32).reshape(-1, 1))
+
+    requests = [request([0, 1], 1, [20, 3]), request([2], 3, [20]), request([3], 6, [20]),
+                request([3], 1, [20]), request([0], 1, [0]), _FakeRequest(images=images[:1])]
+    starts = []
+    start = caption_loop.engine.start_graph
+    caption_loop.engine.start_graph = lambda *a: starts.append(a[0].shape[0]) or start(*a)
+    try:
+        responses = caption_loop.execute(requests)
+    finally:
+        caption_loop.engine.start_graph = start
+    assert sorted(starts) == [1, 3]  # beam 1: images 0, 1 and 3 of two requests together; beam 3: image 2
+    for r, needle in zip(responses[2::2], ["beam_size must be in 1..5", "max_len must be in 1..39",
+                                           "missing input 'beam_size'"]):
+        assert r.has_error() and needle in r.error().message(), r.error().message()
+    ort = OrtEngine(rendered).captioner
+    end = caption_loop.end_index
+    for r, idx, beam, limits in ((responses[0], [0, 1], 1, [20, 3]), (responses[1], [2], 3, [20]),
+                                 (responses[3], [3], 1, [20])):
+        out = _ok(r)
+        for row, (i, limit) in enumerate(zip(idx, limits)):
+            (want,) = beam_search(ort, images[i:i + 1], end, beam, limit)
+            n = int(out["num_tokens"][row, 0])
+            assert n == len(want.tokens) <= limit
+            assert out["tokens"][row, :n].tolist() == want.tokens and (out["tokens"][row, n:] == -1).all()
+            assert abs(out["logprob"][row, 0] - want.logprob) < 1e-4
+    assert _ok(responses[0])["num_tokens"][1, 0] == 3  # its own limit, not its batch neighbour's

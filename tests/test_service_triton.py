@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -135,3 +136,50 @@ def test_http_only_when_grpc_and_http_unreachable_is_503():
         r = c.get("/health/ready")
         assert r.status_code == 503 and "grpc" in r.json()["detail"] and "http" in r.json()["detail"], r.text
         assert c.post("/v1/detect", json={"images": _items()[:1]}).status_code == 503
+
+
+def test_triton_captions_equal_embedded_and_decode_inside_triton(triton_server):
+    """/v1/caption through the Triton backend gives the embedded backend's captions (greedy
+    and beam 3, a length limit), and each gateway batch is ONE request to Triton's caption
+    model: caption_step never gets a request from the gateway, so the decoder caches stay
+    in the server. Concurrent requests still batch (gateway batcher, then Triton)."""
+    from export.local_triton import batch_summary
+
+    images = [{"image": _b64(img)} for _, img in _scenes(6, seed=314)]
+    bodies = [{"images": images, "max_len": 20}, {"images": images[:4], "beam_size": 3},
+              {"images": images[4:], "max_len": 3}]
+    with TestClient(create_app(_settings(backend="embedded"))) as c:
+        embedded = [c.post("/v1/caption", json=b).json()["results"] for b in bodies]
+    before = {m: batch_summary(triton_server.model_stats(m)) for m in ("caption", "caption_step")}
+    with TestClient(create_app(_settings(backend="triton", triton_url=triton_server.url_grpc))) as c:
+        via_triton = []
+        for b in bodies:
+            r = c.post("/v1/caption", json=b)
+            assert r.status_code == 200, r.text
+            via_triton.append(r.json()["results"])
+        calls = c.get("/v1/stats").json()["backend"]["caption_decoder_calls"]
+    after = {m: batch_summary(triton_server.model_stats(m)) for m in ("caption", "caption_step")}
+    assert calls == len(bodies)  # one decode per request (one batch, one beam size each)
+    assert after["caption"]["inference_count"] - before["caption"]["inference_count"] == 12  # images
+    assert after["caption"]["execution_count"] - before["caption"]["execution_count"] == len(bodies)
+    assert after["caption_step"]["inference_count"] == before["caption_step"]["inference_count"]
+    for a, b in zip(via_triton, embedded):
+        assert [r["caption"] for r in a] == [r["caption"] for r in b]
+        assert [r["num_tokens"] for r in a] == [r["num_tokens"] for r in b]
+        np.testing.assert_allclose([r["logprob"] for r in a], [r["logprob"] for r in b], atol=1e-4)
+    assert all(r["num_tokens"] <= 3 for r in via_triton[2]) and len({r["caption"] for r in via_triton[0]}) > 3
+
+    # concurrent single-image requests: the gateway batches them into few Triton requests
+    app = create_app(_settings(backend="triton", triton_url=triton_server.url_grpc, max_wait_ms=50.0))
+
+    async def concurrent_captions():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway",
+                                         timeout=120) as ac:
+                responses = await asyncio.gather(*(ac.post("/v1/caption", json={"images": [im]}) for im in images))
+                return responses, (await ac.get("/v1/stats")).json()
+
+    responses, stats = asyncio.run(concurrent_captions())
+    assert [r.status_code for r in responses] == [200] * len(images)
+    assert stats["batchers"]["caption"]["max_batch_seen"] > 1, stats["batchers"]["caption"]
+    assert stats["backend"]["caption_decoder_calls"] < len(images)

@@ -5,7 +5,11 @@ python-backend models that run the exported ONNX files with ONNX Runtime.
 Checks: readiness and model states; 64 concurrent detector requests equal ONNX Runtime
 run on the same ONNX files; the dynamic batcher merged them (statistics endpoint);
 concurrent text-encoder requests of different token lengths (ragged batching inside the
-python backend); malformed requests are refused and the server keeps serving.
+python backend); malformed requests are refused and the server keeps serving; the
+`caption` model decodes whole captions inside Triton (both ways of calling the graphs:
+ONNX Runtime in its process, the cpu flavour's, and BLS requests to the caption_start /
+caption_step models, the GPU flavours', on a second server), batching concurrent requests,
+each caption equal to glipv2.captioning's beam search over ONNX Runtime.
 
 Run with -s to see the measured numbers (startup time, requests vs executions).
 Skips only when demo/tiny.pt is absent or the package index that serves nvidia-pytriton
@@ -360,3 +364,83 @@ def test_vqa_and_caption_graphs_equal_onnxruntime(server, client, ort):
             assert a.shape == b.shape and np.abs(a - b).max() <= ATOL
         _, past_k, past_v = want
         tokens = want[0].argmax(1)
+
+
+# --------------------------------------------------------------------------- the caption loop model
+
+CAPTION_GRAPHS = ("caption", "caption_start", "caption_step")
+
+
+@pytest.fixture(scope="module")
+def bls_server(repository, tmp_path_factory):
+    """A second server with only the caption models, the loop calling the graphs through
+    BLS as in the GPU flavours (its config's `graphs` parameter switched to "triton")."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("triton-bls") / "repo"
+    for m in CAPTION_GRAPHS:
+        shutil.copytree(repository / m, out / m)
+    config = out / "caption" / "config.pbtxt"
+    text = config.read_text()
+    assert 'key: "graphs" value: { string_value: "onnxruntime" }' in text
+    config.write_text(text.replace('string_value: "onnxruntime"', 'string_value: "triton"'))
+    srv = TritonServer(out, root=install())
+    srv.start()
+    try:
+        srv.wait_ready(timeout=120)
+        yield srv
+    finally:
+        srv.stop()
+        srv.cleanup()
+
+
+@pytest.mark.parametrize("graphs", ["onnxruntime", "triton"])
+def test_caption_model_decodes_inside_triton_in_batches(graphs, request, repository, ort, image_hw):
+    """8 single-image requests at once run as ONE execution of the caption model (its
+    dynamic batcher, preferred batch 8); every caption equals beam_search over ONNX Runtime;
+    the graphs are called in-process (onnxruntime: caption_step never sees a request) or
+    through Triton (BLS: caption_step runs inside the server, no network in between)."""
+    from glipv2.captioning import beam_search
+    from glipv2.runtime.manifest import Manifest
+
+    srv = request.getfixturevalue("server" if graphs == "onnxruntime" else "bls_server")
+    images = _images(MAX_BATCH, image_hw, seed=21)
+    limits = [20, 20, 20, 20, 20, 20, 4, 20]
+    beam = 1 if graphs == "onnxruntime" else 2
+    requests = [{"images": img, "beam_size": np.array([[beam]], np.int32), "max_len": np.array([[n]], np.int32)}
+                for img, n in zip(images, limits)]
+    before = {m: srv.model_stats(m) for m in CAPTION_GRAPHS}
+    t0 = time.perf_counter()
+    results = _infer_concurrently(srv.url_grpc, "caption", requests, ["tokens", "num_tokens", "logprob"])
+    took = time.perf_counter() - t0
+    delta = {m: _stats_delta(before[m], srv.model_stats(m)) for m in CAPTION_GRAPHS}
+    failed = [r for r in results if isinstance(r, Exception)]
+    assert not failed, failed[0]
+    print(f"[triton] caption ({graphs}): {len(requests)} concurrent requests -> {delta['caption']['executions']} "
+          f"executions in {took:.2f} s; caption_step executions {delta['caption_step']['executions']}")
+    assert delta["caption"]["requests"] == MAX_BATCH and delta["caption"]["executions"] == 1, delta
+    if graphs == "onnxruntime":
+        assert delta["caption_start"]["requests"] == delta["caption_step"]["requests"] == 0, delta
+    else:  # one start for the batch, then lockstep steps of every beam of every image
+        assert delta["caption_start"]["requests"] == MAX_BATCH and delta["caption_start"]["executions"] == 1, delta
+        assert delta["caption_step"]["executions"] >= 3 and max(delta["caption_step"]["batch_sizes"]) > MAX_BATCH
+    caption = Manifest.load(repository).caption
+    end = list(caption.tokens).index(caption.end_id)
+    for img, n, got in zip(images, limits, results):
+        (want,) = beam_search(ort.captioner, img, end, beam, n)
+        k = int(got["num_tokens"][0, 0])
+        assert got["tokens"][0, :k].tolist() == want.tokens and k <= n
+        assert abs(float(got["logprob"][0, 0]) - want.logprob) < 1e-4
+    assert len({tuple(r["tokens"][0].tolist()) for r in results}) > 4  # captions of different scenes differ
+
+
+def test_caption_model_refuses_bad_requests(server):
+    img = _images(1, (256, 256), seed=3)[0]
+    bad = [{"images": img, "beam_size": np.array([[9]], np.int32), "max_len": np.array([[5]], np.int32)},
+           {"images": img, "beam_size": np.array([[1]], np.int32), "max_len": np.array([[400]], np.int32)}]
+    results = _infer_concurrently(server.url_grpc, "caption", bad, ["tokens"])
+    assert all(isinstance(r, InferenceServerException) for r in results), results
+    assert "beam_size must be in 1..5" in str(results[0]) and "max_len must be in 1..39" in str(results[1])
+    ok = _infer_concurrently(server.url_grpc, "caption", [{**bad[0], "beam_size": np.array([[1]], np.int32)}],
+                             ["num_tokens"])[0]
+    assert not isinstance(ok, Exception) and 1 <= int(ok["num_tokens"][0, 0]) <= 5

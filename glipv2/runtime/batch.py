@@ -24,7 +24,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from glipv2.boxes import Letterbox
-from glipv2.captioning import CaptionEngine
+from glipv2.captioning import CaptionEngine, CaptionLoop, Hypothesis
 from glipv2.postprocess import Detections, PostprocessConfig, postprocess
 from glipv2.text import DEFAULT_BUCKETS, TokenizedPrompt, Tokenizer, bucket_length
 from glipv2.understanding import Answer, Caption, CaptionPipeline, rank_answers
@@ -37,7 +37,9 @@ class TaskUnavailable(RuntimeError):
 class Engine(Protocol):
     """What runs the graphs (glipv2.runtime.graphs): arrays in, arrays out."""
 
-    captioner: CaptionEngine | None  # caption_start / caption_step, None without a caption decoder
+    # caption_start / caption_step (or an engine running the whole loop, CaptionLoop), None
+    # without a caption decoder
+    captioner: CaptionEngine | CaptionLoop | None
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """int64 [B, T] x2 -> float32 token features [B, T, D]."""
@@ -145,6 +147,17 @@ class FeatureCache:
         return len(self._data)
 
 
+class _CountedLoop:
+    """A runner's engine that decodes whole captions itself (CaptionLoop), counted."""
+
+    def __init__(self, runner: "BatchRunner") -> None:
+        self.runner = runner
+
+    def decode(self, images: np.ndarray, beam_size: int, max_len: Sequence[int]) -> list[Hypothesis]:
+        self.runner.caption_steps += 1
+        return self.runner.engine.captioner.decode(images, beam_size, max_len)
+
+
 class BatchRunner:
     """Prompt features (cached), bucket padding, one engine call per batch, postprocessing,
     answer ranking and caption decoding around an Engine."""
@@ -166,9 +179,10 @@ class BatchRunner:
         self.caption_steps = 0
         self.caption_max_len = int(caption_max_len) if caption_tokens else 0
         # The shared decoding (beam search, shortlist ids -> text) with this runner as its
-        # engine, so every start/step call is counted.
-        self.captioner = CaptionPipeline(self, self.image_hw, caption_tokens, self.caption_max_len + 1,
-                                         caption_end_id, tokenizer) if caption_tokens else None
+        # engine, so every start/step call (or whole-loop decode) is counted.
+        loop = hasattr(getattr(self.engine, "captioner", None), "decode")
+        self.captioner = CaptionPipeline(_CountedLoop(self) if loop else self, self.image_hw, caption_tokens,
+                                         self.caption_max_len + 1, caption_end_id, tokenizer) if caption_tokens else None
 
     # prompts -------------------------------------------------------------------
     def features(self, input_ids: np.ndarray) -> np.ndarray:

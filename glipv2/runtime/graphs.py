@@ -27,6 +27,7 @@ DETECTOR = "detector"
 VQA = "vqa"
 CAPTION_START = "caption_start"
 CAPTION_STEP = "caption_step"
+CAPTION = "caption"  # the decode loop inside Triton (not a graph: a python-backend model)
 
 # Input and output names of every graph, in call order. Engines pass arrays positionally
 # through these tuples, so a renamed tensor is renamed everywhere at once.
@@ -36,6 +37,9 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     VQA: (("images", "token_features", "attention_mask"), ("answer_logits",)),
     CAPTION_START: (("images",), ("logprobs", "present_k", "present_v", "cross_k", "cross_v")),
     CAPTION_STEP: (("tokens", "past_k", "past_v", "cross_k", "cross_v"), ("logprobs", "present_k", "present_v")),
+    # per image: beam size and token limit in; the best hypothesis out (shortlist indices
+    # padded with -1 to the longest of the request, its length, its summed log-probability)
+    CAPTION: (("images", "beam_size", "max_len"), ("tokens", "num_tokens", "logprob")),
 }
 
 # name -> (dtype as in Triton, dims without the batch axis; -1 = the graph's dynamic axis)
@@ -99,6 +103,17 @@ def graph_specs(cfg: ModelConfig, top_k: int) -> dict[str, GraphSpec]:
         specs.append(_spec(CAPTION_STEP, [("TYPE_INT64", [1]), past, past, cross, cross], [logprobs, past, past],
                            "steps", (1, 16, cfg.caption_max_len - 1), ragged=False, batch_multiplier=MAX_BEAM))
     return {s.name: s for s in specs}
+
+
+def caption_loop_spec(cfg: ModelConfig) -> GraphSpec | None:
+    """The `caption` loop model's signature (None for a model without a caption decoder).
+    Its batch is images (max_batch_size, like caption_start); tokens is ragged per request."""
+    if not cfg.caption_tokens:
+        return None
+    h, w = cfg.image_hw
+    return _spec(CAPTION, [("TYPE_UINT8", [3, h, w]), ("TYPE_INT32", [1]), ("TYPE_INT32", [1])],
+                 [("TYPE_INT64", [-1]), ("TYPE_INT32", [1]), ("TYPE_FP64", [1])], "steps",
+                 (1, 16, cfg.caption_max_len - 1), ragged=False)
 
 
 def opt_batch(max_batch_size: int) -> int:

@@ -185,6 +185,9 @@ class CaptionSpec:
     start_id: int
     end_id: int
     max_len: int  # most tokens a caption may have (the model's positions minus the start token)
+    # the Triton model that runs the whole decode loop in-process (glipv2.runtime.graphs.CAPTION);
+    # None in a repository rendered before it existed: clients then drive caption_start/step
+    decoder: str | None = None
 
     @property
     def max_positions(self) -> int:
@@ -252,10 +255,12 @@ class Manifest:
             raise ManifestError(f"manifest.postprocess: {exc}") from None
         caption = d.get("caption")
         if caption is not None:
-            _require(caption, "manifest.caption", ("tokens", "start_id", "end_id", "max_len"))
+            _require(caption, "manifest.caption", ("tokens", "start_id", "end_id", "max_len"), ("decoder",))
+            decoder = caption.get("decoder")
             caption = CaptionSpec(_ints(caption["tokens"], "manifest.caption.tokens"),
                                   *(_int(caption[k], f"manifest.caption.{k}", 0) for k in ("start_id", "end_id")),
-                                  _int(caption["max_len"], "manifest.caption.max_len", 1))
+                                  _int(caption["max_len"], "manifest.caption.max_len", 1),
+                                  None if decoder is None else _str(decoder, "manifest.caption.decoder"))
         answers = d.get("answer_vocabulary")
         if answers is not None and (not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
             raise ManifestError("manifest.answer_vocabulary must be a list of strings or null")

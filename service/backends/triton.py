@@ -7,6 +7,12 @@ batch, the same shapes for every flavour: TensorRT plans need dense batches); Tr
 own dynamic batcher can merge batches of several gateway processes on top of that.
 The manifest and tokenizer are read from the local copy of the repository Triton serves.
 
+Captions: a repository whose manifest names a caption decoder model (`caption`, rendered by
+export/repository.py) decodes a whole batch in ONE request: the beam search runs inside
+Triton, which calls caption_start / caption_step in-process, so the decoder's key/value
+caches never cross gRPC (they did at every step: 11 images/s against 126 embedded). An
+older repository without it is still served step by step.
+
 Protocols: `url` is Triton's gRPC endpoint (host:8001), `http_url` its optional HTTP
 endpoint (host:8000). The first ping (or the first inference) picks the first protocol
 that answers, gRPC before HTTP, and later pings pick again when the chosen one stops
@@ -22,7 +28,9 @@ from pathlib import Path
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from glipv2.runtime.graphs import CAPTION_START, CAPTION_STEP, DETECTOR, TEXT_ENCODER, VQA, inputs_of, outputs_of
+from glipv2.captioning import Hypothesis
+from glipv2.runtime.graphs import (CAPTION, CAPTION_START, CAPTION_STEP, DETECTOR, TEXT_ENCODER, VQA, inputs_of,
+                                   outputs_of)
 from glipv2.runtime.manifest import Manifest
 from service.backends.base import EngineBackend
 
@@ -159,6 +167,8 @@ class TritonEngine:
     glipv2.runtime.graphs."""
 
     def __init__(self, url: str, models: list[str], timeout_s: float = 30.0, http_url: str | None = None) -> None:
+        """models: the Triton models to call (and to wait for); with the `caption` loop model
+        among them, captions are decoded inside Triton, else step by step from here."""
         self.url = url
         self.http_url = http_url or None
         self.timeout_s = float(timeout_s)
@@ -167,7 +177,10 @@ class TritonEngine:
             self.protocols.append(_Http(self.http_url, self.timeout_s, models))
         self._active: _Protocol | None = None
         self._select_lock = threading.Lock()
-        self.captioner = self if CAPTION_START in models and CAPTION_STEP in models else None
+        if CAPTION in models:
+            self.captioner = _TritonCaptionLoop(self)
+        else:
+            self.captioner = self if CAPTION_START in models and CAPTION_STEP in models else None
 
     @property
     def protocol(self) -> str | None:
@@ -228,14 +241,34 @@ class TritonEngine:
             p.close()
 
 
+class _TritonCaptionLoop:
+    """The CaptionLoop of glipv2.captioning: one request to Triton's `caption` model decodes
+    a batch of images (glipv2.captioning.beam_search runs there)."""
+
+    def __init__(self, engine: TritonEngine) -> None:
+        self.engine = engine
+
+    def decode(self, images: np.ndarray, beam_size: int, max_len) -> list[Hypothesis]:
+        b = images.shape[0]
+        beams = np.full((b, 1), beam_size, dtype=np.int32)
+        limits = np.asarray(max_len, dtype=np.int32).reshape(b, 1)
+        tokens, lengths, logprobs = self.engine._infer(CAPTION, images, beams, limits)
+        return [Hypothesis([int(t) for t in tokens[i, :int(lengths[i, 0])]], float(logprobs[i, 0])) for i in range(b)]
+
+
 class TritonBackend(EngineBackend):
     name = "triton"
 
     def __init__(self, repository: Path, url: str, cache_size: int = 1024, timeout_s: float = 30.0,
-                 http_url: str | None = None, cache_bytes: int = 64 * 1024 * 1024) -> None:
+                 http_url: str | None = None, cache_bytes: int = 64 * 1024 * 1024, caption_loop: bool = True) -> None:
+        """caption_loop False decodes captions step by step over the network even when the
+        repository has the caption loop model (the old path, kept for comparisons)."""
         manifest = Manifest.load(repository)
-        super().__init__(repository, TritonEngine(url, list(manifest.models), timeout_s, http_url), cache_size,
-                         manifest, cache_bytes)
+        models = list(manifest.models)
+        if caption_loop and manifest.caption and manifest.caption.decoder:
+            models.append(manifest.caption.decoder)
+        super().__init__(repository, TritonEngine(url, models, timeout_s, http_url), cache_size, manifest,
+                         cache_bytes)
         # where Triton runs the models: what the repository's flavour declares (KIND_GPU
         # instances for gpu / gpu-onnx; Triton started with --exit-on-error refuses to come
         # up when it cannot place them)
