@@ -326,7 +326,9 @@ def test_cpu_profile_up_answers_like_the_embedded_backend(tmp_path):
         stats = json.loads(urllib.request.urlopen(
             f"http://127.0.0.1:{env['TRITON_HTTP_PORT']}/v2/models/stats", timeout=10).read())
         executed = {m["name"]: m["execution_count"] for m in stats["model_stats"]}
-        assert all(executed[m] > 0 for m in ("text_encoder", "detector", "vqa", "caption_start", "caption_step"))
+        # (captions: the `caption` model decodes inside Triton, running the caption graphs in its
+        # own process in the cpu flavour, so caption_start / caption_step see no requests)
+        assert all(executed[m] > 0 for m in ("text_encoder", "detector", "vqa", "caption"))
         (ROOT / ".cache" / "docker" / "last-compose-test.json").write_text(json.dumps(
             {"timings": timings, "triton_executions": executed}, indent=2))
         print(json.dumps(timings))
