@@ -9,7 +9,9 @@ when the layout of the file does (a reader refuses other versions and says to re
     /1  the first typed layout
     /2  image.pad_value may be one value per RGB channel; image.max_side (long-side cap),
         image.normalisation (what the graph applies) and postprocess.threshold_on (score or
-        official probability rule) are written, for models converted from official GLIP
+        official probability rule) are written, for models converted from official GLIP;
+        caption.decoder (optional: absent or null in a repository without it) names the
+        Triton model that runs the whole caption decode loop
 """
 
 from __future__ import annotations
