@@ -44,9 +44,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from glipv2.postprocess import Detections
+    from glipv2.runtime.manifest import Manifest
 
 MODELS_DETECTION = (TEXT_ENCODER, DETECTOR)
-DEFAULT_MAX_TOKENS = 256
 # A plan loads only into the TensorRT version that built it: the builder must run the
 # TensorRT of the Triton release that serves the plans. NGC release -> TensorRT major.minor
 # of its tritonserver and tensorrt images (NVIDIA's frameworks support matrix).
@@ -54,7 +54,6 @@ TRITON_TAG = "24.10"  # Triton 2.51, the one pytriton 0.7.0 embeds (export/local
 TENSORRT_FOR_TRITON = {"24.08": "10.3", "24.09": "10.4", "24.10": "10.5", "24.11": "10.6", "24.12": "10.7"}
 TRITON_TAG_ENV = "GLIPV2_TRITON_TAG"  # compose passes its TRITON_TAG here
 CONTAINER = f"nvcr.io/nvidia/tensorrt:{TRITON_TAG}-py3"  # TensorRT 10.5; same YY.MM as tritonserver:24.10
-ENGINES_KEY = "engines"  # the manifest's record of the built plans (export.repository keeps it on re-render)
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_ENVIRONMENT = 0, 1, 2, 3
 
 Shape = tuple[int, ...]
@@ -81,16 +80,13 @@ class EngineBuildError(RuntimeError):
 # Optimization profiles (pure Python)
 
 
-def _model_entry(manifest: Mapping[str, Any], model: str) -> Mapping[str, Any]:
-    models = manifest.get("models")
-    if not isinstance(models, Mapping) or not models:
-        raise ValueError("manifest has no 'models' table")
-    if model not in models:
-        raise ValueError(f"model {model!r} is not in the manifest (it has: {', '.join(models)})")
-    entry = models[model]
-    if not isinstance(entry, Mapping) or not isinstance(entry.get("inputs"), Mapping) or not entry["inputs"]:
-        raise ValueError(f"manifest entry for {model!r} has no 'inputs'")
-    return entry
+def load_manifest(repository: str | os.PathLike) -> "Manifest":
+    """<repository>/manifest.json as glipv2.runtime.manifest.Manifest (imported here: it
+    imports numpy, which this module's import must not). FileNotFoundError when absent,
+    ManifestError (a ValueError) naming the bad key."""
+    from glipv2.runtime.manifest import Manifest
+
+    return Manifest.load(repository)
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -100,7 +96,7 @@ def _positive_int(value: Any, what: str) -> int:
 
 
 def profile_shapes(
-    manifest: Mapping[str, Any],
+    manifest: "Manifest",
     model: str,
     *,
     opt_batch: int | None = None,
@@ -108,38 +104,36 @@ def profile_shapes(
 ) -> ProfileShapes:
     """(min, opt, max) shapes per input of `model`, batch axis included.
 
-    - batch: 1 .. manifest["max_batch_size"], opt = max_batch_size // 2 (at least 1);
-    - every dynamic (-1) non-batch dim is the token axis: 1 .. max_tokens (manifest
-      "max_tokens", else model_config["max_tokens"], else 256); opt is the middle token
-      bucket (64 for buckets 16..256), clamped to max_tokens; except where the model's
-      "dynamic_axis" counts "steps" (the caption step graph's cache), which gives its range;
+    - batch: 1 .. the model's max_batch_size, opt = max_batch_size // 2 (at least 1);
+    - every dynamic (-1) non-batch dim is the token axis: 1 .. manifest.max_tokens; opt is
+      the middle token bucket (64 for buckets 16..256), clamped to max_tokens; except where
+      the model's dynamic_axis counts "steps" (the caption step graph's cache), which gives
+      its range;
     - fixed dims (image channels/height/width, the text feature width) as given.
     """
-    entry = _model_entry(manifest, model)
-    max_batch = _positive_int(entry.get("max_batch_size", manifest.get("max_batch_size")), "manifest max_batch_size")
-    cfg = manifest.get("model_config") if isinstance(manifest.get("model_config"), Mapping) else {}
-    max_tokens = _positive_int(manifest.get("max_tokens", cfg.get("max_tokens", DEFAULT_MAX_TOKENS)),
-                               "manifest max_tokens")
+    if model not in manifest.models:
+        raise ValueError(f"model {model!r} is not in the manifest (it has: {', '.join(manifest.models)})")
+    entry = manifest.models[model]
+    max_batch = _positive_int(entry.max_batch_size, f"{model} max_batch_size")
+    max_tokens = _positive_int(manifest.max_tokens, "manifest max_tokens")
     if opt_batch is None:
         opt_batch = default_opt_batch(max_batch)
     if opt_tokens is None:
-        buckets = sorted(b for b in manifest.get("token_buckets") or () if isinstance(b, int) and 0 < b <= max_tokens)
+        buckets = sorted(b for b in manifest.token_buckets if 0 < b <= max_tokens)
         opt_tokens = buckets[len(buckets) // 2] if buckets else min(32, max_tokens)
     if not 1 <= _positive_int(opt_batch, "opt_batch") <= max_batch:
         raise ValueError(f"opt_batch {opt_batch} is outside 1..{max_batch}")
     if not 1 <= _positive_int(opt_tokens, "opt_tokens") <= max_tokens:
         raise ValueError(f"opt_tokens {opt_tokens} is outside 1..{max_tokens}")
 
-    dynamic = entry.get("dynamic_axis")
-    if isinstance(dynamic, Mapping) and dynamic.get("counts") == "steps":  # the caption step's cache length
-        dynamic_range = tuple(_positive_int(dynamic.get(k), f"{model} dynamic_axis {k}") for k in ("min", "opt", "max"))
+    dynamic = entry.dynamic_axis
+    if dynamic is not None and dynamic.counts == "steps":  # the caption step's cache length
+        dynamic_range = (dynamic.min, dynamic.opt, dynamic.max)
     else:
         dynamic_range = (1, opt_tokens, max_tokens)
     shapes: ProfileShapes = {}
-    for name, spec in entry["inputs"].items():
-        dims = spec.get("dims") if isinstance(spec, Mapping) else None
-        if not isinstance(dims, (list, tuple)):
-            raise ValueError(f"{model}.{name}: no 'dims' list in the manifest")
+    for name, spec in entry.inputs.items():
+        dims = spec.dims
         lo, mid, hi = [1], [opt_batch], [max_batch]
         for d in dims:
             if d == -1:
@@ -242,11 +236,11 @@ def environment_problems(triton_tag: str = TRITON_TAG) -> list[str]:
     return problems
 
 
-def manifest_tokenizer(repository: str | os.PathLike, manifest: Mapping[str, Any]) -> Path | None:
+def manifest_tokenizer(repository: str | os.PathLike, manifest: "Manifest") -> Path | None:
     """The tokenizer.json that export/repository.py copies into the repository (the
-    manifest's "tokenizer" entry, relative to the repository), if it is there."""
-    name = manifest.get("tokenizer")
-    if isinstance(name, str) and name:
+    manifest's tokenizer, relative to the repository), if it is there."""
+    name = manifest.tokenizer
+    if name:
         path = Path(repository) / name
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -726,7 +720,7 @@ QUESTIONS = ("what color is the star?", "how many circles are there?", "is there
 def understanding_parity(
     reference,
     candidate,
-    manifest: Mapping[str, Any],
+    manifest: "Manifest",
     images: Sequence["np.ndarray"],
     *,
     tokenizer=None,
@@ -746,8 +740,8 @@ def understanding_parity(
     from glipv2.understanding import CaptionPipeline
 
     report = UnderstandingParity()
-    hw = _image_hw(manifest)
-    answers = manifest.get("answer_vocabulary") or []
+    hw = manifest.image_hw
+    answers = list(manifest.answer_vocabulary or ())
     if answers and getattr(candidate, "answer", None) is not None:
         pipes = [VqaPipeline(IdsEngine(answer=e.answer), hw, answers, tokenizer) for e in (reference, candidate)]
         for q in questions:
@@ -762,10 +756,10 @@ def understanding_parity(
                 if b.answer not in allowed or (a.answer == b.answer and diff > score_atol):
                     report.answer_mismatches.append(f"image {i}, {q!r}: {a.answer} ({a.score:.4f}) vs "
                                                     f"{b.answer} ({b.score:.4f})")
-    caption = manifest.get("caption")
+    caption = manifest.caption
     if caption and getattr(candidate, "captioner", None) is not None:
-        pipes = [CaptionPipeline(e.captioner, hw, caption["tokens"], int(caption["max_len"]) + 1, caption["end_id"],
-                                 tokenizer) for e in (reference, candidate)]
+        pipes = [CaptionPipeline(e.captioner, hw, caption.tokens, caption.max_positions, caption.end_id, tokenizer)
+                 for e in (reference, candidate)]
         for beam in beam_sizes:
             ref, got = (p.caption(list(images), beam) for p in pipes)
             for i, (a, b) in enumerate(zip(ref, got)):
@@ -839,15 +833,6 @@ def parity(
     return report
 
 
-def _image_hw(manifest: Mapping[str, Any]) -> tuple[int, int]:
-    image = manifest.get("image") if isinstance(manifest.get("image"), Mapping) else {}
-    cfg = manifest.get("model_config") if isinstance(manifest.get("model_config"), Mapping) else {}
-    hw = image.get("hw") or cfg.get("image_hw")
-    if not isinstance(hw, (list, tuple)) or len(hw) != 2:
-        raise ValueError("manifest has no image size (image.hw or model_config.image_hw)")
-    return int(hw[0]), int(hw[1])
-
-
 def _reference_engine(onnx_dir: str | os.PathLike):
     """ONNX Runtime over the same ONNX files: the reference the engines must match."""
     from glipv2.runtime.onnx import OrtEngine
@@ -858,7 +843,7 @@ def _reference_engine(onnx_dir: str | os.PathLike):
 def verify_engine(
     plan: str | os.PathLike | Mapping[str, str | os.PathLike],
     onnx_dir: str | os.PathLike,
-    manifest: Mapping[str, Any] | None = None,
+    manifest: "Manifest | None" = None,
     *,
     num_images: int = 4,
     seed: int = 0,
@@ -884,13 +869,13 @@ def verify_engine(
     if manifest is None:
         if isinstance(plan, Mapping):
             raise ValueError("verify_engine needs the manifest when plan is a mapping")
-        manifest = json.loads((Path(plan) / "manifest.json").read_text())
+        manifest = load_manifest(plan)
     if tokenizer is None:
         from glipv2.text import Tokenizer
 
         path = None if isinstance(plan, Mapping) else manifest_tokenizer(plan, manifest)
         path = path or manifest_tokenizer(onnx_dir, manifest)
-        tokenizer = Tokenizer(path, max_tokens=int(manifest.get("max_tokens", DEFAULT_MAX_TOKENS)))
+        tokenizer = Tokenizer(path, max_tokens=manifest.max_tokens)
     reference = _reference_engine(onnx_dir)
     images, prompts = sample_inputs(num_images, seed)
     extra = {}
@@ -901,8 +886,8 @@ def verify_engine(
                  "caption_plans": (start_plan, step_plan) if start_plan.is_file() and step_plan.is_file() else None}
     candidate = TrtEngine(plans["text_encoder"], plans["detector"], **extra)
     try:
-        report = parity(reference, candidate, _image_hw(manifest), images, prompts,
-                        batch_size=int(manifest.get("max_batch_size", 1)), tokenizer=tokenizer,
+        report = parity(reference, candidate, manifest.image_hw, images, prompts,
+                        batch_size=manifest.max_batch_size, tokenizer=tokenizer,
                         min_score=min_score, score_atol=score_atol, min_iou=min_iou)
         if candidate.vqa_model is not None or candidate.captioner is not None:
             report.understanding = understanding_parity(
@@ -924,35 +909,38 @@ class _Parts:
 # CLI
 
 
-def engine_record(manifest: Mapping[str, Any], tensorrt_version: str, gpu: str, precision: str,
+def engine_record(manifest: "Manifest", tensorrt_version: str, gpu: str, precision: str,
                   triton_tag: str) -> dict[str, Any]:
-    """What the plans of a repository were built from and for: the manifest's "engines"
+    """What the plans of a repository were built from and for: the manifest's engines
     entry. Plans are current while this equals what a build now would record."""
     import hashlib
 
-    shapes = {k: manifest.get(k) for k in ("models", "token_buckets", "max_tokens", "image", "max_batch_size")}
+    layout = manifest.to_dict()  # hashed as manifest.json writes it
+    shapes = {k: layout[k] for k in ("models", "token_buckets", "max_tokens", "image", "max_batch_size")}
     return {
         "tensorrt_version": str(tensorrt_version),
         "triton_tag": triton_tag,
         "gpu": gpu,
         "precision": precision,
-        "checkpoint_sha256": (manifest.get("checkpoint") or {}).get("sha256"),
+        "checkpoint_sha256": manifest.checkpoint.sha256,
         "signatures_sha256": hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest(),
     }
 
 
-def plans_are_current(repository: str | os.PathLike, manifest: Mapping[str, Any], record: Mapping[str, Any]) -> bool:
+def plans_are_current(repository: str | os.PathLike, manifest: "Manifest", record: Mapping[str, Any]) -> bool:
     """Every model's plan exists and the manifest says it was built by this TensorRT, on
     this GPU model, from this checkpoint and these signatures, at this precision."""
-    if manifest.get(ENGINES_KEY) != dict(record):
+    if manifest.engines != dict(record):
         return False
-    return all((Path(repository) / m / "1" / "model.plan").is_file() for m in manifest.get("models") or {})
+    return all((Path(repository) / m / "1" / "model.plan").is_file() for m in manifest.models)
 
 
 def write_engine_record(manifest_path: Path, record: Mapping[str, Any]) -> None:
-    manifest = json.loads(Path(manifest_path).read_text())
-    manifest[ENGINES_KEY] = dict(record)
-    _atomic_write(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    """The manifest with its engines entry set to `record`, written back through Manifest."""
+    from dataclasses import replace
+
+    manifest = replace(load_manifest(manifest_path), engines=dict(record))
+    _atomic_write(Path(manifest_path), manifest.dumps().encode())
 
 
 def _container_hint(repository: str, verify: bool = True) -> str:
@@ -1001,10 +989,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not manifest_path.is_file():
         return _fail(EXIT_INPUT, f"manifest not found: {manifest_path} (render the repository first: make export)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        models = list(manifest.get("models") or {})
-        if not models:
-            raise ValueError("no models listed")
+        manifest = load_manifest(manifest_path)
+        models = list(manifest.models)
         jobs = [(m, model_file(repo, m, "onnx"), repo / m / "1" / "model.plan", profile_shapes(manifest, m))
                 for m in models]
     except (ValueError, AttributeError) as exc:
@@ -1024,8 +1010,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         return _fail(EXIT_ENVIRONMENT, "; ".join(problems))
 
-    if manifest.get("flavour") not in (None, "gpu"):
-        print(f"note: {manifest_path} is the {manifest.get('flavour')!r} flavour; Triton serves model.plan only "
+    if manifest.flavour != "gpu":
+        print(f"note: {manifest_path} is the {manifest.flavour!r} flavour; Triton serves model.plan only "
               "from the 'gpu' flavour's tensorrt_plan configs")
     cache = args.timing_cache or None
     trt_version = str(import_tensorrt(args.triton_tag).__version__)
@@ -1058,7 +1044,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     from glipv2.text import Tokenizer
 
-    tokenizer = Tokenizer(tokenizer_path, max_tokens=int(manifest.get("max_tokens", DEFAULT_MAX_TOKENS)))
+    tokenizer = Tokenizer(tokenizer_path, max_tokens=manifest.max_tokens)
     report = verify_engine(repo, repo, manifest, num_images=args.parity_images, tokenizer=tokenizer)
     print(f"parity vs ONNX Runtime: {report.summary()}")
     return EXIT_OK if report.ok else EXIT_FAILED

@@ -135,8 +135,8 @@ def parity_setup():
         pytest.skip("model_repository has no ONNX files: run `make export`")
     from glipv2.text import Tokenizer
 
-    manifest = Manifest.load(REPO).to_dict()
-    tokenizer = Tokenizer(REPO / manifest["tokenizer"])
+    manifest = Manifest.load(REPO)
+    tokenizer = Tokenizer(REPO / manifest.tokenizer)
     images, _ = ets.sample_inputs(3, seed=1)
     return OrtEngine(REPO, threads=1), manifest, tokenizer, images
 
@@ -156,8 +156,8 @@ def test_understanding_parity_finds_wrong_answers_and_captions(parity_setup):
                                              tokenizer=tokenizer, beam_sizes=(1,))
     assert not wrong_answers.ok and wrong_answers.answer_mismatches and not wrong_answers.caption_mismatches
     # a caption that starts with another word than the reference's
-    ref_first = int(np.argmax(engine.captioner.start(np.zeros((1, 3, *manifest["image"]["hw"]), np.uint8))[0]))
-    other = (ref_first + 1) % len(manifest["caption"]["tokens"])
+    ref_first = int(np.argmax(engine.captioner.start(np.zeros((1, 3, *manifest.image_hw), np.uint8))[0]))
+    other = (ref_first + 1) % len(manifest.caption.tokens)
     wrong_captions = ets.understanding_parity(engine, _Perturbed(engine, caption_bias=other), manifest, images,
                                               tokenizer=tokenizer, beam_sizes=(1,))
     assert not wrong_captions.ok and len(wrong_captions.caption_mismatches) == len(images)

@@ -29,6 +29,7 @@ from export.repository import (
     RepositoryError,
     SettingsError,
     build_manifest,
+    manifest_of,
     model_signatures,
     render_config,
     ENGINES_KEY,
@@ -195,8 +196,8 @@ def test_gpu_onnx_profiles_equal_the_plans_profiles(demo_cfg):
     from export.tensorrt import profile_shapes
     from glipv2.checkpoint import read_checkpoint
 
-    manifest = build_manifest(demo_cfg, DEMO, read_checkpoint(DEMO), "gpu-onnx", 100, 8)
-    for model in manifest["models"]:
+    manifest = manifest_of(demo_cfg, DEMO, read_checkpoint(DEMO), "gpu-onnx", 100, 8)
+    for model in manifest.models:
         params = _trt_parameters(render_config(model, "gpu-onnx", demo_cfg, 100, 8))
         got = {}
         for i, kind in enumerate(("min", "opt", "max")):

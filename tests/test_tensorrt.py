@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from glipv2.runtime.graphs import model_file
-from glipv2.runtime.manifest import FORMAT
+from glipv2.runtime.manifest import FORMAT, Manifest
 
 from export import tensorrt as ets
 from glipv2.postprocess import Detections
@@ -48,6 +48,7 @@ def sample_manifest(image_hw=HW, text_dim=TEXT_DIM, top_k=100, max_batch_size=8,
                 "inputs": {"input_ids": {"dtype": "INT64", "dims": [-1]},
                            "attention_mask": {"dtype": "INT64", "dims": [-1]}},
                 "outputs": {"token_features": {"dtype": "FP32", "dims": [-1, text_dim]}},
+                "max_batch_size": max_batch_size,
             },
             "detector": {
                 "inputs": {"images": {"dtype": "UINT8", "dims": [3, h, w]},
@@ -56,11 +57,17 @@ def sample_manifest(image_hw=HW, text_dim=TEXT_DIM, top_k=100, max_batch_size=8,
                 "outputs": {"boxes": {"dtype": "FP32", "dims": [top_k, 4]},
                             "logits": {"dtype": "FP32", "dims": [top_k, -1]},
                             "centerness": {"dtype": "FP32", "dims": [top_k]}},
+                "max_batch_size": max_batch_size,
             },
         },
     }
     manifest.update(extra)
     return manifest
+
+
+def sample(**kw) -> Manifest:
+    """sample_manifest(**kw) read as the Manifest export.tensorrt takes."""
+    return Manifest.from_dict(sample_manifest(**kw))
 
 
 def write_repository(root: Path, manifest: dict, onnx: bool = True) -> Path:
@@ -77,14 +84,14 @@ def write_repository(root: Path, manifest: dict, onnx: bool = True) -> Path:
 
 
 def test_profile_shapes_text_encoder():
-    shapes = ets.profile_shapes(sample_manifest(), "text_encoder")
+    shapes = ets.profile_shapes(sample(), "text_encoder")
     assert set(shapes) == {"input_ids", "attention_mask"}
     for name in shapes:
         assert shapes[name] == ((1, 1), (4, 64), (8, 256))
 
 
 def test_profile_shapes_detector():
-    shapes = ets.profile_shapes(sample_manifest(), "detector")
+    shapes = ets.profile_shapes(sample(), "detector")
     assert set(shapes) == {"images", "token_features", "attention_mask"}
     lo, opt, hi = shapes["images"]
     assert (lo, opt, hi) == ((1, 3, *HW), (4, 3, *HW), (8, 3, *HW))  # image dims fixed, batch 1..8
@@ -98,12 +105,11 @@ def test_profile_shapes_detector():
 
 def test_profile_shapes_follow_the_manifest():
     m = sample_manifest(image_hw=(256, 256), text_dim=768, max_batch_size=1)
-    del m["max_tokens"], m["token_buckets"]
-    m["model_config"]["max_tokens"] = 128
-    shapes = ets.profile_shapes(m, "detector")
+    m["max_tokens"], m["token_buckets"] = 128, []
+    shapes = ets.profile_shapes(Manifest.from_dict(m), "detector")
     assert shapes["images"] == ((1, 3, 256, 256),) * 3
     assert shapes["token_features"] == ((1, 1, 768), (1, 32, 768), (1, 128, 768))
-    shapes = ets.profile_shapes(sample_manifest(), "text_encoder", opt_batch=8, opt_tokens=16)
+    shapes = ets.profile_shapes(sample(), "text_encoder", opt_batch=8, opt_tokens=16)
     assert shapes["input_ids"] == ((1, 1), (8, 16), (8, 256))
 
 
@@ -111,12 +117,12 @@ def test_profile_shapes_names_match_the_exported_graphs():
     graphs = pytest.importorskip("export.graphs")  # imports torch
     from glipv2.config import get_preset
 
-    m = sample_manifest()
+    m = sample()
     specs = graphs.graph_specs(get_preset("tiny").replace(image_hw=HW, text_dim=TEXT_DIM), 100)
     assert set(ets.profile_shapes(m, "text_encoder")) == set(specs["text_encoder"].inputs)
     assert set(ets.profile_shapes(m, "detector")) == set(specs["detector"].inputs)
     for name, (_, dims) in specs["detector"].inputs.items():
-        assert m["models"]["detector"]["inputs"][name]["dims"] == dims
+        assert list(m.models["detector"].inputs[name].dims) == dims
 
 
 def test_profile_shapes_from_the_repository_manifest(tmp_path):
@@ -127,7 +133,7 @@ def test_profile_shapes_from_the_repository_manifest(tmp_path):
     cfg = get_preset("tiny")
     ckpt = tmp_path / "ckpt.pt"
     ckpt.write_bytes(b"x")
-    m = repository.build_manifest(cfg, ckpt, {}, "gpu", top_k=100, max_batch_size=8)
+    m = repository.manifest_of(cfg, ckpt, {}, "gpu", top_k=100, max_batch_size=8)
     h, w = cfg.image_hw
     det = ets.profile_shapes(m, "detector")
     assert det["images"] == ((1, 3, h, w), (4, 3, h, w), (8, 3, h, w))
@@ -138,14 +144,16 @@ def test_profile_shapes_from_the_repository_manifest(tmp_path):
 @pytest.mark.parametrize("change, match", [
     (lambda m: m.update(max_batch_size=0), "max_batch_size"),
     (lambda m: m.pop("max_batch_size"), "max_batch_size"),
+    (lambda m: m["models"]["detector"].update(max_batch_size=0), "max_batch_size"),
     (lambda m: m["models"]["detector"]["inputs"]["images"].update(dims=[3, 0, 64]), "bad dim"),
     (lambda m: m["models"].pop("detector"), "not in the manifest"),
 ])
 def test_profile_shapes_reject_bad_manifests(change, match):
+    """Refused when the manifest is read (glipv2.runtime.manifest) or when its shapes are."""
     m = sample_manifest()
     change(m)
     with pytest.raises(ValueError, match=match):
-        ets.profile_shapes(m, "detector")
+        ets.profile_shapes(Manifest.from_dict(m), "detector")
 
 
 def test_tensorrt_version_must_be_10():
@@ -198,8 +206,8 @@ def test_engine_record_and_skip(fake_trt, tmp_path, monkeypatch, capsys):
     assert ets.main(args) == 0
     out = capsys.readouterr().out
     assert "built in" in out and "NVIDIA A10G" in out
-    manifest = json.loads((repo / "manifest.json").read_text())
-    record = manifest["engines"]
+    manifest = Manifest.load(repo)
+    record = manifest.engines
     assert record == ets.engine_record(manifest, "10.5.0", "NVIDIA A10G", "fp16", "24.10")
     assert record["gpu"] == "NVIDIA A10G" and record["tensorrt_version"] == "10.5.0"
     assert ets.plans_are_current(repo, manifest, record)
@@ -220,7 +228,7 @@ def test_engine_record_and_skip(fake_trt, tmp_path, monkeypatch, capsys):
     assert ets.main([*args, "--rebuild"]) == 0
     assert "built in" in capsys.readouterr().out
     plan.unlink()  # a plan gone missing
-    assert not ets.plans_are_current(repo, json.loads((repo / "manifest.json").read_text()), record)
+    assert not ets.plans_are_current(repo, Manifest.load(repo), record)
 
 
 def test_atomic_write(tmp_path):
@@ -281,7 +289,7 @@ def test_container_hint_uses_a_path_inside_the_project(tmp_path, monkeypatch):
 
 
 def test_manifest_tokenizer(tmp_path):
-    m = sample_manifest()
+    m = sample()
     assert ets.manifest_tokenizer(tmp_path, m) is None
     (tmp_path / "tokenizer.json").write_text("{}")
     assert ets.manifest_tokenizer(tmp_path, m) == tmp_path / "tokenizer.json"
@@ -394,10 +402,10 @@ def test_build_engines_and_parity(tmp_path, small_cfg, small_model):
     assert cache.stat().st_size > 0
 
     again = ets.build_engine(repo / "detector" / "1" / "model.onnx", tmp_path / "detector.plan",
-                             ets.profile_shapes(manifest, "detector"), timing_cache=cache)
+                             ets.profile_shapes(Manifest.load(repo), "detector"), timing_cache=cache)
     assert again.timing_cache_loaded and again.precision == "fp16" and again.plan_bytes > 0
 
-    report = ets.verify_engine(repo, repo, manifest, num_images=4)
+    report = ets.verify_engine(repo, repo, Manifest.load(repo), num_images=4)
     assert report.ok, report.summary()
     assert report.feature_max_abs_diff is not None and report.feature_max_abs_diff < 5e-2
 
@@ -645,7 +653,7 @@ def fake_repository(root: Path) -> Path:
 
 def test_build_engine_glue_with_fake_tensorrt(fake_trt, tmp_path):
     repo = fake_repository(tmp_path / "repo")
-    manifest = json.loads((repo / "manifest.json").read_text())
+    manifest = Manifest.load(repo)
     onnx = repo / "detector" / "1" / "model.onnx"
     shapes = ets.profile_shapes(manifest, "detector")
     cache = tmp_path / "cache" / "timing.cache"
