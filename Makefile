@@ -47,7 +47,14 @@ compose-cli:
 # server (issue 14), appended to bench/results/soak.jsonl (bench/soak.py).
 .PHONY: soak
 soak: setup repository triton-server
-	$(PY) -m bench.soak
+	$(PY) -m bench.soak $(BENCH_FLAGS)
+
+# The overload figures alone (finding 4, about a minute): best good throughput, an open
+# loop offering 4x it, 64 clients retrying at once vs honouring Retry-After; 503 p50/p99,
+# event-loop lag and the load average next to them. BENCH_FLAGS=--record: bench/results/.
+.PHONY: overload
+overload: setup repository
+	$(PY) -m bench.soak --scenarios overload $(BENCH_FLAGS)
 
 # Debian's chromium + chromedriver for the demo page's browser test
 # (tests/test_service_browser.py); installed only when missing (CI runs as root).

@@ -3,12 +3,16 @@ soak: the figures of issue 14, measured against the real server (`python -m serv
 in a subprocess, localhost only), appended to runs/bench/soak.jsonl (bench/results/ with --record).
 
 Scenarios (`--scenarios`, default all):
-- overload: closed-loop HTTP/1.1 clients (a small asyncio load generator, like wrk) at
-  concurrency 16, 64 and 256 for --seconds each, then an open loop offering 4x the best
-  good throughput; one 256-640 px JPEG + six-phrase prompt per request: good throughput
-  (200/s), codes, p50/p99 of the 200s and of the 503s. The load generator shares the
-  CPU with the server: at high concurrency its own work on the stream of 503s takes
-  cores from the server (wrk, in C, costs less).
+- overload (also `make overload`): the load generator is this process, the gateway
+  another (`python -m service`, its door in the protocol layer). Best good throughput
+  (200/s) = the best of closed loops at concurrency 8 and 16 (within the admission
+  limit, so no 503s). "4x the sustainable load" = an open loop offering 4x that rate
+  (arrivals at a fixed rate whatever the answers: the standard definition): good
+  throughput vs best, p50/p99 of the 200s and of the 503s. Then closed loops of 64
+  clients that retry at once after a 503 (as wrk does: infinite offered load) and 64 that
+  honour Retry-After. Each phase also gives the gateway's event-loop lag (its
+  /metrics probe, p99 from the histogram buckets) and the load generator's own, and the
+  1-minute load average after it (the machine may be shared: `uptime`'s figure).
 - big-images: six concurrent requests of 16 solid 3000x3000 PNGs (small files, 9 Mpx
   decoded each): server RSS before/peak/after, how long they took, their codes, and
   /health/ready latency meanwhile.
@@ -89,9 +93,11 @@ async def _exchange(reader, writer, raw: bytes) -> tuple[int, bool, dict]:
     return status, headers.get("connection", "").lower() == "close", headers
 
 
-async def _closed_loop(port: int, raw: bytes, concurrency: int, seconds: float) -> list[tuple[int, float]]:
+async def _closed_loop(port: int, raw: bytes, concurrency: int, seconds: float,
+                       honour_retry_after: bool = False) -> list[tuple[int, float]]:
     """concurrency clients sending raw back to back for `seconds`: (status, latency) each
-    (status 0: the connection failed)."""
+    (status 0: the connection failed). After a 503 a client retries at once, or, with
+    honour_retry_after, after the Retry-After seconds the gateway asked for."""
     out: list[tuple[int, float]] = []
     end = time.perf_counter() + seconds
 
@@ -102,13 +108,15 @@ async def _closed_loop(port: int, raw: bytes, concurrency: int, seconds: float) 
             try:
                 if writer is None:
                     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                status, close, _ = await _exchange(reader, writer, raw)
+                status, close, headers = await _exchange(reader, writer, raw)
             except (OSError, asyncio.IncompleteReadError, ValueError):
-                status, close = 0, True
+                status, close, headers = 0, True, {}
             out.append((status, time.perf_counter() - t0))
             if close and writer is not None:
                 writer.close()
                 reader = writer = None
+            if honour_retry_after and status == 503:
+                await asyncio.sleep(min(float(headers.get("retry-after", "0")), max(end - time.perf_counter(), 0)))
         if writer is not None:
             writer.close()
 
@@ -127,9 +135,17 @@ async def _open_loop(port: int, raw: bytes, rate: float, seconds: float) -> list
         conn = idle.pop() if idle else None
         t0 = time.perf_counter()
         try:
+            if conn is not None:
+                try:
+                    status, close, _ = await _exchange(*conn, raw)
+                except (OSError, asyncio.IncompleteReadError):
+                    # an idle connection the server closed (keep-alive timeout): retry on
+                    # a new one, as HTTP clients do
+                    conn[1].close()
+                    conn = None
             if conn is None:
                 conn = await asyncio.open_connection("127.0.0.1", port)
-            status, close, _ = await _exchange(*conn, raw)
+                status, close, _ = await _exchange(*conn, raw)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             status, close = 0, True
         out.append((status, time.perf_counter() - t0))
@@ -176,7 +192,7 @@ class Gateway:
         if code is not None:
             full["PYTHONPATH"] = str(code)
         self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=code or ROOT, env=full,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.ready_status() == 200:
@@ -220,30 +236,89 @@ def _timed_ready(gw: Gateway) -> tuple[int, float]:
 
 # ------------------------------------------------------------------------ scenarios
 
+def _lag_buckets(port: int) -> dict[float, float] | None:
+    """The gateway's event-loop lag histogram (cumulative counts by upper bound, seconds);
+    None for a gateway without the probe (--code of an older tree)."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    found = re.findall(r'^glipv2_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)
+    return {float(le): float(n) for le, n in found} or None
+
+
+def _lag_p99_ms(before: dict | None, after: dict | None) -> dict | None:
+    """p99 of the lag samples taken between two scrapes (the bucket bound it falls in, ms)
+    and how many of them were over 50 ms."""
+    if not before or not after:
+        return None
+    diff = {b: after[b] - before.get(b, 0.0) for b in after}
+    total = diff[float("inf")]
+    if not total:
+        return None
+    p99 = next(b for b in sorted(diff) if diff[b] >= 0.99 * total)
+    return {"p99_ms_le": None if p99 == float("inf") else round(p99 * 1000, 1), "samples": int(total),
+            "over_50ms": int(total - diff.get(0.05, 0.0))}
+
+
+def _phase(port: int, load) -> dict:
+    """Runs the coroutine function `load` (-> (status, latency) list, seconds it offered
+    load) with a loop-lag probe in this process too: summary + both lags + load average."""
+    from service.looplag import LAG_BUCKETS_S, LoopLagProbe
+
+    before = _lag_buckets(port)
+
+    async def run():
+        probe = LoopLagProbe()
+        probe.start()
+        try:
+            return await load(), probe
+        finally:
+            await probe.stop()
+
+    (results, seconds), probe = asyncio.run(run())
+    gen = dict(zip(LAG_BUCKETS_S, map(float, probe.counts))) | {float("inf"): float(probe.n)}
+    return {**_summary(results, seconds), "gateway_loop_lag": _lag_p99_ms(before, _lag_buckets(port)),
+            "generator_loop_lag": _lag_p99_ms(dict.fromkeys(gen, 0.0), gen), "load_1m": round(os.getloadavg()[0], 2)}
+
+
 def overload(args, code) -> dict:
-    """Closed loop at concurrency 16, 64, 256 (as wrk: every answer, 503s too, is followed
-    at once by the next request), then an open loop offering 4x the best good throughput
-    measured: the issue's '4x the sustainable load'."""
+    """Best good throughput (closed loops within the admission limit), then the issue's
+    '4x the sustainable load' as an open loop, then closed loops of 64 clients retrying
+    at once vs honouring Retry-After."""
     gw = Gateway({}, code)
+    s = args.seconds
     try:
         raw = _post("/v1/detect", _jpeg_body())
         asyncio.run(_closed_loop(gw.port, raw, 4, 2.0))  # warm-up
-        out = {}
-        for c in (16, 64, 256):
-            results = asyncio.run(_closed_loop(gw.port, raw, c, args.seconds))
-            out[f"c{c}"] = _summary(results, args.seconds)
+        out: dict = {"load_1m_before": round(os.getloadavg()[0], 2)}
+
+        def closed(c: int, honour: bool = False):
+            async def load():
+                return await _closed_loop(gw.port, raw, c, s, honour_retry_after=honour), s
+            return load
+
+        for c in (8, 16):
+            out[f"c{c}"] = _phase(gw.port, closed(c))
             print(f"  overload c={c}: {out[f'c{c}']}", flush=True)
-        best = max(v["good_per_s"] for v in out.values())
-        out["good_at_c64_vs_best"] = round(out["c64"]["good_per_s"] / best, 3) if best else None
-        out["good_at_c256_vs_best"] = round(out["c256"]["good_per_s"] / best, 3) if best else None
+        best = max(out["c8"]["good_per_s"], out["c16"]["good_per_s"])
+        out["best_good_per_s"] = best
         rate = 4 * best
-        results = asyncio.run(_open_loop(gw.port, raw, rate, args.seconds))
-        # requests still running when the arrivals stop finish inside gather: count the
-        # good ones over the whole time they took
-        span = args.seconds + max((t for _, t in results), default=0.0)
-        out["open_4x"] = {"offered_per_s": round(rate, 1), **_summary(results, span)}
+
+        async def open_4x():
+            results = await _open_loop(gw.port, raw, rate, s)
+            # requests still running when the arrivals stop finish inside gather: count the
+            # good ones over the whole time they took
+            return results, s + max((t for _, t in results), default=0.0)
+
+        out["open_4x"] = {"offered_per_s": round(rate, 1), **_phase(gw.port, open_4x)}
         out["good_at_4x_vs_best"] = round(out["open_4x"]["good_per_s"] / best, 3) if best else None
         print(f"  overload open loop at {rate:.1f}/s: {out['open_4x']}", flush=True)
+        for name, honour in (("retry_at_once_c64", False), ("retry_after_c64", True)):
+            out[name] = _phase(gw.port, closed(64, honour))
+            out[f"good_{name}_vs_best"] = round(out[name]["good_per_s"] / best, 3) if best else None
+            print(f"  overload {name}: {out[name]}", flush=True)
         return out
     finally:
         gw.stop()
@@ -431,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     add_record_flag(p)
     args = p.parse_args(argv)
     record = {"bench": "soak", "label": args.label, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "host": f"{platform.machine()}, {os.cpu_count()} cpus", "results": {}}
+              "host": f"{platform.machine()}, {os.cpu_count()} cpus",
+              # the machine may be shared: `uptime`'s load averages (1, 5, 15 min) at the start
+              "loadavg": [round(x, 2) for x in os.getloadavg()], "results": {}}
     for name in args.scenarios.split(","):
         print(f"{name} ({args.label})...", flush=True)
         t0 = time.perf_counter()

@@ -28,9 +28,12 @@ def configure_logging(level: str) -> None:
 
 def uvicorn_config(settings: Settings) -> uvicorn.Config:
     """The gateway under uvicorn: its h11 protocol with the header deadline (uvicorn has
-    none), graceful shutdown draining in-flight requests for up to 30 s."""
-    return uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                          access_log=False, timeout_graceful_shutdown=30, http=guarded_h11(settings.header_timeout_s))
+    none) and the admission door (503s in the protocol layer, service.admission), graceful
+    shutdown draining in-flight requests for up to 30 s."""
+    app = create_app(settings)
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          access_log=False, timeout_graceful_shutdown=30,
+                          http=guarded_h11(settings.header_timeout_s, door=app.state.admission))
 
 
 def serve(settings: Settings) -> None:

@@ -1,21 +1,30 @@
 """Load shedding and slow-client limits, applied before the expensive work.
 
-- AdmissionMiddleware: an inference request (POST) is admitted at the door, on its
-  headers, or answered 503 + Retry-After at once: at most `max_concurrent` of them in
-  progress (body read, decoding, queued or running), and their declared bodies within a
-  byte budget. Before this, requests were admitted to the batcher only after their
-  images were decoded, so under overload the 503s came after seconds of wasted decoding
-  and good throughput collapsed; body memory grew with the number of connections.
-- guarded_h11: uvicorn's h11 protocol with a deadline on the request headers: a client
-  that connects and trickles a header line every few seconds (slowloris) is cut off
-  after `header_timeout_s` (uvicorn's keep-alive timer restarts on every byte).
-  The body deadline is BodyLimitMiddleware's (service.middleware).
+- Admission: an inference request (POST) is admitted on its headers, or answered 503 +
+  Retry-After at once: at most `max_concurrent` of them in progress (body read,
+  decoding, queued or running), and their declared bodies within a byte budget. Before
+  this, requests were admitted to the batcher only after their images were decoded, so
+  under overload the 503s came after seconds of wasted decoding and good throughput
+  collapsed; body memory grew with the number of connections.
+  Two places apply it. Under `python -m service` the h11 protocol (guarded_h11) refuses
+  a request as soon as its headers are parsed, in the protocol layer: the 503 is a
+  two-line ASGI app (with the request id, access log and metrics), never the middleware
+  stack, FastAPI or a body read. Each 503 then costs the event loop a fraction of what it
+  did, which is what keeps the loop answering (and the GIL free for inference) when
+  clients retry at once. AdmissionMiddleware holds the count of requests in progress and
+  refuses what still gets past the door (a request admitted between the door's check
+  and its own; any other ASGI server).
+- guarded_h11: uvicorn's h11 protocol with that door and a deadline on the request
+  headers: a client that connects and trickles a header line every few seconds
+  (slowloris) is cut off after `header_timeout_s` (uvicorn's keep-alive timer restarts
+  on every byte). The body deadline is BodyLimitMiddleware's (service.middleware).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -24,15 +33,13 @@ from service.middleware import send_json
 
 log = logging.getLogger("service")
 
+class Admission:
+    """The door's state and rule: at most `max_concurrent` inference requests (`methods`)
+    in progress, their declared bodies (Content-Length; a chunked body counts as
+    `max_body_bytes`) within `max_body_bytes_in_flight`; beyond, 503 + Retry-After."""
 
-class AdmissionMiddleware:
-    """503 + Retry-After, before any body is read, when `max_concurrent` inference
-    requests are already in progress or their declared bodies (Content-Length; a chunked
-    body counts as `max_body_bytes`) would pass `max_body_bytes_in_flight`."""
-
-    def __init__(self, app, *, max_concurrent: int, max_body_bytes_in_flight: int, max_body_bytes: int,
+    def __init__(self, *, max_concurrent: int, max_body_bytes_in_flight: int, max_body_bytes: int,
                  retry_after_s: int, methods: tuple[str, ...] = ("POST",)) -> None:
-        self.app = app
         self.max_concurrent = int(max_concurrent)
         self.max_bytes = int(max_body_bytes_in_flight)
         self.max_body_bytes = int(max_body_bytes)
@@ -40,43 +47,81 @@ class AdmissionMiddleware:
         self.methods = frozenset(methods)
         self.in_flight = 0
         self.bytes_in_flight = 0
-        self.shed = 0  # requests answered 503 at the door
+        self.shed = 0  # requests answered 503 on their headers
+        self.shed_at_door = 0  # of which by the protocol layer (guarded_h11), without the app
+        # Set by create_app: whether a request would get past the API key check (the door
+        # leaves the others to the app and its 401), and the app that answers the 503s the
+        # protocol layer sheds (request id, access log and metrics around `reject`).
+        self.authorized: Callable[[dict], bool] = lambda scope: True
+        self.door_app = self.reject
 
-    async def _reject(self, send, why: str, limit: int) -> None:
+    def declared(self, scope: dict) -> int:
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            return min(int(length), self.max_body_bytes) if length is not None else self.max_body_bytes
+        except ValueError:
+            return self.max_body_bytes
+
+    def refusal(self, scope: dict) -> tuple[str, int] | None:
+        """(why, limit) when the request must be refused now, else None (no side effects)."""
+        if scope["type"] != "http" or scope["method"] not in self.methods:
+            return None
+        if self.in_flight >= self.max_concurrent:
+            return f"{self.in_flight} requests in progress", self.max_concurrent
+        if self.bytes_in_flight and self.bytes_in_flight + self.declared(scope) > self.max_bytes:
+            return f"{self.bytes_in_flight} body bytes in progress", self.max_bytes
+        return None
+
+    def at_the_door(self, scope: dict) -> bool:
+        """The protocol layer's question, on the parsed headers: refuse this request without
+        running the app? (Only requests the API key check would let through.)"""
+        why = self.refusal(scope)
+        if why is None or not self.authorized(scope):
+            return False
+        scope["glipv2.refusal"] = why
+        self.shed_at_door += 1
+        return True
+
+    async def reject(self, scope, receive, send) -> None:
+        """The 503. The connection stays open: uvicorn discards the unread body and reads
+        the next request. (Closing it made every retry of a closed-loop client pay a new
+        TCP connection on both sides, CPU taken from the requests being served.)"""
+        why, limit = scope.get("glipv2.refusal") or self.refusal(scope) or ("full", self.max_concurrent)
         self.shed += 1
-        # The connection stays open: uvicorn discards the unread body and reads the next
-        # request. (Closing it made every retry of a closed-loop client pay a new TCP
-        # connection on both sides, CPU taken from the requests being served.)
         await send_json(send, 503, {"detail": f"overloaded: {why}; retry later", "limit": limit},
                         [(b"retry-after", self.retry_after)])
 
+    def stats(self) -> dict:
+        return {"in_flight": self.in_flight, "bytes_in_flight": self.bytes_in_flight, "shed": self.shed,
+                "shed_at_door": self.shed_at_door, "max_concurrent": self.max_concurrent,
+                "max_body_bytes_in_flight": self.max_bytes}
+
+
+class AdmissionMiddleware:
+    """Counts the inference requests in progress (Admission) and answers 503 + Retry-After,
+    before any body is read, to those over its limits."""
+
+    def __init__(self, app, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] not in self.methods:
+        a = self.admission
+        if scope["type"] != "http" or scope["method"] not in a.methods:
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        try:
-            declared = min(int(length), self.max_body_bytes) if length is not None else self.max_body_bytes
-        except ValueError:
-            declared = self.max_body_bytes
-        # No await between the checks and the increments: the event loop makes them atomic.
-        if self.in_flight >= self.max_concurrent:
-            await self._reject(send, f"{self.in_flight} requests in progress", self.max_concurrent)
+        # No await between the check and the increments: the event loop makes them atomic.
+        if a.refusal(scope) is not None:
+            await a.reject(scope, receive, send)
             return
-        if self.bytes_in_flight and self.bytes_in_flight + declared > self.max_bytes:
-            await self._reject(send, f"{self.bytes_in_flight} body bytes in progress", self.max_bytes)
-            return
-        self.in_flight += 1
-        self.bytes_in_flight += declared
+        declared = a.declared(scope)
+        a.in_flight += 1
+        a.bytes_in_flight += declared
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
-            self.bytes_in_flight -= declared
-
-    def stats(self) -> dict:
-        return {"in_flight": self.in_flight, "bytes_in_flight": self.bytes_in_flight, "shed": self.shed,
-                "max_concurrent": self.max_concurrent, "max_body_bytes_in_flight": self.max_bytes}
+            a.in_flight -= 1
+            a.bytes_in_flight -= declared
 
 
 _BODY_408 = b'{"detail": "request headers took too long"}'
@@ -84,13 +129,27 @@ _TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json
                 + str(len(_BODY_408)).encode() + b"\r\nconnection: close\r\n\r\n" + _BODY_408)
 
 
-def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
+def guarded_h11(header_timeout_s: float, door: Admission | None = None) -> type[H11Protocol]:
     """uvicorn's H11Protocol whose connections must complete each request's headers within
     header_timeout_s of connecting (or of the previous response, plus the keep-alive
-    time); otherwise 408 and close. Pass as uvicorn.Config(http=...)."""
+    time); otherwise 408 and close. With `door`, a request it refuses on its headers is
+    answered by door.door_app (the 503) instead of the application. Pass as
+    uvicorn.Config(http=...)."""
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+
+        # H11Protocol.handle_events reads self.app once per request, right after it has
+        # parsed the request's headers into self.scope: the protocol layer's hook.
+        @property
+        def app(self):
+            if door is not None and door.at_the_door(self.scope):
+                return door.door_app
+            return self._app
+
+        @app.setter
+        def app(self, value) -> None:
+            self._app = value
 
         def _arm(self, seconds: float) -> None:
             self._disarm()

@@ -9,12 +9,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.admission import AdmissionMiddleware
+from service.admission import Admission, AdmissionMiddleware
 from service.backends import Backend, create_backend
 from service.batcher import MicroBatcher
 from service.errors import BackendUnavailable, install_error_handlers
+from service.looplag import LoopLagProbe
 from service.metrics import Metrics
-from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from service.middleware import ApiKeyCheck, ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from service.routes import demo, detect, docs, health, metrics, models, understanding
 from service.routes.inputs import ImageLoader
 from service.settings import Settings
@@ -77,6 +78,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         }
         for b in batchers.values():
             await b.start()
+        probe = LoopLagProbe()
+        probe.start()
+        app.state.metrics.loop_lag = probe
         app.state.loader = ImageLoader(settings, be.image_hw, be.manifest.image.pad_value, be.manifest.image.max_side)
         app.state.backend, app.state.batcher, app.state.batchers = be, batchers["detect"], batchers
         log.info("serving %s (%s backend on %s, tasks: %s) from %s", be.manifest.preset, be.name,
@@ -84,6 +88,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         try:
             yield
         finally:
+            await probe.stop()
             app.state.backend, app.state.batcher, app.state.batchers = None, None, {}
             for b in batchers.values():
                 await b.stop()  # drains queued requests before the backend goes
@@ -121,11 +126,17 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     # -> body limits (size and time) -> the app. add_middleware puts each one outside the
     # ones added before it.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(AdmissionMiddleware, max_concurrent=settings.max_concurrent_requests,
-                       max_body_bytes_in_flight=settings.max_body_mb_in_flight * 1024 * 1024,
-                       max_body_bytes=settings.max_body_bytes, retry_after_s=settings.retry_after_s)
+    admission = Admission(max_concurrent=settings.max_concurrent_requests,
+                          max_body_bytes_in_flight=settings.max_body_mb_in_flight * 1024 * 1024,
+                          max_body_bytes=settings.max_body_bytes, retry_after_s=settings.retry_after_s)
+    app.add_middleware(AdmissionMiddleware, admission=admission)
     exact, prefixes = settings.open_paths()
-    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key and settings.api_key.get_secret_value(),
-                       open_exact=exact, open_prefixes=prefixes)
+    api_key = ApiKeyCheck(settings.api_key and settings.api_key.get_secret_value(), exact, prefixes)
+    app.add_middleware(ApiKeyMiddleware, check=api_key)
     app.add_middleware(RequestIdMiddleware, metrics=app.state.metrics)
+    # The door in the protocol layer (service.admission.guarded_h11, `python -m service`)
+    # sheds on the same Admission; its 503s get the same request id, log line and metrics.
+    admission.authorized = api_key.allows
+    admission.door_app = RequestIdMiddleware(admission.reject, metrics=app.state.metrics)
+    app.state.admission = admission
     return app

@@ -33,6 +33,7 @@ class Metrics:
         self.latency_counts: dict[str, list[int]] = defaultdict(lambda: [0] * len(LATENCY_BUCKETS_S))
         self.latency_sum: dict[str, float] = defaultdict(float)
         self.latency_n: dict[str, int] = defaultdict(int)
+        self.loop_lag = None  # a service.looplag.LoopLagProbe while the app runs
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         method = method if method in KNOWN_METHODS else "other"
@@ -80,4 +81,6 @@ class Metrics:
                 if key in stats:
                     out += [f"# HELP glipv2_prompt_{key}_total {help_}", f"# TYPE glipv2_prompt_{key}_total counter",
                             f"glipv2_prompt_{key}_total {stats[key]}"]
+        if self.loop_lag is not None:
+            out += self.loop_lag.render()
         return "\n".join(out) + "\n"

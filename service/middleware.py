@@ -75,33 +75,42 @@ async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, by
     await send({"type": "http.response.body", "body": data})
 
 
-class ApiKeyMiddleware:
-    """With an API key set, 401 for every request without the right X-API-Key header
-    except the settings' open endpoints; checked on the headers, so an unauthenticated
-    caller never gets a body read, buffered or parsed. (The routes' require_api_key
-    dependency checks again and puts the scheme in the OpenAPI schema.)"""
+class ApiKeyCheck:
+    """With an API key set, which requests may pass: those with the right X-API-Key header
+    and those for the settings' open endpoints (exact paths and path prefixes)."""
 
-    def __init__(self, app, api_key: str | None, open_exact: tuple[str, ...] = (),
+    def __init__(self, api_key: str | None, open_exact: tuple[str, ...] = (),
                  open_prefixes: tuple[str, ...] = ()) -> None:
-        self.app = app
         self.key = api_key.encode() if api_key else None
         self.open_exact = frozenset(open_exact)
         self.open_prefixes = tuple(open_prefixes)
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or self.key is None:
-            await self.app(scope, receive, send)
-            return
+    def allows(self, scope: dict) -> bool:
+        if self.key is None:
+            return True
         path = scope.get("path", "")
         if path in self.open_exact or path.startswith(self.open_prefixes):
+            return True
+        given = dict(scope.get("headers") or []).get(b"x-api-key", b"")
+        return secrets.compare_digest(given, self.key)
+
+
+class ApiKeyMiddleware:
+    """With an API key set, 401 for every request the ApiKeyCheck refuses; checked on the
+    headers, so an unauthenticated caller never gets a body read, buffered or parsed. (The
+    routes' require_api_key dependency checks again and puts the scheme in the OpenAPI
+    schema.)"""
+
+    def __init__(self, app, check: ApiKeyCheck) -> None:
+        self.app = app
+        self.check = check
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self.check.allows(scope):
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers") or []).get(b"x-api-key", b"")
-        if not secrets.compare_digest(given, self.key):
-            await send_json(send, 401, {"detail": "missing or wrong X-API-Key header"},
-                            [(b"www-authenticate", b"APIKey")])
-            return
-        await self.app(scope, receive, send)
+        await send_json(send, 401, {"detail": "missing or wrong X-API-Key header"},
+                        [(b"www-authenticate", b"APIKey")])
 
 
 class BodyLimitMiddleware:

@@ -52,7 +52,9 @@ class _ImageSource(BaseModel):
     None: leaving one out is how a request picks the other, and an explicit null is refused
     (422), as the schema says."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of_image_url)
+    # strict: JSON types as the schema states them (pydantic's lax mode took true for 1 and
+    # "5" for 5, values the schema refuses; `make fuzz` found it)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_one_of_image_url)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -82,7 +84,7 @@ class DetectItem(_ImageSource):
 
 
 class DetectRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # see _ImageSource
 
     images: list[DetectItem] = Field(
         min_length=1, description="one or more images, each with its own prompt; batched together"
@@ -113,7 +115,7 @@ class GroundItem(_ImageSource):
 
 
 class GroundRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # see _ImageSource
 
     images: list[GroundItem] = Field(min_length=1, description="one or more images, each with its caption")
     score_threshold: float | None = Field(None, ge=0.0, le=1.0)
@@ -179,7 +181,7 @@ class VqaItem(_ImageSource):
 
 
 class VqaRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # see _ImageSource
 
     images: list[VqaItem] = Field(min_length=1, description="one or more images, each with its question; batched")
     top_k: int = Field(5, ge=1, le=MAX_TOP_ANSWERS, description="how many ranked answers to return")
@@ -222,7 +224,7 @@ class CaptionItem(_ImageSource):
 
 
 class CaptionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # see _ImageSource
 
     images: list[CaptionItem] = Field(min_length=1, description="one or more images; decoded as one batch")
     max_len: int | None = Field(None, ge=1, le=255,

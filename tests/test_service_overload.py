@@ -284,3 +284,93 @@ def test_sigterm_drains_requests_in_flight(tmp_path):
     assert result.get("status") == 200, (result, (tmp_path / "server.log").read_text()[-2000:])
     assert result["seconds"] > 0.5  # it was in flight when the signal came
     assert code in (0, -signal.SIGTERM)
+
+
+# --------------------------------------- finding 4: the door in the protocol layer, timed
+
+def _door_probe(port: int, key: str | None) -> tuple[bytes, float]:
+    """Headers of a 5 MB inference request, never its body: (the answer's head, seconds
+    from sending the headers to the whole head coming back)."""
+    auth = f"X-API-Key: {key}\r\n" if key else ""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        t0 = time.perf_counter()
+        s.sendall(f"POST /v1/detect HTTP/1.1\r\nHost: gw\r\n{auth}Content-Type: application/json\r\n"
+                  "Content-Length: 5000000\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = s.recv(4096)
+            if not data:
+                break
+            head += data
+        return head, time.perf_counter() - t0
+
+
+def test_door_sheds_in_the_protocol_layer_while_saturated(tmp_path):
+    """`python -m service` (GLIPV2_MAX_CONCURRENT_REQUESTS=2, an API key) busy with two
+    requests of eight 4-Mpx images (one decode thread: seconds of CPU work): requests
+    that declare a 5 MB body and never send it get 503 + Retry-After from the protocol
+    layer (counted as shed_at_door), each in under a quarter of the time the admitted
+    requests took (a ratio, so a loaded CI machine slows both sides), and one without the
+    key still gets its 401 first. The body is never read: waiting for it would have
+    answered only at the 20 s body deadline."""
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = "door-test-key-4f1c"
+    env = {**os.environ, "GLIPV2_PORT": str(port), "GLIPV2_REPOSITORY": str(REPO), "GLIPV2_THREADS": "2",
+           "GLIPV2_DECODE_THREADS": "1", "GLIPV2_MAX_IMAGE_PIXELS": "5000000", "GLIPV2_MAX_CONCURRENT_REQUESTS": "2",
+           "GLIPV2_API_KEY": key, "GLIPV2_RETRY_AFTER_S": "3", "GLIPV2_BODY_TIMEOUT_S": "20",
+           "GLIPV2_REQUEST_TIMEOUT_S": "120", "GLIPV2_LOG_LEVEL": "warning"}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO.parent, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url, headers = f"http://127.0.0.1:{port}", {"X-API-Key": key}
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health/live", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.2)
+        httpx.post(url + "/v1/detect", json=_detect_body(SMALL), headers=headers, timeout=60)  # warm-up
+
+        admitted: list = []
+
+        def heavy():
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/detect", json=_detect_body(BIG, 8), headers=headers, timeout=120)
+            admitted.append((r.status_code, time.perf_counter() - t0))
+
+        threads = [threading.Thread(target=heavy) for _ in range(2)]
+        for t in threads:
+            t.start()
+        stats_url = url + "/v1/stats"
+        while httpx.get(stats_url, headers=headers, timeout=30).json()["admission"]["in_flight"] < 2:
+            time.sleep(0.02)
+        probes = []
+        while len(admitted) == 0 and len(probes) < 20:
+            probes.append(_door_probe(port, key))
+        saturated = len(admitted) == 0  # the last probe was answered while both were in progress
+        unauthenticated, _ = _door_probe(port, None)
+        for t in threads:
+            t.join(timeout=120)
+        stats = httpx.get(stats_url, headers=headers, timeout=30).json()["admission"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+    assert [code for code, _ in admitted] == [200, 200], admitted
+    assert saturated and len(probes) >= 5, (len(probes), admitted)
+    assert all(head.startswith(b"HTTP/1.1 503") and b"\r\nretry-after: 3\r\n" in head.lower()
+               for head, _ in probes), probes[0][0]
+    slowest, quickest_admitted = max(t for _, t in probes), min(t for _, t in admitted)
+    assert slowest < quickest_admitted / 4, (sorted(t for _, t in probes)[-3:], admitted)
+    assert stats["shed_at_door"] >= len(probes), stats  # by the protocol layer, not the middleware
+    assert unauthenticated.startswith(b"HTTP/1.1 401"), unauthenticated

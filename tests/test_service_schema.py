@@ -224,3 +224,33 @@ def test_hostile_detect_bodies_get_4xx(app, api_schema, name):
         r = client.post("/v1/detect", data=body, headers={"content-type": "application/json"}, timeout=120)
     assert 400 <= r.status_code < 500, f"{name}: {r.status_code} {r.text[:300]}"
     assert "detail" in r.json()
+
+
+# JSON values of the wrong type that pydantic's lax mode used to take (true as 1, "5" as
+# 5, 0.0 as 0): the schema refuses them, so must the server (`make fuzz` found the 200s).
+WRONG_TYPES = [
+    ("/v1/detect", {"max_detections": True}),
+    ("/v1/detect", {"max_detections": "5"}),
+    ("/v1/detect", {"score_threshold": True}),
+    ("/v1/detect", {"score_threshold": "0.5"}),
+    ("/v1/ground", {"max_detections": False}),
+    ("/v1/caption", {"max_len": True}),
+    ("/v1/caption", {"beam_size": 2.0}),
+    ("/v1/vqa", {"top_k": "3"}),
+]
+
+
+def test_json_types_are_strict(app, api_schema):
+    item = {"image": PNG_B64, "prompt": "circle.", "caption": "a red circle", "question": "what colour?"}
+    fields = {"/v1/detect": ("image", "prompt"), "/v1/ground": ("image", "caption"), "/v1/caption": ("image",),
+              "/v1/vqa": ("image", "question")}
+    with st_asgi.get_client(app) as client:
+        def post(path: str, extra: dict):
+            body = {"images": [{k: item[k] for k in fields[path]}], **extra}
+            return client.post(path, json=body, timeout=120)
+
+        for path, extra in WRONG_TYPES:
+            r = post(path, extra)
+            assert r.status_code == 422, (path, extra, r.status_code, r.text[:200])
+        # the right types still pass (an integer is a JSON number for a float field)
+        assert post("/v1/detect", {"max_detections": 5, "score_threshold": 1}).status_code == 200

@@ -274,3 +274,27 @@ def test_triton_settings_reach_the_backend(monkeypatch):
         assert len(backend.protocols) == 2
     finally:
         backend.close()
+
+
+def test_loop_lag_probe_sees_a_blocked_loop():
+    """The /metrics loop-lag probe: a callback that holds the event loop for 0.4 s shows up
+    as a sample over 0.25 s (and as the worst lag), which an idle loop's samples are not."""
+    import re
+
+    from service.looplag import LoopLagProbe
+
+    async def run():
+        probe = LoopLagProbe(interval_s=0.01)
+        probe.start()
+        await asyncio.sleep(0.1)
+        idle_max = probe.max_s
+        time.sleep(0.4)  # blocks the loop, as CPU work on it would
+        await asyncio.sleep(0.05)
+        await probe.stop()
+        return probe, idle_max
+
+    probe, idle_max = asyncio.run(run())
+    assert probe.max_s >= 0.35 and idle_max < 0.25, (probe.max_s, idle_max)
+    text = "\n".join(probe.render())
+    under = int(re.search(r'glipv2_event_loop_lag_seconds_bucket\{le="0.25"\} (\d+)', text).group(1))
+    assert under < probe.n and f"glipv2_event_loop_lag_seconds_count {probe.n}" in text, text

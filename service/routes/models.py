@@ -39,12 +39,5 @@ async def stats(request: Request, backend: BackendDep, batcher: BatcherDep, batc
 
 
 def _admission(app):
-    """The app's AdmissionMiddleware instance (built by Starlette when the app starts)."""
-    from service.admission import AdmissionMiddleware
-
-    layer = getattr(app, "middleware_stack", None)
-    while layer is not None:
-        if isinstance(layer, AdmissionMiddleware):
-            return layer
-        layer = getattr(layer, "app", None)
-    return None
+    """The app's Admission (service.admission; create_app puts it on app.state)."""
+    return getattr(app.state, "admission", None)
