@@ -66,7 +66,7 @@ def _detect_body(image: str, n: int = 1) -> dict:
 
 def test_overload_is_shed_at_the_door():
     """With 3 requests in progress (GLIPV2_MAX_CONCURRENT_REQUESTS=3), 20 more are answered
-    503 + Retry-After at once, each in < 50 ms, without their bodies being decoded (they
+    503 + Retry-After at once, each in a fraction of the held requests' second, without their bodies being decoded (they
     carry a corrupt image: decoding it would be a 422)."""
     app = create_app(_settings(max_concurrent_requests=3, retry_after_s=2, max_wait_ms=0.0),
                      backend=_Slow(REPO))
@@ -83,7 +83,9 @@ def test_overload_is_shed_at_the_door():
     assert held == [200] * 3
     assert [r.status_code for r, _ in shed] == [503] * 20, [r.text for r, _ in shed][:2]
     assert all(r.headers["retry-after"] == "2" for r, _ in shed)
-    assert max(t for _, t in shed) < 0.05, sorted(t for _, t in shed)[-3:]
+    # well under the 1 s the held requests take (an absolute 50 ms failed at load 10 on
+    # 2 cores; the subprocess test below times the protocol layer's door the same way)
+    assert max(t for _, t in shed) < 0.25, sorted(t for _, t in shed)[-3:]
     assert stats["admission"]["shed"] == 20 and stats["admission"]["in_flight"] == 3  # the held ones
 
 
