@@ -150,12 +150,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gateway(repository: Path, threads: int, port: int, extra_env: dict[str, str]) -> subprocess.Popen:
+def start_gateway(repository: Path, threads: int, port: int, extra_env: dict[str, str],
+                  command: list[str] | None = None) -> subprocess.Popen:
+    """`python -m service` (or `command`) with the bench's GLIPV2_* settings, once ready."""
     env = {**os.environ, "GLIPV2_REPOSITORY": str(repository), "GLIPV2_PORT": str(port), "GLIPV2_HOST": "127.0.0.1",
            "GLIPV2_THREADS": str(threads), "GLIPV2_QUEUE_SIZE": "256", "GLIPV2_LOG_LEVEL": "warning",
            "GLIPV2_MAX_BODY_BYTES": str(64 << 20), "GLIPV2_MAX_CONCURRENT_REQUESTS": "256",
            "GLIPV2_MAX_BODY_MB_IN_FLIGHT": "2048", **extra_env}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env)
+    proc = subprocess.Popen(command or [sys.executable, "-m", "service"], env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
