@@ -1,4 +1,8 @@
-"""FastAPI dependencies, as Annotated aliases."""
+"""FastAPI dependencies, as Annotated aliases.
+
+All of them are `async def`: they only read app.state, and FastAPI runs a plain `def`
+dependency in its thread pool, a thread hop each (five per detection request) that cost
+more than the work, and on a busy CPU waited for a thread to be scheduled every time."""
 
 from __future__ import annotations
 
@@ -17,34 +21,38 @@ from service.settings import Settings
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_backend(request: Request) -> Backend:
+async def get_backend(request: Request) -> Backend:
     backend = getattr(request.app.state, "backend", None)
     if backend is None:
         raise BackendUnavailable("the model is not loaded")
     return backend
 
 
-def get_batcher(request: Request) -> MicroBatcher:
+async def get_batcher(request: Request) -> MicroBatcher:
     batcher = getattr(request.app.state, "batcher", None)
     if batcher is None:
         raise BackendUnavailable("the batcher is not running")
     return batcher
 
 
-def get_loader(request: Request) -> ImageLoader:
+async def get_loader(request: Request) -> ImageLoader:
     loader = getattr(request.app.state, "loader", None)
     if loader is None:
         raise BackendUnavailable("the gateway is not running (starting up or shutting down)")
     return loader
 
 
-def get_batchers(request: Request) -> dict[str, MicroBatcher]:
-    """One batcher per task the model serves ({} before startup)."""
+def _batchers(request: Request) -> dict[str, MicroBatcher]:
     return getattr(request.app.state, "batchers", None) or {}
+
+
+async def get_batchers(request: Request) -> dict[str, MicroBatcher]:
+    """One batcher per task the model serves ({} before startup)."""
+    return _batchers(request)
 
 
 def task_batcher(request: Request, task: str) -> MicroBatcher:
@@ -55,17 +63,17 @@ def task_batcher(request: Request, task: str) -> MicroBatcher:
         what = "VQA head" if task == "vqa" else "caption decoder"
         raise NotSupported(f"the served model has no {what}; export a checkpoint trained with "
                            f"{'VQA' if task == 'vqa' else 'captions'} (see docs/architecture.md)")
-    batcher = get_batchers(request).get(task)
+    batcher = _batchers(request).get(task)
     if batcher is None:
         raise BackendUnavailable("the model is not loaded")
     return batcher
 
 
-def get_vqa_batcher(request: Request) -> MicroBatcher:
+async def get_vqa_batcher(request: Request) -> MicroBatcher:
     return task_batcher(request, "vqa")
 
 
-def get_caption_batcher(request: Request) -> MicroBatcher:
+async def get_caption_batcher(request: Request) -> MicroBatcher:
     return task_batcher(request, "caption")
 
 
@@ -78,7 +86,7 @@ VqaBatcherDep = Annotated[MicroBatcher, Depends(get_vqa_batcher)]
 CaptionBatcherDep = Annotated[MicroBatcher, Depends(get_caption_batcher)]
 
 
-def require_api_key(settings: SettingsDep, key: Annotated[str | None, Depends(_api_key_header)]) -> None:
+async def require_api_key(settings: SettingsDep, key: Annotated[str | None, Depends(_api_key_header)]) -> None:
     expected = settings.api_key
     if expected is None:
         return
