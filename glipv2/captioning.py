@@ -22,6 +22,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from glipv2.phrases import ends_on_phrase, repeated_mention
+
 DEFAULT_MAX_LEN = 30
 MAX_BEAM = 5  # Triton's caption_step batch limit is max_batch_size x MAX_BEAM
 
@@ -59,20 +61,61 @@ def _limits(max_len: int | Sequence[int], images: int, beam_size: int) -> list[i
 
 
 def decode(engine: CaptionEngine | CaptionLoop, images: np.ndarray, end_index: int, beam_size: int = 1,
-           max_len: int | Sequence[int] = DEFAULT_MAX_LEN) -> list[Hypothesis]:
+           max_len: int | Sequence[int] = DEFAULT_MAX_LEN, rules: DecodeRules | None = None) -> list[Hypothesis]:
     """Best hypothesis per image: the engine's own loop when it has one, else beam_search
     here over its start / step calls."""
     limits = _limits(max_len, images.shape[0], beam_size)
     loop = getattr(engine, "decode", None)
     if loop is not None:
         return loop(images, beam_size, limits)
-    return beam_search(engine, images, end_index, beam_size, limits)
+    return beam_search(engine, images, end_index, beam_size, limits, rules=rules)
+
+
+class DecodeRules(Protocol):
+    """Constraints on what a hypothesis may become (see MentionRules)."""
+
+    def allows(self, tokens: Sequence[int], token: int) -> bool:
+        """May `tokens` (shortlist indices) continue with `token`?"""
+        ...
+
+    def complete(self, tokens: Sequence[int]) -> bool:
+        """May the caption end after `tokens`?"""
+        ...
+
+
+class MentionRules:
+    """Captions that name each object once and stop on a complete phrase, as decode-time
+    rules over the decoder's shortlist (its WordPiece strings):
+    - a token that would name a noun phrase a second time ("a red square and a red
+      square") is never chosen; "another red square" stays allowed (glipv2.phrases);
+    - the end token only follows a noun phrase's last word (not "... and a", not "... to
+      the left of"). At the length limit a hypothesis that is still inside a phrase gives
+      way to the best complete caption seen on the way (see beam_search)."""
+
+    def __init__(self, pieces: Sequence[str]) -> None:
+        self.pieces = [p or "" for p in pieces]
+
+    def text(self, tokens: Sequence[int]) -> str:
+        out = ""
+        for t in tokens:
+            p = self.pieces[t]
+            out += p[2:] if p.startswith("##") else " " + p
+        return out.strip()
+
+    def allows(self, tokens: Sequence[int], token: int) -> bool:
+        return not repeated_mention(self.text([*tokens, token]))
+
+    def complete(self, tokens: Sequence[int]) -> bool:
+        return ends_on_phrase(self.text(tokens))
 
 
 def beam_search(engine: CaptionEngine, images: np.ndarray, end_index: int, beam_size: int = 1,
-                max_len: int | Sequence[int] = DEFAULT_MAX_LEN, length_penalty: float = 0.7) -> list[Hypothesis]:
+                max_len: int | Sequence[int] = DEFAULT_MAX_LEN, length_penalty: float = 0.7,
+                rules: DecodeRules | None = None) -> list[Hypothesis]:
     """Best hypothesis per image. beam_size 1 is greedy decoding. max_len (tokens before the
-    end token) may differ per image."""
+    end token) may differ per image. rules (e.g. MentionRules) skip the candidates they do
+    not allow and let a caption end only where it is complete; without rules every
+    candidate counts."""
     b = images.shape[0]
     limits = _limits(max_len, b, beam_size)
     k = beam_size
@@ -80,6 +123,12 @@ def beam_search(engine: CaptionEngine, images: np.ndarray, end_index: int, beam_
     rows = list(range(b))  # images still decoding; their beams hold consecutive cache rows
     beams: list[list[Hypothesis]] = [[Hypothesis([], 0.0)] for _ in range(b)]
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
+    # With rules: every complete hypothesis ended with the end token's log-probability,
+    # whether or not that ending ranked among the k best: what a row falls back on when
+    # the length limit cuts its hypotheses inside a phrase.
+    endings: list[list[Hypothesis]] = [[] for _ in range(b)]
+    allows = rules.allows if rules is not None else (lambda tokens, token: True)
+    complete = rules.complete if rules is not None else (lambda tokens: True)
     while True:
         next_rows: list[int] = []
         slots: list[int] = []  # cache row each surviving beam continues from
@@ -88,18 +137,38 @@ def beam_search(engine: CaptionEngine, images: np.ndarray, end_index: int, beam_
             n = len(beams[r])
             total = np.asarray([h.logprob for h in beams[r]])[:, None] + logprobs[offset:offset + n]  # [n, V]
             alive: list[Hypothesis] = []
-            for rank, flat in enumerate(np.argsort(-total, axis=None, kind="stable")[: 2 * k]):
+            rank = 0  # among the candidates the rules allow
+            for flat in np.argsort(-total, axis=None, kind="stable"):
+                if rank >= 2 * k:
+                    break
                 j, tok = divmod(int(flat), total.shape[1])
+                tokens = beams[r][j].tokens
                 if tok == end_index:
+                    if not complete(tokens):
+                        continue
                     if rank < k:  # an ending outside the k best candidates is not a contender
-                        finished[r].append(Hypothesis(list(beams[r][j].tokens), float(total[j, tok])))
+                        finished[r].append(Hypothesis(list(tokens), float(total[j, tok])))
+                elif not allows(tokens, tok):
+                    continue
                 elif len(alive) < k:
-                    alive.append(Hypothesis(beams[r][j].tokens + [tok], float(total[j, tok])))
+                    alive.append(Hypothesis(tokens + [tok], float(total[j, tok])))
                     slots.append(offset + j)
+                rank += 1
+            if rules is not None:
+                endings[r] += [Hypothesis(list(h.tokens), float(total[j, end_index]))
+                               for j, h in enumerate(beams[r]) if h.tokens and complete(h.tokens)]
             offset += n
-            # Done: k hypotheses ended, or the length limit is reached (alive ones count as ended).
+            # Done: k hypotheses ended, or the length limit is reached.
             if len(finished[r]) >= k or not alive or len(alive[0].tokens) >= limits[r]:
-                finished[r].extend(alive)
+                if rules is None:
+                    finished[r].extend(alive)  # cut by the limit: alive ones count as ended
+                elif len(finished[r]) < k:
+                    # Cut by the limit (or no allowed token left): not where the model would
+                    # stop, maybe inside a phrase; the complete captions met on the way, each
+                    # ended with its own end-token probability, compete instead.
+                    finished[r].extend(endings[r])
+                if not finished[r]:  # nothing complete at all: the cut hypothesis, as it is
+                    finished[r] = alive or [Hypothesis(list(beams[r][0].tokens), beams[r][0].logprob)]
                 del slots[len(slots) - len(alive):]
                 continue
             beams[r] = alive

@@ -97,6 +97,7 @@ def load_model_weights(model: torch.nn.Module, cfg: ModelConfig, state: dict[str
 
 
 UNDERSTANDING_PREFIXES = ("vqa_head.", "caption_decoder.")
+APPEARANCE_PREFIXES = ("appearance_embed.", "head.region_colour.", "head.region_geometry.")
 
 
 def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLike[str]) -> None:
@@ -104,7 +105,7 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLi
     understanding heads, which start fresh where the checkpoint has none."""
     ckpt = read_checkpoint(path)
     theirs = ModelConfig.from_dict(ckpt["model_config"])
-    keep = ("vqa_answers", "caption_tokens")
+    keep = ("vqa_answers", "caption_tokens", "grounding_appearance", "vqa_relations")
     if theirs.replace(**{k: getattr(cfg, k) for k in keep}) != cfg:
         raise CheckpointError(f"{path} was trained as another model ({theirs.preset!r}, other sizes); "
                               "--init-from needs the same preset and overrides")
@@ -113,7 +114,12 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLi
     for k in list(state):
         if k.startswith(UNDERSTANDING_PREFIXES) and (k not in expected or state[k].shape != expected[k].shape):
             del state[k]  # another answer / token vocabulary: that head starts fresh
-    fresh = {k: v for k, v in expected.items() if k.startswith(UNDERSTANDING_PREFIXES) and k not in state}
+        elif k.startswith(APPEARANCE_PREFIXES) and k not in expected:
+            del state[k]  # trained with the appearance paths, started without them
+    # Heads it lacks start fresh, and so do the grounding appearance paths (zero-initialised:
+    # the model then grounds exactly as the checkpoint did).
+    fresh = {k: v for k, v in expected.items()
+             if k.startswith(UNDERSTANDING_PREFIXES + APPEARANCE_PREFIXES) and k not in state}
     load_model_weights(model, cfg, {**state, **fresh}, f"checkpoint {path}")
 
 

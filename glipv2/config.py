@@ -57,12 +57,17 @@ class ModelConfig:
     pad_with_mean: bool = False
     threshold_on: str = "score"  # see glipv2.postprocess.PostprocessConfig
     fusion_norm_residual: bool = False  # GLIP adds the fusion update to the normed input
+    # Grounding reads each cell's mean colour and position (added to the FPN maps before
+    # fusion) and each anchor's colour and predicted box (added to its region embedding):
+    # see GLIPv2.cell_colours and GroundingHead.region_extras. Off for official GLIP.
+    grounding_appearance: bool = False
     # Understanding heads. Their vocabularies come from the training annotations (set by
     # the training run, empty in the presets): no answers = no VQA head, no caption
     # tokens = no caption decoder.
     vqa_answers: tuple[str, ...] = ()
     vqa_dim: int = 64
     vqa_layers: int = 2
+    vqa_relations: bool = False  # relation pooling in the VQA head (VqaHead._relation_pool)
     caption_tokens: tuple[int, ...] = ()  # WordPiece ids the decoder can emit (its shortlist)
     caption_start_id: int = 101  # [CLS] of the BERT uncased vocabulary starts a caption
     caption_end_id: int = 102  # [SEP] ends it
@@ -174,6 +179,8 @@ PRESETS: dict[str, ModelConfig] = {
         fusion_text_layer=False,
         tower_groups=16,
         proj_dim=64,
+        grounding_appearance=True,
+        vqa_relations=True,
     ),
     # Official GLIP-T (configs/pretrain/glip_Swin_T_O365.yaml): Swin-T, FPN P3-P7 at 256,
     # bert-base, 6 x [MHA-B fusion, BERT layer, DyConv], ATSS anchors 64..1024.

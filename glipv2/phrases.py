@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["noun_phrases", "phrases_of"]
+__all__ = ["noun_phrases", "phrases_of", "mention_count", "repeated_mention", "ends_on_phrase"]
 
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['\u2019-][A-Za-z0-9]+)*")
 
@@ -141,3 +141,41 @@ def noun_phrases(caption: str) -> list[tuple[int, int]]:
 def phrases_of(caption: str) -> list[str]:
     """The text of noun_phrases(caption)."""
     return [caption[s:e] for s, e in noun_phrases(caption)]
+
+
+# Determiners that introduce a second object of a kind already named ("a red square left
+# of another red square"): naming the kind again after them is not a repetition.
+_AGAIN = frozenset({"another", "other"})
+_COUNTS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
+           "ten": 10}
+
+
+def _word_before(caption: str, start: int) -> str:
+    words = _WORD.findall(caption[:start])
+    return words[-1].lower() if words else ""
+
+
+def mention_count(caption: str, span: tuple[int, int]) -> int:
+    """How many objects the noun phrase at `span` names: its number word ("two red
+    squares" -> 2, a digit too), else 1."""
+    word = _word_before(caption, span[0])
+    return int(word) if word.isdigit() else _COUNTS.get(word, 1)
+
+
+def repeated_mention(caption: str) -> bool:
+    """True when a noun phrase is named a second time without "another"/"other" before
+    it ("a red square and a red square"); case-insensitive."""
+    seen: set[str] = set()
+    for start, end in noun_phrases(caption):
+        text = " ".join(caption[start:end].lower().split())
+        if text in seen and _word_before(caption, start) not in _AGAIN:
+            return True
+        seen.add(text)
+    return False
+
+
+def ends_on_phrase(caption: str) -> bool:
+    """True when the caption ends with the last word of a noun phrase (it does not stop
+    inside a connective such as "to the left of" or after "and")."""
+    spans = noun_phrases(caption)
+    return bool(spans) and not caption[spans[-1][1]:].strip()

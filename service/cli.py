@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("caption", help="caption an image (embedded ONNX Runtime)")
     c.add_argument("image", type=Path, help="JPEG, PNG or WebP file")
     c.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default); up to 5")
-    c.add_argument("--max-len", type=int, default=None, help="at most this many tokens (default 30)")
+    c.add_argument("--max-len", type=int, default=None, help="at most this many tokens (default: the model's limit)")
+    c.add_argument("--grounded", action="store_true",
+                   help="also ground the caption: each object phrase with its box and score")
     common(c)
 
     s = sub.add_parser("serve", help="serve the HTTP gateway (like `python -m service`)")
@@ -287,8 +289,10 @@ def cmd_vqa(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from glipv2.captioning import DEFAULT_MAX_LEN, MAX_BEAM
+    from glipv2.captioning import MAX_BEAM
     from glipv2.runtime.batch import CaptionBatchItem
+    from glipv2.understanding import GROUNDING_SCORE_FLOOR
+    from service.routes.understanding import caption_phrases
 
     if not 1 <= args.beam_size <= MAX_BEAM:
         raise CLIError(f"--beam-size must be in 1..{MAX_BEAM}")
@@ -297,18 +301,26 @@ def cmd_caption(args: argparse.Namespace) -> int:
         if "caption" not in backend.tasks:
             raise CLIError("this model has no caption decoder (its checkpoint was trained without captions)")
         limit = backend.caption_max_len
-        max_len = args.max_len or min(DEFAULT_MAX_LEN, limit)
+        max_len = args.max_len or limit
         if not 1 <= max_len <= limit:
             raise CLIError(f"--max-len must be in 1..{limit} for this model")
-        item = CaptionBatchItem(_letterbox(pixels_hwc, backend)[0], args.beam_size, max_len)
-        caption = backend.run_caption_batch([item])[0]
+        pixels, box = _letterbox(pixels_hwc, backend)
+        ground = backend.manifest.postprocess_with(GROUNDING_SCORE_FLOOR) if args.grounded else None
+        caption = backend.run_caption_batch([CaptionBatchItem(pixels, args.beam_size, max_len, ground, box)])[0]
     finally:
         backend.close()
+    phrases = caption_phrases(caption.phrases)
     if args.json:
-        print(json.dumps({"image": str(args.image), "caption": caption.text, "logprob": round(caption.logprob, 4),
-                          "num_tokens": caption.num_tokens}, indent=2))
+        record = {"image": str(args.image), "caption": caption.text, "logprob": round(caption.logprob, 4),
+                  "num_tokens": caption.num_tokens}
+        if phrases is not None:
+            record["phrases"] = [p.model_dump() for p in phrases]
+        print(json.dumps(record, indent=2))
     else:
         print(f"{args.image}: {caption.text}")
+        for p in phrases or []:
+            where = " ".join(f"[{', '.join(f'{v:.0f}' for v in b.box)}] {b.score:.2f}" for b in p.boxes) or "not found"
+            print(f"  {p.phrase}: {where}")
     return 0
 
 

@@ -228,8 +228,28 @@ class CaptionRequest(BaseModel):
 
     images: list[CaptionItem] = Field(min_length=1, description="one or more images; decoded as one batch")
     max_len: int | None = Field(None, ge=1, le=255,
-                                description="at most this many tokens (default 30; the model's limit applies)")
+                                description="at most this many tokens (default: the model's limit, 39 for the demo "
+                                "model, above its longest training caption); a caption the limit would cut inside a "
+                                "phrase ends after its last complete phrase instead")
     beam_size: int = Field(1, ge=1, le=MAX_BEAM, description="1 = greedy decoding; more keeps that many hypotheses")
+    grounded: bool = Field(False, description="also ground the caption: each of its object (noun) phrases with "
+                           "its box and score, found by the detector on the same image with the caption as prompt")
+
+
+class ScoredBox(BaseModel):
+    box: list[float] = Field(min_length=4, max_length=4, description="[x0, y0, x1, y1] in pixels of the original image")
+    score: float = Field(ge=0.0, le=1.0)
+
+
+class CaptionPhrase(BaseModel):
+    phrase: str = Field(description="an object phrase of the caption, e.g. 'red square'")
+    span: list[int] = Field(min_length=2, max_length=2, description="its [start, end) characters in the caption")
+    count: int = Field(ge=1, description="how many objects it names ('two red squares': 2)")
+    box: list[float] | None = Field(description="its best box, [x0, y0, x1, y1] original-image pixels; null when "
+                                    "the detector found no candidate")
+    score: float | None = Field(description="the best box's phrase score (null with no box)")
+    boxes: list[ScoredBox] = Field(description="up to `count` distinct boxes, best first; a phrase named again "
+                                   "('another red square') gets a box the earlier mention did not take")
 
 
 class CaptionResult(BaseModel):
@@ -238,6 +258,8 @@ class CaptionResult(BaseModel):
     caption: str
     logprob: float = Field(description="summed token log-probability of the caption")
     num_tokens: int
+    phrases: list[CaptionPhrase] | None = Field(None, description="grounded captions only: the caption's object "
+                                                "phrases in caption order, each with its box and score")
 
 
 class CaptionResponse(BaseModel):

@@ -529,8 +529,25 @@ def evaluate_model_understanding(model, val_dir: str | os.PathLike, max_images: 
 
     u = TorchUnderstanding(model)
     answer_fn = u.vqa.answer if u.vqa and "vqa" in tasks else None
-    caption_fn = ((lambda images: u.captioner.caption(images, beam_size=beam_size))
-                  if u.captioner and "caption" in tasks else None)
+    caption_fn = None
+    if u.captioner and "caption" in tasks:
+        # Grounded captions, through the gateway's batch assembly: captions, then their
+        # phrases grounded on the same images in one detector call per batch.
+        from glipv2.image import letterbox
+        from glipv2.postprocess import PostprocessConfig
+        from glipv2.predict import TorchEngine
+        from glipv2.runtime.batch import BatchRunner, CaptionBatchItem
+        from glipv2.understanding import GROUNDING_SCORE_FLOOR
+
+        cfg = model.cfg
+        runner = BatchRunner(TorchEngine(model), u.captioner.tokenizer, cfg.image_hw, caption_tokens=cfg.caption_tokens,
+                             caption_max_len=cfg.caption_max_len - 1, caption_end_id=cfg.caption_end_id)
+        ground = PostprocessConfig(score_threshold=GROUNDING_SCORE_FLOOR)
+
+        def caption_fn(images):
+            boxed = [letterbox(im, cfg.image_hw) for im in images]
+            return runner.run_caption_batch([CaptionBatchItem(px, beam_size, runner.caption_max_len, ground, lb)
+                                             for px, lb in boxed])
     return evaluate_understanding(answer_fn, caption_fn, val_dir, max_images, batch_size, progress)
 
 

@@ -24,7 +24,9 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from glipv2.understanding import Answer, Caption
+from glipv2.boxes import box_iou
+from glipv2.phrases import ends_on_phrase, repeated_mention
+from glipv2.understanding import Answer, Caption, GroundedPhrase
 from training.data import CaptionDataset, DatasetError, VqaDataset, load_json
 from training.shapes_world import COLOURS, PLURALS, SHAPES
 from training.text_metrics import bleu, caption_tokens, cider_d, vqa_accuracy
@@ -60,12 +62,15 @@ def named_objects(caption: str) -> set[tuple[str | None, str]]:
 
 
 def caption_object_recall(predicted: dict[int, str], instances: dict) -> dict[str, float]:
+    """Recall of the images' shapes and (colour, shape) pairs in their captions, the
+    precision of the named pairs (named pairs that are in the image), and the share of
+    captions that name a phrase twice or end inside a phrase (glipv2.phrases)."""
     names = {c["id"]: c["name"] for c in instances.get("categories", [])}
     truth: dict[int, set] = defaultdict(set)
     for a in instances.get("annotations", []):
         if a.get("image_id") in predicted and a.get("colour"):
             truth[a["image_id"]].add((a["colour"], names.get(a["category_id"])))
-    shapes_hit = shapes_all = pairs_hit = pairs_all = 0
+    shapes_hit = shapes_all = pairs_hit = pairs_all = named_all = named_right = 0
     for iid, objects in truth.items():
         named = named_objects(predicted[iid])
         shapes = {s for _, s in objects}
@@ -73,7 +78,51 @@ def caption_object_recall(predicted: dict[int, str], instances: dict) -> dict[st
         shapes_all += len(shapes)
         pairs_hit += len(objects & named)
         pairs_all += len(objects)
-    return {"caption_shape_recall": shapes_hit / max(1, shapes_all), "caption_pair_recall": pairs_hit / max(1, pairs_all)}
+        pairs = {p for p in named if p[0] is not None}
+        named_all += len(pairs)
+        named_right += len(pairs & objects)
+    n = max(1, len(predicted))
+    return {"caption_shape_recall": shapes_hit / max(1, shapes_all), "caption_pair_recall": pairs_hit / max(1, pairs_all),
+            "caption_pair_precision": named_right / max(1, named_all),
+            "caption_repeats": sum(repeated_mention(c) for c in predicted.values()) / n,
+            "caption_unfinished": sum(not ends_on_phrase(c) for c in predicted.values()) / n}
+
+
+def _pair_of(phrase: str) -> tuple[str, str] | None:
+    """("red", "square") for "red square" / "red squares"; None for other phrases."""
+    words = caption_tokens(phrase)
+    if len(words) < 2 or words[-2] not in COLOURS:
+        return None
+    shape = next((s for s in SHAPES if words[-1] in (s, PLURALS[s])), None)
+    return (words[-2], shape) if shape else None
+
+
+def grounded_caption_accuracy(grounded: dict[int, list[GroundedPhrase]], instances: dict) -> dict[str, float]:
+    """Of the objects the captions name by colour and shape ("two red squares" names two),
+    the share whose returned box has IoU >= 0.5 with a drawn object of that colour and
+    shape (each drawn object matched once; a missing box is a miss)."""
+    names = {c["id"]: c["name"] for c in instances.get("categories", [])}
+    truth: dict[int, list[tuple[tuple[str, str], np.ndarray]]] = defaultdict(list)
+    for a in instances.get("annotations", []):
+        if a.get("image_id") in grounded and a.get("colour"):
+            x, y, w, h = a["bbox"]
+            truth[a["image_id"]].append(((a["colour"], names.get(a["category_id"])), np.array([x, y, x + w, y + h])))
+    named = hit = 0
+    for iid, phrases in grounded.items():
+        used: set[int] = set()
+        for ph in phrases:
+            pair = _pair_of(ph.text)
+            if pair is None:
+                continue
+            named += ph.count
+            for box, _ in ph.boxes[: ph.count]:
+                cands = [(float(box_iou(np.asarray(box)[None], gt[None])[0, 0]), k)
+                         for k, (p, gt) in enumerate(truth[iid]) if p == pair and k not in used]
+                best = max(cands, default=(0.0, -1))
+                if best[0] >= 0.5:
+                    used.add(best[1])
+                    hit += 1
+    return {"grounded_caption_iou50": hit / max(1, named), "grounded_caption_named": named}
 
 
 def evaluate_understanding(answer_fn: AnswerFn | None, caption_fn: CaptionFn | None,
@@ -114,16 +163,22 @@ def evaluate_understanding(answer_fn: AnswerFn | None, caption_fn: CaptionFn | N
     if caption_fn is not None:
         index = {iid: k for k, iid in enumerate(captions.image_ids)}
         predicted: dict[int, str] = {}
+        grounded: dict[int, list[GroundedPhrase]] = {}
         for start in tqdm(range(0, len(image_ids), batch_size), desc="captions", unit="batch", disable=not progress):
             chunk = image_ids[start:start + batch_size]
             imgs = [image(iid, lambda iid=iid: captions[index[iid]].image) for iid in chunk]
             for iid, cap in zip(chunk, caption_fn(imgs)):
                 predicted[iid] = cap.text
+                if cap.phrases is not None:
+                    grounded[iid] = cap.phrases
         refs = {iid: captions.captions[iid] for iid in image_ids}
         metrics["caption_bleu4"] = bleu(predicted, refs)
         metrics["caption_cider"] = cider_d(predicted, refs)
         metrics["num_captioned"] = len(predicted)
         if (root / "instances.json").is_file():
-            metrics.update(caption_object_recall(predicted, load_json(root / "instances.json")))
+            instances = load_json(root / "instances.json")
+            metrics.update(caption_object_recall(predicted, instances))
+            if grounded:
+                metrics.update(grounded_caption_accuracy(grounded, instances))
     metrics["understanding_seconds"] = time.perf_counter() - t0
     return metrics

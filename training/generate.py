@@ -25,6 +25,8 @@ from tqdm import tqdm
 
 from training import shapes_world as sw
 from training.augment import augment as augment_image
+from training.augment import gaussian_blur as augment_blur
+from training.augment import jpeg_reencode as augment_jpeg
 from training.data import join_phrases
 
 # Non-zero tags, last in the entropy list: numpy's SeedSequence treats trailing zeros as
@@ -61,10 +63,23 @@ def _save_image(image: np.ndarray, path_stem: Path, rng: np.random.Generator) ->
     return name.name
 
 
+def _extreme(scene: sw.Scene, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Image k drawn at the rendering settings' extremes: the background kinds in turn
+    (noise at its largest amplitude), aliased and 4x antialiased by turns, every object
+    with its dark edge on odd images, then the strongest blur and the lowest JPEG quality
+    of the training augmentation (training.augment)."""
+    bg = scene.background
+    kind = ("flat", "gradient", "noise")[k % 3]
+    scene.background = sw.Background(kind, bg.colour, bg.colour2 or bg.colour, bg.angle, amplitude=14.0)
+    pixels = sw.render(scene, rng, antialias=1 if k % 2 else 4, edges=bool(k % 2))
+    return augment_jpeg(augment_blur(pixels, 1.2), 30)
+
+
 def generate(out: str | os.PathLike, split: str = "val", num_images: int = 500, seed: int = 1,
-             augment: bool = False, progress: bool = True) -> Path:
+             augment: bool = False, progress: bool = True, extreme: bool = False) -> Path:
     """Generate a split under `out` (see module doc); returns the output directory.
-    `augment` applies training-style photometric augmentation to the stored images."""
+    `augment` applies training-style photometric augmentation to the stored images;
+    `extreme` draws every image at the rendering settings' extremes (see _extreme)."""
     if split not in SPLIT_TAG:
         raise ValueError(f"split must be one of {sorted(SPLIT_TAG)}, got {split!r}")
     out = Path(out)
@@ -77,7 +92,7 @@ def generate(out: str | os.PathLike, split: str = "val", num_images: int = 500, 
         rng = np.random.default_rng([seed, k, SPLIT_TAG[split]])
         image_id = k + 1
         scene = sw.sample_scene(rng)
-        pixels = sw.render(scene, rng)
+        pixels = _extreme(scene, k, rng) if extreme else sw.render(scene, rng)
         if augment:
             pixels = augment_image(pixels, rng)
         file_name = _save_image(pixels, out / "images" / f"{image_id:06d}", rng)
@@ -146,10 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--augment", action="store_true",
                     help="apply photometric augmentation (blur, noise, JPEG) to stored images")
+    ap.add_argument("--extreme", action="store_true",
+                    help="draw every image at the rendering extremes (background kinds in turn, aliased / 4x "
+                    "antialiased, edges, strongest blur, JPEG quality 30)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     out = generate(args.out, args.split, args.num_images, args.seed, args.augment,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, extreme=args.extreme)
     print(f"wrote {args.num_images} {args.split} images to {out}")
 
 

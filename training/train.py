@@ -417,7 +417,8 @@ class TrainingStep(torch.nn.Module):
             feats = model.visual(batch.images)
             if text is None:
                 text = model.encode_text(batch.input_ids, batch.attention_mask)
-            out = model.detect_features(feats, text, batch.attention_mask)
+            colours = model.cell_colours(batch.images) if model.cfg.grounding_appearance else None
+            out = model.detect_features(feats, text, batch.attention_mask, colours)
             answers = captions = None
             if model.vqa_head is not None or model.caption_decoder is not None:
                 looks = model.appearance(batch.images, feats)

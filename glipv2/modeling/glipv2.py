@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -58,6 +58,21 @@ class GLIPv2(nn.Module):
         self.register_buffer("anchors", torch.as_tensor(anchors, dtype=torch.float32), persistent=False)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+        if cfg.grounding_appearance:
+            # Each cell's mean colour and its (x, y) in [-1, 1] added to the FPN maps before
+            # fusion, so "red" and "left" have something to attend to (zero-initialised last
+            # layer: weights trained without it load unchanged).
+            c = cfg.fpn_channels
+            self.appearance_embed = nn.Sequential(nn.Conv2d(5, c, 1), nn.ReLU(), nn.Conv2d(c, c, 1))
+            nn.init.zeros_(self.appearance_embed[-1].weight)
+            nn.init.zeros_(self.appearance_embed[-1].bias)
+            for i, (lh, lw) in enumerate(cfg.level_hw):
+                ys = (torch.arange(lh, dtype=torch.float32) + 0.5) / lh * 2 - 1
+                xs = (torch.arange(lw, dtype=torch.float32) + 0.5) / lw * 2 - 1
+                grid = torch.stack([xs[None].expand(lh, -1), ys[:, None].expand(-1, lw)])[None]
+                self.register_buffer(f"coords{i}", grid, persistent=False)  # [1, 2, h, w]
+        else:
+            self.appearance_embed = None
 
     def train(self, mode: bool = True) -> "GLIPv2":
         super().train(mode)
@@ -80,10 +95,27 @@ class GLIPv2(nn.Module):
         return (x - self.pixel_mean) / self.pixel_std
 
     def visual(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """images [B, 3, H, W] RGB 0-255 (any dtype) -> FPN maps; shared by every task."""
+        """images [B, 3, H, W] RGB 0-255 (any dtype) -> FPN maps; shared by every task.
+
+        With cfg.grounding_appearance the maps also carry each cell's colour and position."""
         h, w = self.cfg.image_hw
         torch._assert(images.shape[-2] == h and images.shape[-1] == w, "images must be letterboxed to cfg.image_hw")
-        return self.fpn(self.backbone(self.normalize(images)))
+        feats = self.fpn(self.backbone(self.normalize(images)))
+        if self.appearance_embed is None:
+            return feats
+        out = []
+        for i, (f, c) in enumerate(zip(feats, self.cell_colours(images))):
+            coords = getattr(self, f"coords{i}").expand(f.shape[0], -1, -1, -1).to(f.dtype)
+            out.append(f + self.appearance_embed(torch.cat([c.to(f.dtype), coords], dim=1)))
+        return out
+
+    def cell_colours(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images RGB 0-255 -> each FPN cell's mean colour, normalised like the input
+        ([B, 3, h, w] per level)."""
+        # Pool, then normalise the small maps (the normalisation is per-channel affine, so the
+        # order does not matter and the full-size image is not normalised a second time).
+        x = images.to(self.pixel_mean.dtype)
+        return [self.normalize(nn.functional.avg_pool2d(x, s, s, ceil_mode=True)) for s in self.cfg.strides]
 
     def appearance(self, images: torch.Tensor, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """FPN maps with the image's mean colour over each cell appended ([B, C + 3, h, w]).
@@ -93,19 +125,24 @@ class GLIPv2(nn.Module):
         but from the FPN feature there only 23% of the time (chance: 17%); the BatchNorm
         backbone keeps shape and drops absolute colour, which "what color is..." and
         captions need. The pooled pixels give it back at no cost."""
-        # Pool, then normalise the small maps (the normalisation is per-channel affine, so the
-        # order does not matter and the full-size image is not normalised a second time).
-        x = images.to(self.pixel_mean.dtype)
-        return [torch.cat([f, self.normalize(nn.functional.avg_pool2d(x, s, s, ceil_mode=True))], dim=1)
-                for f, s in zip(feats, self.cfg.strides)]
+        return [torch.cat([f, c.to(f.dtype)], dim=1) for f, c in zip(feats, self.cell_colours(images))]
 
     def detect(self, images: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> DetectorOutput:
         """images [B, 3, H, W] RGB 0-255 (any dtype) + token features -> per-anchor outputs."""
-        return self.detect_features(self.visual(images), text, text_mask)
+        feats = self.visual(images)
+        colours = self.cell_colours(images) if self.cfg.grounding_appearance else None
+        return self.detect_features(feats, text, text_mask, colours)
 
-    def detect_features(self, feats: list[torch.Tensor], text: torch.Tensor, text_mask: torch.Tensor) -> DetectorOutput:
+    def detect_features(self, feats: list[torch.Tensor], text: torch.Tensor, text_mask: torch.Tensor,
+                        colours: list[torch.Tensor] | None = None) -> DetectorOutput:
+        """colours: `cell_colours` of the image, needed when cfg.grounding_appearance."""
         out = self.head(feats, text, text_mask)
         boxes = box_ops.decode(self.anchors[None], out.box_deltas)
+        if self.cfg.grounding_appearance:
+            if colours is None:
+                raise ValueError("this model grounds with the cells' colours: pass colours=cell_colours(images)")
+            flat = torch.cat([c.flatten(2) for c in colours], dim=2).transpose(1, 2).to(out.regions.dtype)
+            out = replace(out, regions=out.regions + self.head.region_extras(flat, boxes))
         logits = self.head.align(out.regions, out.tokens, out.token_bias)
         return DetectorOutput(boxes, logits, out.centerness, out)
 
@@ -127,7 +164,8 @@ class GLIPv2(nn.Module):
         [B, num_answers], through a detector pass whose prompt is the question."""
         if self.vqa_head is None:
             raise RuntimeError("this model has no VQA head (trained without VQA data)")
-        out = self.detect_features(feats, question, question_mask)
+        colours = [look[:, -3:] for look in looks] if self.cfg.grounding_appearance else None
+        out = self.detect_features(feats, question, question_mask, colours)
         return self.vqa_head(looks, out.boxes, out.logits, out.centerness, out.head.regions, out.head.fused_text,
                              question_mask)
 

@@ -73,6 +73,20 @@ class GroundingHead(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(1))
         self.bias_lang = nn.Parameter(torch.zeros(dt))
         self.bias0 = nn.Parameter(torch.tensor([cfg.bias0_init]))
+        self.image_hw = cfg.image_hw
+        if cfg.grounding_appearance:
+            # Short paths from an anchor's colour and predicted box to its region embedding
+            # (zero-initialised last layers: a model started from weights without them is
+            # unchanged at step 0). Through fusion and the GroupNorm tower alone the colour
+            # stayed unreadable; "large", "left of" need the box's size and place.
+            p = cfg.proj_dim
+            self.region_colour = nn.Sequential(nn.Linear(3, p), nn.GELU(), nn.Linear(p, p))
+            self.region_geometry = nn.Sequential(nn.Linear(5, p), nn.GELU(), nn.Linear(p, p))
+            for m in (self.region_colour[-1], self.region_geometry[-1]):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+        else:
+            self.region_colour = self.region_geometry = None
         for m in [*([] if self.dyhead else self.tower.modules()), self.bbox_pred, self.centerness]:
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
@@ -99,6 +113,16 @@ class GroundingHead(nn.Module):
         tokens = self.dot_product_projection_text(normed / 2.0)
         token_bias = normed @ self.bias_lang + self.bias0
         return HeadOutput(deltas, ctr, regions, tokens, token_bias, text)
+
+    def region_extras(self, colours: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """colours [B, A, 3] (normalised cell mean colour), boxes [B, A, 4] predicted xyxy
+        input pixels -> what is added to the region embeddings [B, A, P]."""
+        h, w = self.image_hw
+        # Detached: the alignment loss must not move the boxes to make a phrase match.
+        x0, y0, x1, y1 = (boxes.detach() / boxes.new_tensor([w, h, w, h])).clamp(0, 1).unbind(-1)
+        bw, bh = x1 - x0, y1 - y0
+        geometry = torch.stack([(x0 + x1) - 1, (y0 + y1) - 1, bw, bh, (bw * bh).sqrt()], dim=-1)
+        return self.region_colour(colours) + self.region_geometry(geometry)
 
     def align(self, regions: torch.Tensor, tokens: torch.Tensor, token_bias: torch.Tensor) -> torch.Tensor:
         """Region-token logits: regions [B, A, P] x tokens [B, T, P] -> [B, A, T].

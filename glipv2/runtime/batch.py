@@ -26,8 +26,8 @@ import numpy as np
 from glipv2.boxes import Letterbox
 from glipv2.captioning import CaptionEngine, CaptionLoop, Hypothesis
 from glipv2.postprocess import Detections, PostprocessConfig, postprocess
-from glipv2.text import DEFAULT_BUCKETS, TokenizedPrompt, Tokenizer, bucket_length
-from glipv2.understanding import Answer, Caption, CaptionPipeline, rank_answers
+from glipv2.text import DEFAULT_BUCKETS, TokenizedPrompt, Tokenizer, bucket_length, tokenize
+from glipv2.understanding import Answer, Caption, CaptionPipeline, caption_prompt, grounded_phrases, rank_answers
 
 
 class TaskUnavailable(RuntimeError):
@@ -103,6 +103,11 @@ class CaptionBatchItem:
     pixels: np.ndarray  # uint8 [3, H, W], letterboxed
     beam_size: int
     max_len: int
+    # Grounded captions: the caption's noun phrases are then grounded on the same image
+    # (one detector call for the batch's grounded items) with these settings; letterbox
+    # maps their boxes back to the original image.
+    ground: PostprocessConfig | None = None
+    letterbox: Letterbox | None = None
 
 
 class FeatureCache:
@@ -262,7 +267,26 @@ class BatchRunner:
             pixels = self._stack([items[i].pixels for i in idx])
             for i, caption in zip(idx, self.captioner.caption_pixels(pixels, beam, [items[i].max_len for i in idx])):
                 out[i] = caption
+        self._ground_captions(items, out)
         return out
+
+    def _ground_captions(self, items: Sequence[CaptionBatchItem], captions: list[Caption]) -> None:
+        """Grounded items: their captions' noun phrases as one prompt each, through the
+        detector in one call, each phrase keeping its best boxes (GLIPv2's grounded
+        captioning: the caption is the grounding prompt)."""
+        todo = []
+        for it, cap in zip(items, captions):
+            if it.ground is None:
+                continue
+            if it.letterbox is None:
+                raise ValueError("a grounded caption item needs its letterbox")
+            prompt = caption_prompt(cap.text)
+            cap.phrases = []
+            if prompt is not None:
+                todo.append((cap, prompt, BatchItem(it.pixels, it.letterbox, tokenize(self.tokenizer, prompt), it.ground)))
+        if todo:
+            for (cap, prompt, _), det in zip(todo, self.run_batch([t[2] for t in todo])):
+                cap.phrases = grounded_phrases(cap.text, prompt, det)
 
     def stats(self) -> dict:
         return {

@@ -1,8 +1,9 @@
 """POST /v1/vqa (image + question -> answer, score, ranked answers) and POST /v1/caption
-(image -> caption, greedy or beam search), JSON with base64 images or allowed URLs, plus
+(image -> caption, greedy or beam search; `grounded: true` adds each object phrase of the
+caption with its box and score), JSON with base64 images or allowed URLs, plus
 multipart /upload variants for one image. Same limits and errors as /v1/detect; each
 task has its own micro-batcher, so concurrent questions run as one vqa call and
-concurrent caption requests decode as one batch."""
+concurrent caption requests decode as one batch (their grounding is one detector call)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
-from glipv2.captioning import DEFAULT_MAX_LEN, MAX_BEAM
+from glipv2.captioning import MAX_BEAM
 from glipv2.runtime.batch import CaptionBatchItem, VqaBatchItem
+from glipv2.understanding import GROUNDING_SCORE_FLOOR, GroundedPhrase
 from service.batcher import MicroBatcher
 from service.deps import BackendDep, CaptionBatcherDep, LoaderDep, SettingsDep, VqaBatcherDep, require_api_key
 from service.errors import InvalidInput
 from service.routes.inputs import (ImageLoader, Source, check_image_count, error_responses, read_upload, source_of,
                                    timings, within_deadline)
-from service.schemas import (MAX_QUESTION_CHARS, MAX_TOP_ANSWERS, CaptionRequest, CaptionResponse, CaptionResult,
-                             ScoredAnswer, VQA_SCOPE, VqaRequest, VqaResponse, VqaResult)
+from service.schemas import (MAX_QUESTION_CHARS, MAX_TOP_ANSWERS, CaptionPhrase, CaptionRequest, CaptionResponse,
+                             CaptionResult, ScoredAnswer, ScoredBox, VQA_SCOPE, VqaRequest, VqaResponse, VqaResult)
 
 router = APIRouter(prefix="/v1", tags=["understanding"], dependencies=[Depends(require_api_key)])
 
@@ -47,20 +49,34 @@ def _max_len(backend, requested: int | None) -> int:
     limit = backend.caption_max_len
     if requested is not None and requested > limit:
         raise InvalidInput(f"max_len {requested} is over this model's limit of {limit} tokens", limit=limit)
-    return requested or min(DEFAULT_MAX_LEN, limit)
+    return requested or limit
+
+
+def caption_phrases(phrases: list[GroundedPhrase] | None) -> list[CaptionPhrase] | None:
+    """glipv2's grounded phrases as the API's (also the CLI's JSON)."""
+    if phrases is None:
+        return None
+    return [CaptionPhrase(phrase=p.text, span=list(p.span), count=p.count,
+                          box=p.boxes[0][0] if p.boxes else None, score=p.boxes[0][1] if p.boxes else None,
+                          boxes=[ScoredBox(box=b, score=s) for b, s in p.boxes])
+            for p in phrases]
 
 
 async def _caption(settings, backend, batcher: MicroBatcher, loader: ImageLoader, images: list[Source],
-                   max_len: int | None, beam_size: int) -> CaptionResponse:
+                   max_len: int | None, beam_size: int, grounded: bool = False) -> CaptionResponse:
     started = time.perf_counter()
     check_image_count(settings, len(images))
     length = _max_len(backend, max_len)
     loaded = await loader.load(images)
-    items = [CaptionBatchItem(im.pixels, beam_size, length) for im in loaded]
+    # Grounding: the detector on the same image, through the caption batcher (one detector
+    # call for the batch's grounded captions), every candidate above GLIP's evaluation floor.
+    ground = backend.manifest.postprocess_with(GROUNDING_SCORE_FLOOR) if grounded else None
+    items = [CaptionBatchItem(im.pixels, beam_size, length, ground, im.letterbox) for im in loaded]
     decoded = time.perf_counter()
     timed = await batcher.submit_many(items)
     results = [CaptionResult(width=im.size[0], height=im.size[1], caption=t.value.text,
-                             logprob=round(t.value.logprob, 4), num_tokens=t.value.num_tokens)
+                             logprob=round(t.value.logprob, 4), num_tokens=t.value.num_tokens,
+                             phrases=caption_phrases(t.value.phrases))
                for im, t in zip(loaded, timed)]
     return CaptionResponse(model=backend.manifest.preset, results=results,
                            timings=timings(started, decoded, time.perf_counter(), timed))
@@ -92,7 +108,8 @@ async def vqa_upload(
 async def caption(req: CaptionRequest, settings: SettingsDep, backend: BackendDep,
                   batcher: CaptionBatcherDep, loader: LoaderDep) -> CaptionResponse:
     return await within_deadline(settings, _caption(settings, backend, batcher, loader,
-                                                    [source_of(it) for it in req.images], req.max_len, req.beam_size))
+                                                    [source_of(it) for it in req.images], req.max_len, req.beam_size,
+                                                    req.grounded))
 
 
 @router.post("/caption/upload", response_model=CaptionResponse,
@@ -103,6 +120,7 @@ async def caption_upload(
     image: Annotated[UploadFile, File(description="JPEG, PNG or WebP file")],
     max_len: Annotated[int | None, Form(ge=1, le=255)] = None,
     beam_size: Annotated[int, Form(ge=1, le=MAX_BEAM)] = 1,
+    grounded: Annotated[bool, Form(description="also return each object phrase with its box and score")] = False,
 ) -> CaptionResponse:
     return await within_deadline(settings, _caption(settings, backend, batcher, loader, [await read_upload(image)],
-                                                    max_len, beam_size))
+                                                    max_len, beam_size, grounded))

@@ -1,6 +1,7 @@
 // Demo page: upload an image + prompt to /v1/detect/upload, draw the returned boxes
 // (xyxy pixels of the original image) on a canvas at the image's own resolution; ask a
-// question about the same image (/v1/vqa/upload) or caption it (/v1/caption/upload).
+// question about the same image (/v1/vqa/upload) or caption it (/v1/caption/upload; grounded:
+// the caption's object phrases drawn with their boxes).
 "use strict";
 const BOX_COLOUR = "#00ffff";  // cyan: none of the shapes world's colours
 const $ = (id) => document.getElementById(id);
@@ -154,8 +155,16 @@ function ask() {
 
 function caption() {
   return runTask($("caption-button"), $("caption"), "Captioning…", async () => {
-    const body = await upload("/v1/caption/upload", { beam_size: $("beam").value || "1" });
-    return "Caption: " + body.results[0].caption;
+    const grounded = $("grounded").checked;
+    const body = await upload("/v1/caption/upload", { beam_size: $("beam").value || "1", grounded: String(grounded) });
+    const r = body.results[0];
+    if (grounded) {
+      // Grounded caption: each object phrase's boxes, drawn and listed like detections.
+      const boxes = r.phrases.flatMap((p) => p.boxes.map((b) => ({ box: b.box, score: b.score, phrase: p.phrase })));
+      draw(await loadImage($("image").files[0]), boxes);
+      fillTable(boxes);
+    }
+    return "Caption: " + r.caption;
   });
 }
 

@@ -1,0 +1,96 @@
+"""Captions that name each object once and stop on a complete phrase (decode-time rules,
+glipv2.captioning.MentionRules), the phrase helpers they rest on, and grounded captions'
+box assignment (glipv2.understanding.grounded_phrases)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from glipv2.captioning import MentionRules, beam_search
+from glipv2.phrases import ends_on_phrase, mention_count, noun_phrases, repeated_mention
+from glipv2.postprocess import Detections
+from glipv2.understanding import caption_prompt, grounded_phrases
+from tests.test_understanding import MarkovEngine
+
+# A toy decoder over 8 words whose likeliest path repeats itself: "a red square and a red
+# square and ..." (after "square": "and" 0.9, end 0.1; after "red": "square" 0.9,
+# "circle" 0.1).
+PIECES = ["[SEP]", "a", "red", "square", "and", "circle", "another", "to"]
+END, A, RED, SQUARE, AND, CIRCLE, ANOTHER, TO = range(8)
+
+
+def _engine() -> MarkovEngine:
+    p = np.full((8, 8), 1e-9)
+    p[A, RED] = 1.0
+    p[RED, SQUARE], p[RED, CIRCLE] = 0.9, 0.1
+    p[SQUARE, AND], p[SQUARE, END] = 0.9, 0.1
+    p[CIRCLE, END] = 1.0
+    p[AND, A] = 1.0
+    first = np.full(8, 1e-9)
+    first[A] = 1.0
+    return MarkovEngine(np.log(p / p.sum(1, keepdims=True)), np.log(first / first.sum()))
+
+
+def _text(tokens):
+    return MentionRules(PIECES).text(tokens)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_rules_stop_a_repeated_mention(beam):
+    images = np.zeros((1, 3, 4, 4), np.uint8)
+    plain = beam_search(_engine(), images, END, max_len=12)[0]
+    assert repeated_mention(_text(plain.tokens))  # greedy without rules repeats itself
+    ruled = beam_search(_engine(), images, END, beam_size=beam, max_len=12, rules=MentionRules(PIECES))[0]
+    text = _text(ruled.tokens)
+    assert not repeated_mention(text) and ends_on_phrase(text)
+    assert text in ("a red square and a red circle", "a red square", "a red circle")
+
+
+def test_rules_end_on_a_complete_phrase_at_the_limit():
+    """Cut at 6 tokens the caption would end "... and a red"; with the rules it is the best
+    complete caption met on the way, with that caption's own log-probability."""
+    images = np.zeros((1, 3, 4, 4), np.uint8)
+    cut = beam_search(_engine(), images, END, max_len=6)[0]
+    assert _text(cut.tokens) == "a red square and a red"
+    ruled = beam_search(_engine(), images, END, max_len=6, rules=MentionRules(PIECES))[0]
+    assert _text(ruled.tokens) == "a red square"
+    assert ruled.logprob == pytest.approx(np.log(0.9 * 0.1), abs=1e-6)
+
+
+def test_rules_allow_another_and_wordpieces():
+    rules = MentionRules(["[SEP]", "a", "red", "he", "##xa", "##gon", "another", "and"])
+    assert rules.text([1, 2, 3, 4, 5]) == "a red hexagon"
+    seq = [1, 2, 3, 4, 5, 7, 6, 2, 3, 4]  # "a red hexagon and another red hexa"
+    assert rules.allows(seq, 5)  # "another red hexagon" names a second one
+    seq = [1, 2, 3, 4, 5, 7, 1, 2, 3, 4]
+    assert not rules.allows(seq, 5)  # "a red hexagon and a red hexagon"
+    assert rules.complete([1, 2, 3, 4, 5]) and not rules.complete([1, 2, 3, 4, 5, 7])
+
+
+def test_phrase_helpers():
+    assert repeated_mention("a red square and a red square")
+    assert repeated_mention("A red square, a Red  square")
+    assert not repeated_mention("a red square to the left of another red square")
+    assert not repeated_mention("two red squares and a red square")
+    assert not ends_on_phrase("a red square to the left of")
+    assert not ends_on_phrase("a red square and")
+    assert ends_on_phrase("a red square and two blue circles")
+    c = "two red squares, a blue circle and 3 stars"
+    assert [mention_count(c, s) for s in noun_phrases(c)] == [2, 1, 3]
+
+
+def test_grounded_phrases_give_each_mention_its_own_boxes():
+    caption = "a red square left of another red square and two blue circles"
+    prompt = caption_prompt(caption)
+    assert [caption[s:e] for [(s, e)] in prompt.phrase_spans] == ["red square", "red square", "blue circles"]
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60], [0, 0, 10, 10],
+                      [20, 20, 30, 30], [70, 70, 80, 80], [90, 90, 99, 99]], np.float32)
+    det = Detections(boxes, np.array([0.9, 0.8, 0.7, 0.95, 0.6, 0.5, 0.4], np.float32),
+                     np.array([0, 0, 0, 1, 1, 2, 2]))
+    first, second, plural = grounded_phrases(caption, prompt, det)
+    assert (first.text, first.count, first.boxes) == ("red square", 1, [([0.0, 0.0, 10.0, 10.0], 0.9)])
+    # the second mention's best box is the first one's: it takes its best other box
+    assert second.boxes == [([20.0, 20.0, 30.0, 30.0], 0.6)]
+    assert plural.count == 2 and [b for b, _ in plural.boxes] == [[70, 70, 80, 80], [90, 90, 99, 99]]
+    assert caption_prompt("to the left of") is None
