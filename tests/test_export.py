@@ -127,6 +127,12 @@ def test_same_detections_names_each_difference():
     assert same_detections(ref, variant(phrases=[0, 0])) == "phrases differ"
     assert same_detections(ref, variant(ref.boxes + [0, 0, 0.1, 0])).startswith("boxes differ by up to 0.100")
     assert same_detections(ref, variant(scores=[0.9, 0.501])).startswith("scores differ by up to 1.00e-03")
+    # two boxes of one phrase whose scores tie within float noise may come in either order
+    tie = variant(phrases=[0, 0], scores=[0.70001, 0.7])
+    swapped = variant(ref.boxes[::-1], [0.7, 0.70001], [0, 0])
+    assert same_detections(tie, swapped) is None
+    apart = variant(phrases=[0, 0])  # scores 0.9 and 0.5: no tie, the order is the boxes'
+    assert same_detections(apart, variant(ref.boxes[::-1], phrases=[0, 0])).startswith("boxes differ")
 
 
 def test_same_answers_and_captions_on_shapes_images(exported):
