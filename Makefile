@@ -82,6 +82,9 @@ val-data: $(DATA)/val/instances.json
 # grounding (28.5 minutes measured), then every task together, detection, grounding, VQA
 # and captioning, from those weights (15.5 minutes measured); evaluates the result on the
 # 500-image val split and writes the small demo checkpoint.
+# OMP_WAIT_POLICY=PASSIVE: with 2 threads on 2 shared cores, spinning OpenMP threads made
+# a step several times slower whenever another process held a core (measured).
+demo-model: export OMP_WAIT_POLICY = PASSIVE
 demo-model: setup val-data
 	$(PY) -m training.train --config configs/demo.json --out-dir $(RUN) --val-dir $(DATA)/val
 	$(PY) -m training.train --config configs/demo-multitask.json --init-from $(RUN)/best.pt \

@@ -67,7 +67,6 @@ class ModelConfig:
     vqa_answers: tuple[str, ...] = ()
     vqa_dim: int = 64
     vqa_layers: int = 2
-    vqa_relations: bool = False  # relation pooling in the VQA head (VqaHead._relation_pool)
     caption_tokens: tuple[int, ...] = ()  # WordPiece ids the decoder can emit (its shortlist)
     caption_start_id: int = 101  # [CLS] of the BERT uncased vocabulary starts a caption
     caption_end_id: int = 102  # [SEP] ends it
@@ -180,7 +179,6 @@ PRESETS: dict[str, ModelConfig] = {
         tower_groups=16,
         proj_dim=64,
         grounding_appearance=True,
-        vqa_relations=True,
     ),
     # Official GLIP-T (configs/pretrain/glip_Swin_T_O365.yaml): Swin-T, FPN P3-P7 at 256,
     # bert-base, 6 x [MHA-B fusion, BERT layer, DyConv], ATSS anchors 64..1024.

@@ -51,6 +51,10 @@ class TrainConfig:
     batch_size: int = 16  # per process, per micro-step
     grad_accum: int = 1
     max_steps: int = 2000
+    # Minutes of training (evaluations included) after which the run ends as if at
+    # max_steps: the cosine schedule follows whichever of steps and time is further along,
+    # so a run on a slower or busier machine still ends annealed, on time. 0 = steps only.
+    time_budget_min: float = 0.0
     warmup_steps: int = 100
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -104,12 +108,30 @@ def _vocabularies(seed: int, max_tokens: int) -> tuple[tuple[str, ...], tuple[in
 # --------------------------------------------------------------------------- schedule
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio at max_steps."""
+def lr_factor(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio at max_steps (or at the end of
+    the time budget, when time_fraction, the share of it used, is further along)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = max((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps), time_fraction)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class TrainClock:
+    """Training seconds so far, carried across resumes in the checkpoint."""
+
+    def __init__(self, budget_min: float, spent: float = 0.0) -> None:
+        self.budget = budget_min * 60.0
+        self.spent, self.start = spent, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.spent + time.perf_counter() - self.start
+
+    def fraction(self) -> float:
+        return self.seconds() / self.budget if self.budget > 0 else 0.0
+
+    def done(self) -> bool:
+        return self.budget > 0 and self.seconds() >= self.budget
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -284,7 +306,11 @@ def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any
     collate = Collator(tokenizer, model_cfg.image_hw, cfg.loss.mlm_fraction if mlm_on else 0.0, cfg.loss.mlm_probability,
                        model_cfg.vqa_answers, model_cfg.caption_tokens, model_cfg.caption_max_len)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    if cfg.time_budget_min > 0 and info.world_size > 1:
+        # Each process's clock would end its run (and set its learning rate) on its own.
+        raise ValueError("time_budget_min is for single-process runs; use max_steps with several processes")
+    clock = TrainClock(cfg.time_budget_min)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, clock.fraction()))
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -293,7 +319,8 @@ def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any
     if resume_from is not None:
         if ckpt.get("model_config") != model_cfg.to_dict():
             raise CheckpointError(f"{resume_from} was trained with another model config; use a new --out-dir")
-        if ckpt["step"] >= cfg.max_steps:
+        if ckpt["step"] >= cfg.max_steps or (cfg.time_budget_min > 0
+                                             and ckpt.get("train_seconds", 0.0) >= 60 * cfg.time_budget_min):
             raise RunFinished(f"{cfg.out_dir} is finished: step {ckpt['step']} of {cfg.max_steps} "
                               f"({resume_from}). Nothing to train; raise --max-steps to train further, or use a "
                               "new --out-dir for a new run")
@@ -307,6 +334,7 @@ def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any
         rng = ckpt["rng"]
         _set_rng_state(rng[info.rank % len(rng)] if isinstance(rng, list) else rng)
         step, best = ckpt["step"], _best_score(cfg, ckpt.get("best"))
+        clock.spent = ckpt.get("train_seconds", 0.0)
     elif cfg.init_from:
         init_weights(model, model_cfg, cfg.init_from)
 
@@ -341,7 +369,9 @@ def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any
     metrics: dict[str, Any] = {}
     if info.is_main and step:
         print(f"resuming {cfg.out_dir} from {resume_from} (step {step} of {cfg.max_steps})", file=sys.stderr)
-    while step < cfg.max_steps:
+    clock.start = time.perf_counter()
+    final = False
+    while not final:
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
@@ -369,10 +399,11 @@ def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any
         scaler.update()
         scheduler.step()
         step += 1
+        final = step == cfg.max_steps or clock.done()
         progress.update(1)
         progress.set_postfix(loss=f"{totals['total']:.3f}")
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0 or final:
             now = time.perf_counter()
             record = {k: all_reduce_mean(torch.tensor(v)).item() for k, v in totals.items()}
             record.update(step=step, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
@@ -382,10 +413,11 @@ def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any
             log.train(record)
             t_last, images_since = now, 0
         # Save before evaluating: an evaluation that fails must not cost the training.
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if step % cfg.save_every == 0 or final:
             save_checkpoint(checkpoint_dir(cfg) / f"step_{step:08d}.pt", model, model_cfg, optimizer, scheduler,
-                            scaler, step, best, cfg, metrics, rank=info.rank, world=info.world_size)
-        if cfg.val_dir and info.is_main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+                            scaler, step, best, cfg, metrics, rank=info.rank, world=info.world_size,
+                            train_seconds=clock.seconds())
+        if cfg.val_dir and info.is_main and ((cfg.eval_every and step % cfg.eval_every == 0) or final):
             metrics = evaluate_model(model, tokenizer, cfg)
             model.train()
             log.eval(step, metrics)
@@ -393,7 +425,7 @@ def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any
             if best is None or score > best:
                 best = score
                 save_checkpoint(Path(cfg.out_dir) / "best.pt", model, model_cfg, optimizer, scheduler, scaler,
-                                step, best, cfg, metrics)
+                                step, best, cfg, metrics, train_seconds=clock.seconds())
     progress.close()
     log.close()
     return metrics
@@ -470,7 +502,8 @@ def _anchors_per_level(cfg: ModelConfig) -> list[int]:
 
 
 def save_checkpoint(path: Path, model: GLIPv2, model_cfg: ModelConfig, optimizer, scheduler, scaler, step: int,
-                    best: float | None, cfg: TrainConfig, metrics: dict[str, Any], rank: int = 0, world: int = 1) -> None:
+                    best: float | None, cfg: TrainConfig, metrics: dict[str, Any], rank: int = 0, world: int = 1,
+                    train_seconds: float = 0.0) -> None:
     rng = _rng_state()
     if world > 1:  # every rank's RNG, so each resumes its own stream
         gathered: list[Any] = [None] * world
@@ -486,6 +519,7 @@ def save_checkpoint(path: Path, model: GLIPv2, model_cfg: ModelConfig, optimizer
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "step": step,
+        "train_seconds": train_seconds,
         "best": best,
         "rng": rng,
         "train_config": cfg.to_dict(),

@@ -52,16 +52,7 @@ class VqaHead(nn.Module):
         self.norm_tokens = nn.LayerNorm(d)
         self.norm_grounded = nn.LayerNorm(cfg.fpn_channels)
         n_count = len(cfg.strides) + 1
-        self.relations = cfg.vqa_relations
-        n_rel = 0
-        if self.relations:
-            # Which relation the question asks (left of, right of, above, below) from the
-            # [ANSWER] token; how sharply "left of" cuts at the subject's centre.
-            self.relation_select = nn.Linear(d, 4)
-            self.relation_sharpness = nn.Parameter(torch.tensor(20.0))
-            self.norm_related = nn.LayerNorm(cfg.fpn_channels)
-            n_rel = cfg.fpn_channels + 3
-        self.classifier = nn.Sequential(nn.Linear(2 * d + cfg.fpn_channels + 3 + n_count + n_rel, 2 * d), nn.GELU(),
+        self.classifier = nn.Sequential(nn.Linear(2 * d + cfg.fpn_channels + 3 + n_count, 2 * d), nn.GELU(),
                                         nn.Linear(2 * d, len(cfg.vqa_answers)))
 
     def forward(self, looks: list[torch.Tensor], boxes: torch.Tensor, logits: torch.Tensor, centerness: torch.Tensor,
@@ -109,32 +100,7 @@ class VqaHead(nn.Module):
         # feature channels would drown it.
         c = grounded.shape[-1] - 3
         grounded = torch.cat([self.norm_grounded(grounded[:, :c]), grounded[:, c:]], dim=-1)
-        parts = [self.norm(q[:, 0]), self.norm_tokens(tokens), grounded, counts]
-        if self.relations:
-            related = self._relation_pool(subject.softmax(-1), boxes, centerness, visual, q[:, 0])
-            parts.append(torch.cat([self.norm_related(related[:, :c]), related[:, c:]], dim=-1))
-        return self.classifier(torch.cat(parts, dim=-1))
-
-    def _relation_pool(self, subject: torch.Tensor, boxes: torch.Tensor, centerness: torch.Tensor,
-                       visual: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-        """What lies in the asked direction of the question's subject ("what shape is left
-        of the blue circle?"): anchors pooled by object-centre score x how far they lie on
-        that side of the subject's centre, for each of the four relations, mixed by the
-        relation the question asks. [B, C + 3].
-
-        Measured: attention alone answered these questions 19% of the time; finding "the
-        object left of X" from 1,344 anchors by learned attention was out of reach of a
-        CPU budget, this gives it the comparison directly."""
-        g = self._geometry(boxes)  # [B, A, 5]: cx, cy in [0, 1]
-        centre = torch.matmul(subject[:, None], g[..., :2])  # [B, 1, 2]: the subject's centre
-        dx, dy = (centre - g[..., :2]).unbind(-1)  # [B, A]: > 0 when the anchor is left of / above it
-        offsets = torch.stack([dx, -dx, dy, -dy], dim=1)  # [B, 4, A]: left of, right of, above, below
-        log_w = (nn.functional.logsigmoid(centerness)[:, None]
-                 + nn.functional.logsigmoid(offsets * self.relation_sharpness)
-                 + torch.log1p(-subject.clamp(max=1 - 1e-4))[:, None])  # not the subject itself
-        pooled = torch.matmul(log_w.softmax(-1), visual)  # [B, 4, C + 3]
-        pick = self.relation_select(answer).softmax(-1)  # [B, 4]
-        return (pick[..., None] * pooled).sum(1)
+        return self.classifier(torch.cat([self.norm(q[:, 0]), self.norm_tokens(tokens), grounded, counts], dim=-1))
 
     def _token_weights(self, fused_text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """A learned softmax over the question's real tokens: which ones name the subject."""
