@@ -13,6 +13,7 @@
       caption/1/model.py            export/triton_python/caption.py, calling caption_start /
       caption/1/glipv2_captioning.py  caption_step in-process (BLS) with glipv2/captioning.py's
                                     beam search (copied as is: the Triton image has no glipv2)
+      caption/1/glipv2_phrases.py   glipv2/phrases.py as is: the decode rules' text tests
 
 One template (export/templates/config.pbtxt) serves every flavour:
 
@@ -52,7 +53,8 @@ from glipv2.postprocess import SERVING_SCORE_THRESHOLD, PostprocessConfig
 from glipv2.runtime.graphs import CAPTION, CAPTION_START, CAPTION_STEP, caption_loop_spec, inputs_of, opt_batch, outputs_of
 from glipv2.runtime.manifest import (FORMAT, MANIFEST_FILE, CaptionSpec, CheckpointInfo, DynamicAxis, GraphEntry,
                                      ImageLayout, Manifest, Normalisation, TensorSpec)
-from glipv2.text import DEFAULT_BUCKETS, MAX_TOKENS, default_tokenizer_path
+from glipv2.text import DEFAULT_BUCKETS, MAX_TOKENS, Tokenizer, default_tokenizer_path
+from glipv2.understanding import caption_pieces
 
 __all__ = [
     "FORMAT",
@@ -85,6 +87,7 @@ PYTHON_MODEL = HERE / "triton_python" / "model.py"
 CAPTION_MODEL = HERE / "triton_python" / "caption.py"
 PB_TENSORS = HERE / "triton_python" / "pb_tensors.py"
 CAPTIONING = PROJECT_ROOT / "glipv2" / "captioning.py"
+PHRASES = PROJECT_ROOT / "glipv2" / "phrases.py"  # the caption rules' text tests (stdlib only)
 
 # Hand-written files of a repository folder that re-rendering keeps (README, .gitignore).
 KEPT_FILES = ("README.md", ".gitignore")
@@ -148,7 +151,8 @@ def python_files(name: str, flavour: str) -> dict[str, Path]:
     """{file name in <model>/1/: source} of a model's python-backend files (none for a
     graph served by a GPU flavour's own backend)."""
     if name == CAPTION:
-        return {"model.py": CAPTION_MODEL, "pb_tensors.py": PB_TENSORS, "glipv2_captioning.py": CAPTIONING}
+        return {"model.py": CAPTION_MODEL, "pb_tensors.py": PB_TENSORS, "glipv2_captioning.py": CAPTIONING,
+                "glipv2_phrases.py": PHRASES}
     return {"model.py": PYTHON_MODEL, "pb_tensors.py": PB_TENSORS} if flavour == "cpu" else {}
 
 
@@ -194,9 +198,14 @@ def _tensor_block(name: str, dtype: str, dims: list[int], extra: str = "") -> st
     return "\n".join(lines)
 
 
+def _quoted(value: str) -> str:
+    """A protobuf text-format string body: backslashes and quotes escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def _parameters(params: Mapping[str, str], indent: str = "") -> str:
     return "\n".join(
-        f'{indent}parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items()
+        f'{indent}parameters {{ key: "{k}" value: {{ string_value: "{_quoted(v)}" }} }}' for k, v in params.items()
     )
 
 
@@ -276,6 +285,8 @@ def render_config(
             "step_outputs": ",".join(outputs_of(CAPTION_STEP)),
             "end_index": str(list(model_cfg.caption_tokens).index(model_cfg.caption_end_id)),
             "max_len": str(model_cfg.caption_max_len - 1),
+            # the shortlist's WordPiece strings: the decode rules (glipv2.captioning.MentionRules)
+            "pieces": " ".join(caption_pieces(Tokenizer(), model_cfg.caption_tokens)),  # WordPieces hold no spaces
         })
     elif flavour == "cpu":
         platform_line = 'backend: "python"'

@@ -18,11 +18,9 @@ imports numpy only: `make export` copies it into that Triton model's folder as i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
-
-from glipv2.phrases import ends_on_phrase, repeated_mention
 
 DEFAULT_MAX_LEN = 30
 MAX_BEAM = 5  # Triton's caption_step batch limit is max_batch_size x MAX_BEAM
@@ -90,10 +88,13 @@ class MentionRules:
       square") is never chosen; "another red square" stays allowed (glipv2.phrases);
     - the end token only follows a noun phrase's last word (not "... and a", not "... to
       the left of"). At the length limit a hypothesis that is still inside a phrase gives
-      way to the best complete caption seen on the way (see beam_search)."""
+      way to the best complete caption seen on the way (see beam_search).
+    The text tests are glipv2.phrases' repeated_mention and ends_on_phrase, passed in: this
+    module imports numpy only (Triton's caption model gets phrases.py beside it)."""
 
-    def __init__(self, pieces: Sequence[str]) -> None:
+    def __init__(self, pieces: Sequence[str], repeated: Callable[[str], bool], ends_well: Callable[[str], bool]) -> None:
         self.pieces = [p or "" for p in pieces]
+        self.repeated, self.ends_well = repeated, ends_well
 
     def text(self, tokens: Sequence[int]) -> str:
         out = ""
@@ -103,10 +104,10 @@ class MentionRules:
         return out.strip()
 
     def allows(self, tokens: Sequence[int], token: int) -> bool:
-        return not repeated_mention(self.text([*tokens, token]))
+        return not self.repeated(self.text([*tokens, token]))
 
     def complete(self, tokens: Sequence[int]) -> bool:
-        return ends_on_phrase(self.text(tokens))
+        return self.ends_well(self.text(tokens))
 
 
 def beam_search(engine: CaptionEngine, images: np.ndarray, end_index: int, beam_size: int = 1,

@@ -11,7 +11,7 @@ import numpy as np
 from glipv2.boxes import box_iou
 from glipv2.captioning import CaptionEngine, CaptionLoop, MentionRules, decode
 from glipv2.image import letterbox_batch
-from glipv2.phrases import mention_count, noun_phrases
+from glipv2.phrases import ends_on_phrase, mention_count, noun_phrases, repeated_mention
 from glipv2.postprocess import Detections
 from glipv2.text import Prompt, Tokenizer, prompt_from_spans
 
@@ -90,6 +90,11 @@ def rank_answers(logits: np.ndarray, answers: Sequence[str], top_k: int = 5) -> 
     return out
 
 
+def caption_pieces(tokenizer: Tokenizer, caption_tokens: Sequence[int]) -> list[str]:
+    """The decoder shortlist's WordPiece strings, what MentionRules reads."""
+    return [tokenizer.id_to_token(int(i)) or "" for i in caption_tokens]
+
+
 class CaptionPipeline:
     def __init__(self, engine: CaptionEngine | CaptionLoop, image_hw: tuple[int, int], caption_tokens: Sequence[int],
                  max_positions: int, end_id: int, tokenizer: Tokenizer | None = None) -> None:
@@ -101,7 +106,7 @@ class CaptionPipeline:
         self.token_ids = np.asarray(caption_tokens, dtype=np.int64)
         self.end_index = list(caption_tokens).index(end_id)
         # No object named twice, no caption ending inside a phrase (glipv2.captioning).
-        self.rules = MentionRules([self.tokenizer.id_to_token(int(i)) for i in caption_tokens])
+        self.rules = MentionRules(caption_pieces(self.tokenizer, caption_tokens), repeated_mention, ends_on_phrase)
 
     def caption(self, images: Sequence[np.ndarray], beam_size: int = 1,
                 max_len: int | Sequence[int] | None = None) -> list[Caption]:

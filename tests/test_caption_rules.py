@@ -7,11 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from glipv2.captioning import MentionRules, beam_search
+from glipv2.captioning import MentionRules as _Rules, beam_search
 from glipv2.phrases import ends_on_phrase, mention_count, noun_phrases, repeated_mention
 from glipv2.postprocess import Detections
 from glipv2.understanding import caption_prompt, grounded_phrases
 from tests.test_understanding import MarkovEngine
+
+
+def MentionRules(pieces):  # noqa: N802 - the rules as CaptionPipeline builds them
+    return _Rules(pieces, repeated_mention, ends_on_phrase)
 
 # A toy decoder over 8 words whose likeliest path repeats itself: "a red square and a red
 # square and ..." (after "square": "and" 0.9, end 0.1; after "red": "square" 0.9,

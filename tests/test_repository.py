@@ -23,6 +23,7 @@ from export.repository import (
     MODELS,
     CAPTION_MODEL,
     CAPTIONING,
+    PHRASES,
     PB_TENSORS,
     PYTHON_MODEL,
     BatchingSettings,
@@ -317,8 +318,9 @@ def test_render_writes_a_complete_repository(rendered):
     assert (rendered / "tokenizer.json").read_bytes() == default_tokenizer_path().read_bytes()
     # the caption loop: its model, the tensor helpers and glipv2/captioning.py as is, no ONNX of its own
     loop = rendered / "caption" / "1"
-    assert sorted(p.name for p in loop.iterdir() if p.suffix == ".py") == ["glipv2_captioning.py", "model.py",
-                                                                            "pb_tensors.py"]
+    assert sorted(p.name for p in loop.iterdir() if p.suffix == ".py") == ["glipv2_captioning.py", "glipv2_phrases.py",
+                                                                            "model.py", "pb_tensors.py"]
+    assert (loop / "glipv2_phrases.py").read_bytes() == PHRASES.read_bytes()
     assert (loop / "model.py").read_bytes() == CAPTION_MODEL.read_bytes()
     assert (loop / "glipv2_captioning.py").read_bytes() == CAPTIONING.read_bytes()
     assert (loop / "pb_tensors.py").read_bytes() == PB_TENSORS.read_bytes()
@@ -652,7 +654,7 @@ def caption_loop(rendered):
     process), initialised with the stand-in pb_utils."""
     mp = pytest.MonkeyPatch()
     mp.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    for name in ("pb_tensors", "glipv2_captioning"):  # the rendered copies, imported afresh
+    for name in ("pb_tensors", "glipv2_captioning", "glipv2_phrases"):  # the rendered copies, imported afresh
         mp.delitem(sys.modules, name, raising=False)
     try:
         spec = importlib.util.spec_from_file_location("_triton_caption", rendered / "caption" / "1" / "model.py")
@@ -672,9 +674,12 @@ def test_caption_loop_model_batches_requests_and_equals_the_gateways_decoder(cap
     """Images of all requests with the same beam size decode in one lockstep batch (one
     caption_start call per beam size); every image's caption equals glipv2.captioning's
     beam search over the embedded engine; a bad request gets its own error."""
-    from glipv2.captioning import beam_search
+    from glipv2.captioning import MentionRules, beam_search
     from glipv2.image import letterbox
+    from glipv2.phrases import ends_on_phrase, repeated_mention
     from glipv2.runtime.onnx import OrtEngine
+    from glipv2.text import Tokenizer
+    from glipv2.understanding import caption_pieces
     from training import shapes_world as sw
 
     rng = np.random.default_rng(31)
@@ -699,11 +704,16 @@ def test_caption_loop_model_batches_requests_and_equals_the_gateways_decoder(cap
         assert r.has_error() and needle in r.error().message(), r.error().message()
     ort = OrtEngine(rendered).captioner
     end = caption_loop.end_index
+    # the same decode rules as the embedded backend's, from the same shortlist strings
+    manifest = json.loads((rendered / "manifest.json").read_text())
+    pieces = caption_pieces(Tokenizer(), manifest["caption"]["tokens"])
+    assert caption_loop.rules.pieces == pieces
+    rules = MentionRules(pieces, repeated_mention, ends_on_phrase)
     for r, idx, beam, limits in ((responses[0], [0, 1], 1, [20, 3]), (responses[1], [2], 3, [20]),
                                  (responses[3], [3], 1, [20])):
         out = _ok(r)
         for row, (i, limit) in enumerate(zip(idx, limits)):
-            (want,) = beam_search(ort, images[i:i + 1], end, beam, limit)
+            (want,) = beam_search(ort, images[i:i + 1], end, beam, limit, rules=rules)
             n = int(out["num_tokens"][row, 0])
             assert n == len(want.tokens) <= limit
             assert out["tokens"][row, :n].tolist() == want.tokens and (out["tokens"][row, n:] == -1).all()

@@ -42,7 +42,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the files rendered next to this one
-from glipv2_captioning import MAX_BEAM, beam_search  # noqa: E402
+from glipv2_captioning import MAX_BEAM, MentionRules, beam_search  # noqa: E402
+from glipv2_phrases import ends_on_phrase, repeated_mention  # noqa: E402
 from pb_tensors import as_numpy, error_response, to_tensor  # noqa: E402
 
 
@@ -132,6 +133,8 @@ class TritonPythonModel:
             self.engine = CaptionGraphs(*graphs)
             self.end_index = int(params["end_index"])
             self.max_len = int(params["max_len"])
+            # the same decode rules as the embedded backend (glipv2.understanding.CaptionPipeline)
+            self.rules = MentionRules(params["pieces"].split(" "), repeated_mention, ends_on_phrase)
         except (KeyError, ValueError) as exc:
             raise pb_utils.TritonModelException(f"{self.name}: bad or missing config parameter: {exc}") from None
         # tensor names in call order, as the config lists them (rendered from glipv2.runtime.graphs)
@@ -182,7 +185,7 @@ class TritonPythonModel:
             group = [r for r in rows if r[3] == beam]
             try:
                 hyps = beam_search(self.engine, np.ascontiguousarray(np.stack([r[2] for r in group])),
-                                   self.end_index, beam, [r[4] for r in group])
+                                   self.end_index, beam, [r[4] for r in group], rules=self.rules)
             except Exception as exc:  # noqa: BLE001 - becomes the error of this group's requests
                 for r in group:
                     failed.setdefault(r[0], f"{self.name}: decoding failed: {exc}")
