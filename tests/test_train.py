@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.train import TrainConfig, config_from_args, lr_factor, main, train
+from training.train import RunFinished, TrainConfig, config_from_args, lr_factor, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--model", "image_hw=[128,128]", "--workers", "0", "--threads", "2", "--batch-size", "4",
@@ -126,6 +126,28 @@ def test_schedule_warms_up_then_decays():
     assert lr_factor(10, cfg) == pytest.approx(1.0)
     assert lr_factor(55, cfg) == pytest.approx(0.55)
     assert lr_factor(100, cfg) == pytest.approx(0.1)
+    # a time budget half used is half way down the cosine, whatever the step
+    assert lr_factor(10, cfg, time_fraction=0.5) == pytest.approx(0.55)
+    assert lr_factor(80, cfg, time_fraction=0.5) == lr_factor(80, cfg)  # steps further along win
+    assert lr_factor(20, cfg, time_fraction=1.5) == pytest.approx(0.1)
+
+
+def test_time_budget_ends_the_run_annealed(tmp_path):
+    """A run whose time budget is spent ends there (step count not reached), its last
+    step saved with the seconds it trained, at the schedule's final learning rate; asked
+    to run again it says it is finished."""
+    cfg = config_from_args([*SMALL, "--out-dir", str(tmp_path), "--max-steps", "100000", "--save-every", "1000",
+                            "--time-budget-min", "0.2", "--warmup-steps", "1"])
+    train(cfg)
+    records = [r for r in _records(tmp_path) if r["kind"] == "train"]
+    last = records[-1]
+    assert 1 <= last["step"] < 100000
+    assert last["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=0.05)
+    (ckpt,) = (tmp_path / "checkpoints").glob("step_*.pt")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert saved["step"] == last["step"] and 12.0 <= saved["train_seconds"] < 120.0
+    with pytest.raises(RunFinished):
+        train(cfg)
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
