@@ -718,4 +718,6 @@ def test_caption_loop_model_batches_requests_and_equals_the_gateways_decoder(cap
             assert n == len(want.tokens) <= limit
             assert out["tokens"][row, :n].tolist() == want.tokens and (out["tokens"][row, n:] == -1).all()
             assert abs(out["logprob"][row, 0] - want.logprob) < 1e-4
-    assert _ok(responses[0])["num_tokens"][1, 0] == 3  # its own limit, not its batch neighbour's
+    first = _ok(responses[0])["num_tokens"]
+    # its own limit, not its batch neighbour's (within it, the rules end it on a whole phrase)
+    assert first[1, 0] <= 3 < first[0, 0]
