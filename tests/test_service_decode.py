@@ -131,3 +131,25 @@ def test_boxes_in_original_pixels_of_a_large_jpeg():
     boxes_b = np.array([d["box"] for d in b["detections"]]) / 8
     for d in confident:  # each confident box of the small image is found again, 8x larger
         assert np.abs(boxes_b - np.array(d["box"])).max(axis=1).min() < 3.0, (d, boxes_b)
+
+
+@pytest.mark.skipif(not (REPO / "detector" / "1" / "model.onnx").is_file(), reason="run `make export`")
+def test_the_gateway_letterboxes_with_the_manifests_layout(tmp_path):
+    """The app hands the manifest's pad_value and max_side to its image loader (what an
+    official GLIP-T repository needs): the demo graphs under a manifest that asks for
+    per-channel padding and a long-side cap."""
+    import asyncio
+    import json
+
+    for entry in REPO.iterdir():
+        if entry.name != "manifest.json":
+            (tmp_path / entry.name).symlink_to(entry)
+    manifest = json.loads((REPO / "manifest.json").read_text())
+    manifest["image"].update(pad_value=[10, 20, 30], max_side=100)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with TestClient(create_app(Settings(repository=tmp_path, threads=1))) as c:
+        (loaded,) = asyncio.run(c.app.state.loader.load([_png(_photo(300, 200))]))
+    th, tw = manifest["image"]["hw"]
+    assert loaded.letterbox.resized_hw == (67, 100) and loaded.pixels.shape == (3, th, tw)
+    assert (loaded.pixels[:, 67:, :] == np.array([10, 20, 30], np.uint8)[:, None, None]).all()
+    assert (loaded.pixels[:, :, 100:] == np.array([10, 20, 30], np.uint8)[:, None, None]).all()
