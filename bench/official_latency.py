@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running {kind} ...", flush=True)
             t0 = time.perf_counter()
             rows[kind] = _child(kind, args, work)
-            print(f"  {kind}: median {statistics.median(rows[kind]['times_ms']):.0f} ms, "
-                  f"{time.perf_counter() - t0:.0f} s in all", flush=True)
+            got = (f"median {statistics.median(rows[kind]['times_ms']):.0f} ms" if "times_ms" in rows[kind]
+                   else f"failed: {rows[kind].get('error')}")
+            print(f"  {kind}: {got}, {time.perf_counter() - t0:.0f} s in all", flush=True)
         a, b = np.load(Path(work) / "torch_out.npz"), np.load(Path(work) / "ort_out.npz")
         parity = {name: float(np.abs(a[f"arr_{i}"] - b[f"arr_{i}"]).max())
                   for i, name in enumerate(("boxes", "logits", "centerness"))}
