@@ -74,5 +74,9 @@ def test_caption_object_recall_reads_colour_shape_mentions():
                                  {"image_id": 2, "category_id": 1, "colour": "green"}]}
     got = caption_object_recall({1: "a red circle above two yellow stars", 2: "a green circle"}, instances)
     # shapes: circle, star (image 1) + circle (image 2): 3 of 3; pairs: red circle, blue star,
-    # green circle: red circle and green circle named, "yellow stars" is the wrong colour -> 2 of 3
-    assert got == {"caption_shape_recall": 1.0, "caption_pair_recall": pytest.approx(2 / 3)}
+    # green circle: red circle and green circle named, "yellow stars" is the wrong colour -> 2 of 3;
+    # named pairs: red circle, yellow star, green circle, 2 of them drawn -> precision 2 of 3;
+    # no phrase named twice, both captions end on a complete phrase
+    assert got == {"caption_shape_recall": 1.0, "caption_pair_recall": pytest.approx(2 / 3),
+                   "caption_pair_precision": pytest.approx(2 / 3), "caption_repeats": 0.0,
+                   "caption_unfinished": 0.0}

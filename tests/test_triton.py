@@ -400,8 +400,11 @@ def test_caption_model_decodes_inside_triton_in_batches(graphs, request, reposit
     dynamic batcher, preferred batch 8); every caption equals beam_search over ONNX Runtime;
     the graphs are called in-process (onnxruntime: caption_step never sees a request) or
     through Triton (BLS: caption_step runs inside the server, no network in between)."""
-    from glipv2.captioning import beam_search
+    from glipv2.captioning import MentionRules, beam_search
+    from glipv2.phrases import ends_on_phrase, repeated_mention
     from glipv2.runtime.manifest import Manifest
+    from glipv2.text import Tokenizer
+    from glipv2.understanding import caption_pieces
 
     srv = request.getfixturevalue("server" if graphs == "onnxruntime" else "bls_server")
     images = _images(MAX_BATCH, image_hw, seed=21)
@@ -426,8 +429,10 @@ def test_caption_model_decodes_inside_triton_in_batches(graphs, request, reposit
         assert delta["caption_step"]["executions"] >= 3 and max(delta["caption_step"]["batch_sizes"]) > MAX_BATCH
     caption = Manifest.load(repository).caption
     end = list(caption.tokens).index(caption.end_id)
+    # the caption model decodes under the same rules as the embedded backend's CaptionPipeline
+    rules = MentionRules(caption_pieces(Tokenizer(), caption.tokens), repeated_mention, ends_on_phrase)
     for img, n, got in zip(images, limits, results):
-        (want,) = beam_search(ort.captioner, img, end, beam, n)
+        (want,) = beam_search(ort.captioner, img, end, beam, n, rules=rules)
         k = int(got["num_tokens"][0, 0])
         assert got["tokens"][0, :k].tolist() == want.tokens and k <= n
         assert abs(float(got["logprob"][0, 0]) - want.logprob) < 1e-4
