@@ -24,7 +24,6 @@ are printed, and one row per backend is appended to runs/bench/caption_throughpu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.output import add_record_flag, results_file
+from bench.output import add_record_flag, append_records
 from glipv2.image import letterbox
 from glipv2.runtime.batch import CaptionBatchItem
 from service.backends.embedded import EmbeddedBackend
@@ -144,12 +143,7 @@ def _run(args: argparse.Namespace, backends: dict) -> int:
               + (f"; {row[f'batched_over_{args.backends[0]}']:.2f}x {args.backends[0]}" if len(backends) > 1 else ""))
     print(f"(load average {load:.2f} over the last minute)")
     if not args.no_save:
-        out = results_file("caption_throughput.jsonl", args.record)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"appended to {out}")
-        with out.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        append_records("caption_throughput.jsonl", rows, args.record)
     return 0
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from bench.output import add_record_flag, results_file
+from bench.output import add_record_flag, append_records
 
 SIZES = ((640, 480), (1920, 1080), (4032, 3024))
 PROMPT = "red circle. blue square. green triangle. star."
@@ -318,11 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     row["targets"] = targets(row)
     print_table(row)
     if not args.no_save:
-        results = results_file("gateway.jsonl", args.record)
-        results.parent.mkdir(parents=True, exist_ok=True)
-        print(f"appended to {results}")
-        with results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_records("gateway.jsonl", [row], args.record)
     return 0
 
 

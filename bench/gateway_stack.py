@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.gateway import Client, free_port, json_body, load, photo_jpeg, start_gateway
-from bench.output import add_record_flag, results_file
+from bench.output import add_record_flag, append_records
 
 FEATURES = ("uvloop", "httptools", "orjson")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -162,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{f[k]:.1f}" + (f" ({f[k] / base[k]:.2f}x)" if base else "") for k in keys]
         print(f"{stack:<18}" + "".join(f"{c:>19}" for c in cells))
     if not args.no_save:
-        out = results_file("gateway_stack.jsonl", args.record)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        print(f"appended to {out}")
+        append_records("gateway_stack.jsonl", [row], args.record)
     return 0
 
 

@@ -33,7 +33,7 @@ from unittest import mock
 
 import numpy as np
 
-from bench.output import add_record_flag, results_file
+from bench.output import add_record_flag, append_records
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ROOT / "tests" / "fixtures" / "official_glip" / "glip_t_keys.json"
@@ -321,11 +321,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{record['ratio_gdino_over_glip_ort']:.2f}x; ORT vs PyTorch max |diff| {parity}")
     print(f"GLIP-T ONNX op check: {rows['torch'].get('trt_op_check')}; Grounding DINO ONNX: "
           f"{rows['gdino'].get('onnx_export', 'not attempted')}")
-    out = results_file("official_latency.jsonl", args.record)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {out}")
+    append_records("official_latency.jsonl", [record], args.record)
     return 0
 
 

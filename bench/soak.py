@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.output import add_record_flag, results_file
+from bench.output import add_record_flag, append_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -515,11 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         record["results"][name] = SCENARIOS[name](args, args.code)
         print(f"  {name}: {record['results'][name]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if not args.no_save:
-        results = results_file("soak.jsonl", args.record)
-        results.parent.mkdir(parents=True, exist_ok=True)
-        print(f"appended to {results}")
-        with results.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_records("soak.jsonl", [record], args.record)
     return 0
 
 
