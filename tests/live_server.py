@@ -4,10 +4,26 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
+
+
+def wait_until_ok(url: str, *, timeout_s: float, alive: Callable[[], bool] = lambda: True,
+                  context: Callable[[], str] = lambda: "", interval_s: float = 0.2) -> None:
+    """Polls GET url until it answers 200. Fails the test, with context() (a server log),
+    as soon as alive() turns false (the server exited) or after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert alive(), f"the server exited before {url} answered 200\n{context()}"
+        assert time.monotonic() < deadline, f"{url} did not answer 200 in {timeout_s:g} s\n{context()}"
+        time.sleep(interval_s)
 
 
 @contextmanager
@@ -22,16 +38,8 @@ def serve_in_thread(app, ready_timeout_s: float = 120.0) -> Iterator[str]:
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + ready_timeout_s
     try:
-        while True:
-            try:
-                if httpx.get(base + "/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not become ready"
-            time.sleep(0.1)
+        wait_until_ok(base + "/health/ready", timeout_s=ready_timeout_s, alive=thread.is_alive, interval_s=0.1)
         yield base
     finally:
         srv.should_exit = True

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tests.live_server import wait_until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -49,16 +50,8 @@ def official_server(tmp_path_factory):
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"make serve exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(base + "/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        wait_until_ok(base + "/health/ready", timeout_s=READY_TIMEOUT_S, alive=lambda: proc.poll() is None,
+                      context=lambda: log.read_text()[-3000:], interval_s=1)
         # the README's default: <checkpoint>-model_repository next to the file
         yield pth, tmp / "glip_tiny_model_o365_goldg-model_repository", base
     finally:

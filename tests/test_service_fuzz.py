@@ -20,7 +20,6 @@ import base64
 import io
 import os
 import re
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -30,7 +29,6 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from hypothesis.errors import Unsatisfiable  # noqa: E402
 from PIL import Image  # noqa: E402
 from schemathesis.checks import positive_data_acceptance  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
@@ -39,6 +37,7 @@ from schemathesis.python import asgi as st_asgi  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.schemas import IMAGE_FORMAT  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from tests.schema_runs import run_operation  # noqa: E402
 from tests.test_service import REPO, pytestmark  # noqa: E402,F401 (skip without ONNX files)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,14 +120,7 @@ def test_fuzz_all_checks(api_schema, method, path, mode):
         response = case.call_and_validate(excluded_checks=[positive_data_acceptance], timeout=120)
         COUNTS[(path, response.status_code)] += 1
 
-    started = time.perf_counter()
-    try:
-        run()
-    except Unsatisfiable:
-        if mode != GenerationMode.NEGATIVE:
-            raise
-        pytest.skip(f"{method} {path}: no negative data (the operation has no inputs)")
-    print(f"\n{method} {path} [{mode}]: {time.perf_counter() - started:.2f}s")
+    run_operation(run, method, path, mode)
 
 
 def test_fuzz_reached_inference(api_schema):

@@ -23,6 +23,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.backends.embedded import EmbeddedBackend
+from tests.live_server import wait_until_ok
 from tests.test_service import REPO, _settings, pytestmark  # noqa: F401 (skip without ONNX files)
 
 
@@ -257,15 +258,8 @@ def test_sigterm_drains_requests_in_flight(tmp_path):
                             stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("server not ready:\n" + (tmp_path / "server.log").read_text())
+        wait_until_ok(url + "/health/ready", timeout_s=60, alive=lambda: proc.poll() is None,
+                      context=(tmp_path / "server.log").read_text)
         result: dict = {}
 
         def call():
@@ -332,15 +326,8 @@ def test_door_sheds_in_the_protocol_layer_while_saturated(tmp_path):
                             stderr=subprocess.STDOUT)
     url, headers = f"http://127.0.0.1:{port}", {"X-API-Key": key}
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health/live", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()
-            time.sleep(0.2)
+        wait_until_ok(url + "/health/live", timeout_s=90, alive=lambda: proc.poll() is None,
+                      context=(tmp_path / "server.log").read_text)
         httpx.post(url + "/v1/detect", json=_detect_body(SMALL), headers=headers, timeout=60)  # warm-up
 
         admitted: list = []

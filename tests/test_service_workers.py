@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.live_server import wait_until_ok
 
 from tests.test_service import triton_server  # noqa: F401 (fixture: the session's real tritonserver)
 
@@ -63,15 +64,7 @@ def test_triton_backend_serves_from_several_workers(triton_server):  # noqa: F81
                                      GLIPV2_TRITON_URL=triton_server.url_grpc))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, "the gateway exited"
-            time.sleep(0.5)
+        wait_until_ok(f"{url}/health/ready", timeout_s=120, alive=lambda: proc.poll() is None, interval_s=0.5)
         assert len(_children(proc.pid)) == 2
         buf = io.BytesIO()
         Image.fromarray(np.full((64, 80, 3), 120, np.uint8)).save(buf, "PNG")
