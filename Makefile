@@ -8,7 +8,7 @@ DATA   := data/shapes
 RUN    ?= runs/demo
 CHECKPOINT ?= demo/tiny.pt
 
-.PHONY: setup test test-all demo-model demo-model-update train evaluate val-data clean serve bench mutants
+.PHONY: setup test test-all demo-model train evaluate val-data clean serve bench mutants
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -81,7 +81,7 @@ val-data: $(DATA)/val/instances.json
 # Trains the tiny preset on the shapes world in two stages on a 2-core CPU: detection and
 # grounding, then every task together, detection, grounding, VQA and captioning, from
 # those weights; each stage ends at its step count or its time budget (time_budget_min in
-# the configs: 25 + 13 minutes), whichever comes first, with the learning rate annealed on
+# the configs: 25 + 20 minutes), whichever comes first, with the learning rate annealed on
 # the way; evaluates the result on the 500-image val split and writes the demo checkpoint.
 # OMP_WAIT_POLICY=PASSIVE: with 2 threads on 2 shared cores, spinning OpenMP threads made
 # a step several times slower whenever another process held a core (measured).
@@ -92,16 +92,6 @@ demo-model: setup val-data
 		--out-dir $(RUN)-multitask --val-dir $(DATA)/val
 	$(PY) -m training.evaluate --checkpoint $(RUN)-multitask/best.pt --data $(DATA)/val --out $(RUN)-multitask/eval.json
 	$(PY) -m training.release --checkpoint $(RUN)-multitask/best.pt --out $(CHECKPOINT)
-
-# What made the committed demo model of 2026-11-30 (README, "The demo model"): the model
-# before it, fine-tuned on every task with the current architecture (its new grounding
-# paths start at zero) for 22 minutes on one thread, evaluated, released over it.
-demo-model-update: export OMP_WAIT_POLICY = PASSIVE
-demo-model-update: setup val-data
-	$(PY) -m training.train --config configs/demo-multitask.json --init-from $(CHECKPOINT) \
-		--out-dir $(RUN)-update --val-dir $(DATA)/val --time-budget-min 22 --warmup-steps 30 --threads 1
-	$(PY) -m training.evaluate --checkpoint $(RUN)-update/best.pt --data $(DATA)/val --out $(RUN)-update/eval.json
-	$(PY) -m training.release --checkpoint $(RUN)-update/best.pt --out $(CHECKPOINT)
 
 # Any TrainConfig field can be passed through ARGS, e.g. make train ARGS="--max-steps 100".
 train: setup
