@@ -49,8 +49,8 @@ compose-cli:
 soak: setup repository triton-server
 	$(PY) -m bench.soak $(BENCH_FLAGS)
 
-# The overload figures alone (finding 4, about a minute): best good throughput, an open
-# loop offering 4x it, 64 clients retrying at once vs honouring Retry-After; 503 p50/p99,
+# The overload figures alone (finding 4, about two minutes): the sustainable load, an open
+# loop offering 4x it side by side with the best closed loop, 64 clients retrying at once vs honouring Retry-After; 503 p50/p99,
 # event-loop lag and the load average next to them. BENCH_FLAGS=--record: bench/results/.
 .PHONY: overload
 overload: setup repository

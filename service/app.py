@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -85,9 +86,17 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         app.state.backend, app.state.batcher, app.state.batchers = be, batchers["detect"], batchers
         log.info("serving %s (%s backend on %s, tasks: %s) from %s", be.manifest.preset, be.name,
                  getattr(be, "device", "cpu"), ", ".join(be.tasks), settings.repository)
+        # Everything loaded so far lives as long as the server: out of the garbage collector's
+        # sight (gc.freeze), so that a full collection scans only what requests allocate.
+        # Measured under overload (open loop at 4x, 2 cores): full collections of the whole
+        # heap took 80-385 ms, a stall of the event loop in which every 503 waited (503 p99
+        # 380 ms in one run of two).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             await probe.stop()
             app.state.backend, app.state.batcher, app.state.batchers = None, None, {}
             for b in batchers.values():
