@@ -59,7 +59,12 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "training.train", *SMALL, "--out-dir", str(out), "--max-steps", "100000",
            "--save-every", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it: a test run started in the background (`make test &`,
+    # nohup, some CI runners) ignores SIGINT, and a child inherits that, so the run would
+    # never see it. Python turns SIGINT into KeyboardInterrupt only when it starts with the
+    # default disposition.
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = out / "checkpoints" / "step_00000001.pt"
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
