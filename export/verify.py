@@ -83,9 +83,11 @@ def compare_outputs(model: GLIPv2, engine: OrtEngine, top_k: int, tokenizer: Tok
             out = model.detect(torch.from_numpy(images), torch.from_numpy(ref_text), torch.from_numpy(mask))
             ref = [t.numpy() for t in GLIPv2.top_k(out, torch.from_numpy(mask), top_k)]
             got = engine.detect(images, ref_text, mask)
+            image = np.arange(batch)[:, None]
+            got_to_ref, ref_to_got = _nearest_rows(got, ref), _nearest_rows(ref, got)
             for name, a, b in zip(("boxes", "logits", "centerness"), got, ref):
-                note(name, a, b[np.arange(batch)[:, None], _nearest_rows(got, ref)])
-                note(name, a[np.arange(batch)[:, None], _nearest_rows(ref, got)], b)
+                note(name, a, b[image, got_to_ref])
+                note(name, a[image, ref_to_got], b)
 
 
 def _nearest_rows(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:

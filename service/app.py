@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         # sight (gc.freeze), so that a full collection scans only what requests allocate.
         # Measured under overload (open loop at 4x, 2 cores): full collections of the whole
         # heap took 80-385 ms, a stall of the event loop in which every 503 waited (503 p99
-        # 380 ms in one run of two).
+        # 382 ms in one run of three).
         gc.collect()
         gc.freeze()
         try:
