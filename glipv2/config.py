@@ -67,6 +67,7 @@ class ModelConfig:
     vqa_answers: tuple[str, ...] = ()
     vqa_dim: int = 64
     vqa_layers: int = 2
+    vqa_extremes: bool = False  # see glipv2.modeling.vqa.Extremes
     caption_tokens: tuple[int, ...] = ()  # WordPiece ids the decoder can emit (its shortlist)
     caption_start_id: int = 101  # [CLS] of the BERT uncased vocabulary starts a caption
     caption_end_id: int = 102  # [SEP] ends it
@@ -179,6 +180,7 @@ PRESETS: dict[str, ModelConfig] = {
         tower_groups=16,
         proj_dim=64,
         grounding_appearance=True,
+        vqa_extremes=True,
     ),
     # Official GLIP-T (configs/pretrain/glip_Swin_T_O365.yaml): Swin-T, FPN P3-P7 at 256,
     # bert-base, 6 x [MHA-B fusion, BERT layer, DyConv], ATSS anchors 64..1024.

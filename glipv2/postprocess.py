@@ -25,9 +25,9 @@ __all__ = ["PostprocessConfig", "Detections", "phrase_scores", "postprocess", "p
 # wants the boxes that are right. Chosen as the best F1 on the 500-image val split for the
 # demo model (`training.evaluate` prints the sweep; shape + colour-qualified prompts, IoU 0.5):
 #   threshold  0.05   0.30   0.40   0.45   0.50   0.60
-#   precision  0.034  0.366  0.693  0.851  0.944  0.985
-#   recall     0.999  0.995  0.973  0.934  0.817  0.467
-#   F1         0.066  0.535  0.810  0.890  0.876  0.634
+#   precision  0.034  0.388  0.705  0.865  0.945  0.986
+#   recall     0.999  0.993  0.969  0.931  0.803  0.466
+#   F1         0.066  0.558  0.817  0.897  0.868  0.633
 SERVING_SCORE_THRESHOLD = 0.45
 
 

@@ -10,6 +10,7 @@ import torch
 from glipv2.captioning import beam_search
 from glipv2.checkpoint import CheckpointError, init_weights
 from glipv2.modeling.glipv2 import build_model
+from glipv2.modeling.vqa import Extremes
 from glipv2.predict import TorchUnderstanding
 from training.batch import Collator
 from training.data import ShapesWorldDataset
@@ -171,6 +172,7 @@ def test_multitask_training_from_a_detection_checkpoint(tmp_path):
     train_records = [r for r in records if r["kind"] == "train"]
     assert all(np.isfinite(r["vqa"]) and np.isfinite(r["caption"]) for r in train_records)
     assert train_records[0]["vqa"] > 0 and train_records[0]["caption"] > 0
+    assert all(np.isfinite(r["objectness"]) and r["objectness"] > 0 for r in train_records)
     saved = torch.load(mt / "checkpoints" / "step_00000004.pt", weights_only=False)
     assert saved["model_config"]["vqa_answers"] and saved["model_config"]["caption_tokens"]
     # The detection weights came from the checkpoint: 4 Adam steps of lr <= 2e-3 move each by
@@ -188,3 +190,69 @@ def test_init_from_refuses_another_model(tmp_path, small_cfg):
     other = build_model(small_cfg.replace(fusion_layers=1))
     with pytest.raises(CheckpointError, match="another model"):
         init_weights(other, other.cfg, det / "checkpoints" / "step_00000001.pt")
+
+
+def test_extremes_pool_the_object_the_question_asks_for():
+    """Leftmost, rightmost, topmost, bottommost, largest, smallest: each pools its object's
+    appearance, background anchors further out drop out, and the question's gate picks one.
+    Weights are set by hand: objectness is GELU(channel 0) - GELU(channel 1) of the anchor."""
+    d, c = 8, 4
+    ext = Extremes(d, c)
+    with torch.no_grad():
+        ext.objectness[0].weight.copy_(torch.eye(d))
+        ext.objectness[0].bias.zero_()
+        ext.objectness[2].weight.copy_(torch.eye(d)[:1] - torch.eye(d)[1:2])
+        ext.objectness[2].bias.zero_()
+        ext.gate.weight.copy_(50 * torch.eye(6, d))
+        ext.gate.bias.zero_()
+    # (cx, cy, sqrt area, colour) of three objects, two anchors each, and background
+    # anchors at the image's edges, which must never win.
+    objects = [(0.2, 0.7, 0.15, (1.0, 0.0, 0.0)), (0.5, 0.1, 0.25, (0.0, 1.0, 0.0)), (0.8, 0.5, 0.08, (0.0, 0.0, 1.0))]
+    rows = []
+    for cx, cy, size, colour in objects:
+        rows += [(10.0, cx, cy, size, colour), (10.0, cx + 0.01, cy, size, colour)]
+    # Background predicts boxes of any size: a whole-image one must not be "the largest".
+    for cx, cy in ((0.0, 0.0), (1.0, 1.0), (0.0, 1.0), (1.0, 0.0)):
+        rows.append((-6.0, cx, cy, 1.0, (0.5, 0.5, 0.5)))
+    anchors = torch.zeros(1, len(rows), d)
+    geometry = torch.zeros(1, len(rows), 5)
+    visual = torch.zeros(1, len(rows), c + 3)
+    for i, (o, cx, cy, size, colour) in enumerate(rows):
+        anchors[0, i, 0 if o > 0 else 1] = abs(o)
+        geometry[0, i] = torch.tensor([cx, cy, size, size, size])
+        visual[0, i, c:] = torch.tensor(colour)
+    expected = {"left": 0, "right": 2, "top": 1, "bottom": 0, "largest": 1, "smallest": 2}
+    for k, (name, obj) in enumerate(expected.items()):
+        question = torch.zeros(1, d)
+        question[0, k] = 1.0
+        with torch.no_grad():
+            chosen, objectness = ext(anchors, geometry, visual, question)
+        # The runner-up is 0.3 further in (0.07 smaller): exp(-20 * 0.3) (exp(-80 * 0.07)) of
+        # the weight at the initial temperatures.
+        assert torch.allclose(chosen[0, c:], torch.tensor(objects[obj][3]), atol=0.02), name
+    assert objectness.shape == (1, len(rows))
+
+
+def test_every_drawn_object_is_an_objectness_target(tokenizer, vocabularies):
+    """The objectness targets are the scene's objects, whatever the prompt names."""
+    answers, tokens = vocabularies
+    ds = ShapesWorldDataset(0, 100, grounding_fraction=0.5, understanding=True)
+    samples = [ds[i] for i in range(8)]
+    batch = Collator(tokenizer, (128, 256), answers=answers, caption_tokens=tokens)(samples)
+    for i, s in enumerate(samples):
+        scene, _ = ds.scene(i)
+        scale = min(128 / s.image.shape[0], 256 / s.image.shape[1])  # letterbox to the model's input
+        drawn = torch.tensor([o.box for o in scene.objects], dtype=torch.float32) * scale
+        assert torch.allclose(batch.objects[i], drawn, atol=1e-3)
+
+
+def test_stage_two_starts_from_a_checkpoint_without_extremes(tmp_path):
+    """Stage 1 checkpoints of before the extremes (vqa_extremes absent = off) still start stage 2."""
+    det = tmp_path / "det"
+    train(config_from_args([*SMALL, "--out-dir", str(det), "--max-steps", "1", "--model", "vqa_extremes=false"]))
+    mt = tmp_path / "mt"
+    train(config_from_args([*SMALL, "--out-dir", str(mt), "--max-steps", "1", "--loss-vqa", "1",
+                            "--init-from", str(det / "checkpoints" / "step_00000001.pt")]))
+    saved = torch.load(mt / "checkpoints" / "step_00000001.pt", weights_only=False)
+    assert saved["model_config"]["vqa_extremes"]
+    assert any(k.startswith("vqa_head.extremes.") for k in saved["model"])

@@ -33,6 +33,7 @@ class Batch:
     answer_scores: torch.Tensor | None = None  # float [B, num_answers], VQA v2 soft scores
     caption_in: torch.Tensor | None = None  # [B, L] decoder shortlist indices, start first
     caption_out: torch.Tensor | None = None  # [B, L] next-token targets, -100 = padding
+    objects: list[torch.Tensor] | None = None  # per image [M, 4] xyxy model-input pixels: every object
 
     def to(self, device: torch.device | str) -> "Batch":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -44,6 +45,7 @@ class Batch:
             [b.to(device) for b in self.boxes], [p.to(device) for p in self.box_phrase],
             move(self.mlm_labels), self.step_seed, move(self.question_ids), move(self.question_mask),
             move(self.answer_scores), move(self.caption_in), move(self.caption_out),
+            None if self.objects is None else [o.to(device) for o in self.objects],
         )
 
 
@@ -65,11 +67,13 @@ class Collator:
         self.caption_max_len = caption_max_len
 
     def __call__(self, samples: Sequence[GroundingSample], step_seed: int = 0) -> Batch:
-        images, boxes, box_phrase, tokenized = [], [], [], []
+        images, boxes, box_phrase, tokenized, objects = [], [], [], [], []
         for s in samples:
             img, lb = letterbox(s.image, self.image_hw)
             images.append(img)
             boxes.append(torch.from_numpy(lb.to_input(s.boxes).reshape(-1, 4)))
+            if s.objects is not None:
+                objects.append(torch.from_numpy(lb.to_input(s.objects).reshape(-1, 4)))
             box_phrase.append(torch.from_numpy(np.asarray(s.box_phrase, dtype=np.int64).reshape(-1)))
             tokenized.append(tokenize(self.tokenizer, prompt_from_spans(s.caption, s.phrase_spans)))
         tb = pad_batch(tokenized, buckets=None, pad_id=self.tokenizer.pad_id)
@@ -80,9 +84,11 @@ class Collator:
         mlm_labels = None
         if self.mlm_fraction > 0:
             input_ids, mlm_labels = self._mask(input_ids, torch.from_numpy(tb.attention_mask), step_seed)
-        extra: dict[str, torch.Tensor] = {}
+        extra: dict[str, object] = {}
         if self.answer_index and all(s.question is not None for s in samples):
             extra.update(self._questions(samples))
+            if len(objects) == len(samples):
+                extra["objects"] = objects
         if self.caption_index and all(s.captions for s in samples):
             extra.update(self._captions(samples, step_seed))
         return Batch(

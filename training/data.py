@@ -45,6 +45,9 @@ class GroundingSample:
     question: str | None = None
     answers: list[str] | None = None           # annotator answers (VQA v2 has 10)
     captions: list[str] | None = None          # reference captions; training picks one
+    # Every object in the image (float32 [M, 4] xyxy pixels) when the source knows them all:
+    # the VQA head's objectness targets (the prompt's boxes may name only some objects).
+    objects: np.ndarray | None = None
 
 
 @dataclass
@@ -181,7 +184,8 @@ def scene_sample(scene: sw.Scene, image: np.ndarray, rng: np.random.Generator,
             links.append(texts.index(o.shape))
     caption, spans = join_phrases(texts)
     b, l = _empty_boxes() if not boxes else (np.array(boxes, np.float32), np.array(links, np.int64))
-    return GroundingSample(image, caption, spans, b, l, image_id, kinds)
+    objects = np.array([o.box for o in scene.objects], np.float32).reshape(-1, 4)
+    return GroundingSample(image, caption, spans, b, l, image_id, kinds, objects=objects)
 
 
 class ShapesWorldDataset:

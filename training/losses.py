@@ -79,6 +79,16 @@ class GLIPv2Loss:
         losses["total"] = sum(losses.values())
         return losses
 
+    def objectness(self, model: GLIPv2, logits: torch.Tensor, objects: list[torch.Tensor]) -> torch.Tensor:
+        """Focal loss of the VQA head's class-agnostic objectness logits [B, A]: an anchor is
+        an object's when ATSS would assign it to any drawn object (every object, not only the
+        ones a prompt names)."""
+        targets = torch.stack([(atss_assign(model.anchors, self.anchors_per_level, o, self.cfg.atss_topk) >= 0)
+                               for o in objects]).to(logits.dtype)
+        fl = sigmoid_focal_loss(logits, targets, self.cfg.focal_alpha, self.cfg.focal_gamma)
+        norm = all_reduce_mean(targets.sum().detach()).clamp(min=1.0)
+        return fl.sum() / norm
+
     def _contrastive(self, model: GLIPv2, out: DetectorOutput, batch: Batch, pos_index: list) -> torch.Tensor:
         """GLIPv2's inter-image region-word loss: each positive region against the tokens of
         every prompt in the (global) batch. A token of another prompt is a positive when its

@@ -159,15 +159,17 @@ class GLIPv2(nn.Module):
         return self.detect(images, text_features, attention_mask)
 
     def answer(self, feats: list[torch.Tensor], looks: list[torch.Tensor], question: torch.Tensor,
-               question_mask: torch.Tensor) -> torch.Tensor:
+               question_mask: torch.Tensor, with_objectness: bool = False
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """FPN maps, their appearance maps and question token features -> answer logits
-        [B, num_answers], through a detector pass whose prompt is the question."""
+        [B, num_answers], through a detector pass whose prompt is the question (with_objectness:
+        and the VQA head's objectness logits [B, A], for training)."""
         if self.vqa_head is None:
             raise RuntimeError("this model has no VQA head (trained without VQA data)")
         colours = [look[:, -3:] for look in looks] if self.cfg.grounding_appearance else None
         out = self.detect_features(feats, question, question_mask, colours)
         return self.vqa_head(looks, out.boxes, out.logits, out.centerness, out.head.regions, out.head.fused_text,
-                             question_mask)
+                             question_mask, with_objectness)
 
     def vqa(self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
         """images + question token features -> answer logits [B, num_answers]."""

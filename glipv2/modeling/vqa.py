@@ -19,6 +19,14 @@ head reads that pass:
 - counting features: softmax attention averages, so "how many" gets its own signal, the
   number of peaks of each token's score map (3x3 max-pool peak picking, as CenterNet
   does instead of NMS) weighted by a learned per-token weight.
+- extremes (`ModelConfig.vqa_extremes`): the objects furthest left, right, up and down,
+  the largest and the smallest, each pooled from the anchors by a softmax of an objectness
+  logit plus that coordinate, and mixed by a question-chosen gate. "What shape is left of
+  the red circle?" is always answered by the leftmost object (the generator only asks it
+  when every object on that side has one shape), and "the largest object" is an extreme
+  too; the attention path alone left these questions at chance. The objectness logit is
+  trained on every drawn object (training/train.py, loss "objectness"), so it is
+  class-agnostic: the question's prompt names at most one of the objects.
 The [ANSWER] output and the counts give one logit per answer of the vocabulary (VQA v2
 style multi-label: trained with binary cross-entropy against soft scores).
 """
@@ -52,12 +60,16 @@ class VqaHead(nn.Module):
         self.norm_tokens = nn.LayerNorm(d)
         self.norm_grounded = nn.LayerNorm(cfg.fpn_channels)
         n_count = len(cfg.strides) + 1
-        self.classifier = nn.Sequential(nn.Linear(2 * d + cfg.fpn_channels + 3 + n_count, 2 * d), nn.GELU(),
-                                        nn.Linear(2 * d, len(cfg.vqa_answers)))
+        look = cfg.fpn_channels + 3
+        self.extremes = Extremes(d, cfg.fpn_channels) if cfg.vqa_extremes else None
+        n_in = 2 * d + look + n_count + (look if self.extremes is not None else 0)
+        self.classifier = nn.Sequential(nn.Linear(n_in, 2 * d), nn.GELU(), nn.Linear(2 * d, len(cfg.vqa_answers)))
 
     def forward(self, looks: list[torch.Tensor], boxes: torch.Tensor, logits: torch.Tensor, centerness: torch.Tensor,
-                regions: torch.Tensor, fused_text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """FPN maps + detector outputs for the question prompt -> answer logits [B, num_answers].
+                regions: torch.Tensor, fused_text: torch.Tensor, text_mask: torch.Tensor,
+                with_objectness: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """FPN maps + detector outputs for the question prompt -> answer logits [B, num_answers]
+        (and, with_objectness, the extremes' objectness logits [B, A] for their training loss).
 
         looks: appearance maps [B, C + 3, H, W] (anchors are their locations, level-major), boxes
         [B, A, 4] input pixels, logits [B, A, T], centerness [B, A], regions [B, A, P],
@@ -70,8 +82,9 @@ class VqaHead(nn.Module):
             centerness,
         ], dim=-1)
         visual = torch.cat([f.flatten(2) for f in looks], dim=2).transpose(1, 2)  # [B, A, C + 3]
+        geometry = self._geometry(boxes)
         anchors = self.anchor_norm(self.region_proj(regions) + self.visual_proj(visual)
-                                   + self.geometry_proj(self._geometry(boxes)) + self.match_proj(match))
+                                   + self.geometry_proj(geometry) + self.match_proj(match))
         b = boxes.shape[0]
         q = torch.cat([self.answer_query.expand(b, -1, -1), self.question_proj(fused_text)], dim=1)
         q_mask = torch.cat([text_mask.new_ones(b, 1), text_mask], dim=1)
@@ -96,11 +109,27 @@ class VqaHead(nn.Module):
         subject = token_bias.masked_fill(text_mask[..., None] == 0, -1e4).amax(1)  # [B, A]: best token per anchor
         grounded = torch.matmul(subject.softmax(-1)[:, None], visual)[:, 0]  # [B, C + 3]
         counts = self._counts(scores, weights)
-        # The mean colour (3 channels, already normalised) bypasses the LayerNorm, in which 64
-        # feature channels would drown it.
-        c = grounded.shape[-1] - 3
-        grounded = torch.cat([self.norm_grounded(grounded[:, :c]), grounded[:, c:]], dim=-1)
-        return self.classifier(torch.cat([self.norm(q[:, 0]), self.norm_tokens(tokens), grounded, counts], dim=-1))
+        grounded = self._norm_look(grounded, self.norm_grounded)
+        parts = [self.norm(q[:, 0]), self.norm_tokens(tokens), grounded, counts]
+        objectness = None
+        if self.extremes is not None:
+            question = self.question_proj(fused_text)
+            summary = (question * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)
+            extreme, objectness = self.extremes(anchors, geometry, visual, summary)
+            parts.append(extreme)
+        answer = self.classifier(torch.cat(parts, dim=-1))
+        if with_objectness:
+            if objectness is None:
+                raise RuntimeError("this VQA head has no extremes (ModelConfig.vqa_extremes) to train")
+            return answer, objectness
+        return answer
+
+    @staticmethod
+    def _norm_look(look: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+        """[..., C + 3] pooled appearance: the mean colour (3 channels, already normalised)
+        bypasses the LayerNorm, in which 64 feature channels would drown it."""
+        c = look.shape[-1] - 3
+        return torch.cat([norm(look[..., :c]), look[..., c:]], dim=-1)
 
     def _token_weights(self, fused_text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """A learned softmax over the question's real tokens: which ones name the subject."""
@@ -123,3 +152,42 @@ class VqaHead(nn.Module):
             out.append((peaks.reshape(b, t, -1).sum(-1) * w).sum(-1))
         counts = torch.stack(out, dim=-1)  # [B, levels]
         return torch.log1p(torch.cat([counts, counts.sum(-1, keepdim=True)], dim=-1))
+
+
+class Extremes(nn.Module):
+    """The appearance of the extreme objects (leftmost, rightmost, topmost, bottommost,
+    largest, smallest), one of them chosen by the question.
+
+    Each extreme pools the anchors' appearance by softmax(objectness_scale *
+    logsigmoid(objectness) + sigmoid(objectness) * coordinate_scale[k] * coordinate_k):
+    background anchors (log-odds far below zero) drop out, and among the objects' anchors the
+    furthest one in that direction wins. The gate is a softmax over the six from the question's mean token.
+    """
+
+    def __init__(self, d: int, channels: int) -> None:
+        super().__init__()
+        self.objectness = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        nn.init.constant_(self.objectness[-1].bias, -4.0)  # objects are rare among anchors
+        self.objectness_scale = nn.Parameter(torch.tensor(8.0))
+        # One temperature per extreme: objects' sizes (sqrt of the area share) differ by a few
+        # hundredths where their positions differ by tenths.
+        self.coordinate_scale = nn.Parameter(torch.tensor([20.0, 20.0, 20.0, 20.0, 80.0, 80.0]))
+        self.gate = nn.Linear(d, 6)
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, anchors: torch.Tensor, geometry: torch.Tensor, visual: torch.Tensor,
+                question: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """anchors [B, A, d], geometry [B, A, 5] (cx, cy, w, h, sqrt area; 0..1), visual
+        [B, A, C + 3], question [B, d] -> (chosen appearance [B, C + 3], objectness logits [B, A])."""
+        objectness = self.objectness(anchors)[..., 0]
+        cx, cy, size = geometry[..., 0], geometry[..., 1], geometry[..., 4]
+        coordinates = torch.stack([-cx, cx, -cy, cy, size, -size], dim=1)  # [B, 6, A]
+        # The coordinate term is weighted by the objectness probability too: background
+        # anchors predict boxes of any size anywhere, and an additive term alone let a huge
+        # background box outscore every object's "largest".
+        logits = (self.objectness_scale * nn.functional.logsigmoid(objectness))[:, None] \
+            + objectness.sigmoid()[:, None] * self.coordinate_scale[:, None] * coordinates
+        pooled = torch.matmul(logits.softmax(-1), visual)  # [B, 6, C + 3]
+        gate = self.gate(question).softmax(-1)  # [B, 6]
+        chosen = (gate[..., None] * pooled).sum(1)
+        return VqaHead._norm_look(chosen, self.norm), objectness
