@@ -223,10 +223,13 @@ def test_extremes_pool_the_object_the_question_asks_for():
         visual[0, i, c:] = torch.tensor(colour)
     expected = {"left": 0, "right": 2, "top": 1, "bottom": 0, "largest": 1, "smallest": 2}
     for k, (name, obj) in enumerate(expected.items()):
-        question = torch.zeros(1, d)
-        question[0, k] = 1.0
+        # Three question tokens; one of them names the extreme, and a padding token that
+        # would name another must not count.
+        question = torch.zeros(1, 4, d)
+        question[0, 1, k] = 1.0
+        question[0, 3, (k + 1) % 6] = 5.0
         with torch.no_grad():
-            chosen, objectness = ext(anchors, geometry, visual, question)
+            chosen, objectness = ext(anchors, geometry, visual, question, torch.tensor([[1, 1, 1, 0]]))
         # The runner-up is 0.3 further in (0.07 smaller): exp(-20 * 0.3) (exp(-80 * 0.07)) of
         # the weight at the initial temperatures.
         assert torch.allclose(chosen[0, c:], torch.tensor(objects[obj][3]), atol=0.02), name
