@@ -414,6 +414,12 @@ def test_if_changed_skips_a_current_repository(rendered, tmp_path, monkeypatch, 
     assert not repository_is_current(DEMO, out, "cpu", 100, 8)  # a stale copy of a python file
     shutil.copyfile(CAPTIONING, stale)
     assert repository_is_current(DEMO, out, "cpu", 100, 8)
+    # After a pull that brings a new checkpoint with its committed manifest, the ignored ONNX
+    # files on disk are still the old model's.
+    (out / "exported-from.sha256").write_text("0" * 64 + "\n")
+    assert not repository_is_current(DEMO, out, "cpu", 100, 8)
+    shutil.copyfile(rendered / "exported-from.sha256", out / "exported-from.sha256")
+    assert repository_is_current(DEMO, out, "cpu", 100, 8)
     (out / "vqa" / "1" / "model.onnx").unlink()
     assert not repository_is_current(DEMO, out, "cpu", 100, 8)
     monkeypatch.setattr(onnx_export, "export_onnx", _fake_export(rendered))
