@@ -499,8 +499,7 @@ def repository_is_current(
     """True when `out` is exactly what render_repository would write for these arguments
     (same manifest, so same checkpoint bytes; ONNX files exported from that checkpoint; same
     configs; every ONNX file and the tokenizer present): compose's exporter skips the
-    export then. Reads the checkpoint's
-    config only (no ONNX export)."""
+    export then. Reads the checkpoint's config only (no ONNX export)."""
     from glipv2.checkpoint import read_checkpoint
 
     out = Path(out)

@@ -40,6 +40,13 @@ from glipv2.config import ModelConfig
 from glipv2.modeling.attention import TransformerLayer, padding_bias
 
 
+def norm_look(look: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """[..., C + 3] pooled appearance: the mean colour (3 channels, already normalised)
+    bypasses the LayerNorm, in which 64 feature channels would drown it."""
+    c = look.shape[-1] - 3
+    return torch.cat([norm(look[..., :c]), look[..., c:]], dim=-1)
+
+
 class VqaHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -86,7 +93,8 @@ class VqaHead(nn.Module):
         anchors = self.anchor_norm(self.region_proj(regions) + self.visual_proj(visual)
                                    + self.geometry_proj(geometry) + self.match_proj(match))
         b = boxes.shape[0]
-        q = torch.cat([self.answer_query.expand(b, -1, -1), self.question_proj(fused_text)], dim=1)
+        question = self.question_proj(fused_text)
+        q = torch.cat([self.answer_query.expand(b, -1, -1), question], dim=1)
         q_mask = torch.cat([text_mask.new_ones(b, 1), text_mask], dim=1)
         bias = padding_bias(q_mask)
         # [ANSWER] attends freely; token t starts from where it is grounded.
@@ -109,11 +117,11 @@ class VqaHead(nn.Module):
         subject = token_bias.masked_fill(text_mask[..., None] == 0, -1e4).amax(1)  # [B, A]: best token per anchor
         grounded = torch.matmul(subject.softmax(-1)[:, None], visual)[:, 0]  # [B, C + 3]
         counts = self._counts(scores, weights)
-        grounded = self._norm_look(grounded, self.norm_grounded)
+        grounded = norm_look(grounded, self.norm_grounded)
         parts = [self.norm(q[:, 0]), self.norm_tokens(tokens), grounded, counts]
         objectness = None
         if self.extremes is not None:
-            extreme, objectness = self.extremes(anchors, geometry, visual, self.question_proj(fused_text), text_mask)
+            extreme, objectness = self.extremes(anchors, geometry, visual, question, text_mask)
             parts.append(extreme)
         answer = self.classifier(torch.cat(parts, dim=-1))
         if with_objectness:
@@ -121,13 +129,6 @@ class VqaHead(nn.Module):
                 raise RuntimeError("this VQA head has no extremes (ModelConfig.vqa_extremes) to train")
             return answer, objectness
         return answer
-
-    @staticmethod
-    def _norm_look(look: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-        """[..., C + 3] pooled appearance: the mean colour (3 channels, already normalised)
-        bypasses the LayerNorm, in which 64 feature channels would drown it."""
-        c = look.shape[-1] - 3
-        return torch.cat([norm(look[..., :c]), look[..., c:]], dim=-1)
 
     def _token_weights(self, fused_text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """A learned softmax over the question's real tokens: which ones name the subject."""
@@ -193,4 +194,4 @@ class Extremes(nn.Module):
         mean = (question * question_mask[..., None]).sum(1) / question_mask.sum(1, keepdim=True).clamp(min=1)
         gate = self.gate(mean).softmax(-1)  # [B, 6]
         chosen = (gate[..., None] * pooled).sum(1)
-        return VqaHead._norm_look(chosen, self.norm), objectness
+        return norm_look(chosen, self.norm), objectness
