@@ -10,10 +10,13 @@ import torch
 from glipv2.captioning import beam_search
 from glipv2.checkpoint import CheckpointError, init_weights
 from glipv2.modeling.glipv2 import build_model
-from glipv2.modeling.vqa import Extremes
+from glipv2.config import LossConfig
+from glipv2.modeling.vqa import EXTREMES, Extremes, extreme_coordinates
 from glipv2.predict import TorchUnderstanding
 from training.batch import Collator
+from training import shapes_world as sw
 from training.data import ShapesWorldDataset
+from training.losses import GLIPv2Loss
 from training.train import config_from_args, train
 from training.vocab import shapes_vocabularies
 
@@ -173,6 +176,9 @@ def test_multitask_training_from_a_detection_checkpoint(tmp_path):
     assert all(np.isfinite(r["vqa"]) and np.isfinite(r["caption"]) for r in train_records)
     assert train_records[0]["vqa"] > 0 and train_records[0]["caption"] > 0
     assert all(np.isfinite(r["objectness"]) and r["objectness"] > 0 for r in train_records)
+    # 4 steps of 4 questions: about one in three asks for an extreme, so some step has one.
+    assert all(np.isfinite(r["extreme_gate"]) for r in train_records)
+    assert any(r["extreme_gate"] > 0 for r in train_records)
     saved = torch.load(mt / "checkpoints" / "step_00000004.pt", weights_only=False)
     assert saved["model_config"]["vqa_answers"] and saved["model_config"]["caption_tokens"]
     # The detection weights came from the checkpoint: 4 Adam steps of lr <= 2e-3 move each by
@@ -229,11 +235,11 @@ def test_extremes_pool_the_object_the_question_asks_for():
         question[0, 1, k] = 1.0
         question[0, 3, (k + 1) % 6] = 5.0
         with torch.no_grad():
-            chosen, objectness = ext(anchors, geometry, visual, question, torch.tensor([[1, 1, 1, 0]]))
+            chosen, logits = ext(anchors, geometry, visual, question, torch.tensor([[1, 1, 1, 0]]))
         # The runner-up is 0.3 further in (0.07 smaller): exp(-20 * 0.3) (exp(-80 * 0.07)) of
         # the weight at the initial temperatures.
         assert torch.allclose(chosen[0, c:], torch.tensor(objects[obj][3]), atol=0.02), name
-    assert objectness.shape == (1, len(rows))
+    assert logits.objectness.shape == (1, len(rows)) and logits.gate.shape == (1, 6)
 
 
 def test_every_drawn_object_is_an_objectness_target(tokenizer, vocabularies):
@@ -247,6 +253,54 @@ def test_every_drawn_object_is_an_objectness_target(tokenizer, vocabularies):
         scale = min(128 / s.image.shape[0], 256 / s.image.shape[1])  # letterbox to the model's input
         drawn = torch.tensor([o.box for o in scene.objects], dtype=torch.float32) * scale
         assert torch.allclose(batch.objects[i], drawn, atol=1e-3)
+
+
+def test_question_extreme_names_the_object_that_answers():
+    """The gate's training target: for every relation and largest/smallest question the
+    generator asks, the extreme it names (by the extremes' own coordinates) is an object
+    whose shape (relation) or colour (largest/smallest) is the answer; other kinds name none."""
+    seen = {name: 0 for name in EXTREMES}
+    for i in range(300):
+        rng = np.random.default_rng([5, i])
+        scene = sw.sample_scene(rng)
+        if not scene.objects:
+            continue
+        x0, y0, x1, y1 = torch.tensor([o.box for o in scene.objects], dtype=torch.float64).unbind(-1)
+        w, h = (x1 - x0) / scene.width, (y1 - y0) / scene.height
+        geometry = torch.stack([(x0 + x1) / 2 / scene.width, (y0 + y1) / 2 / scene.height, w, h, (w * h).sqrt()], -1)
+        furthest = extreme_coordinates(geometry).argmax(-1)  # [6]: the object furthest each way
+        for question, answer in sw.vqa_pairs(scene, rng):
+            name = sw.question_extreme(question)
+            relation = question.startswith("what shape is ")
+            if not relation and not ("largest" in question or "smallest" in question):
+                assert name is None, question
+                continue
+            assert name is not None, question
+            seen[name] += 1
+            obj = scene.objects[int(furthest[EXTREMES.index(name)])]
+            assert (obj.shape if relation else obj.colour) == answer, (question, answer, name, scene)
+    assert min(seen.values()) >= 10, seen
+
+
+def test_gate_targets_reach_the_batch_and_the_loss(tokenizer, vocabularies):
+    """Collated targets are the samples' extremes (EXTREMES order, -1 none); the gate loss is
+    the cross-entropy over the questions that ask for one, and zero (with a gradient path)
+    when none does."""
+    answers, tokens = vocabularies
+    ds = ShapesWorldDataset(0, 200, grounding_fraction=0.5, understanding=True)
+    samples = [ds[i] for i in range(40)]
+    batch = Collator(tokenizer, (128, 128), answers=answers, caption_tokens=tokens)(samples)
+    expected = [-1 if s.question_extreme is None else EXTREMES.index(s.question_extreme) for s in samples]
+    assert batch.question_extremes.tolist() == expected
+    assert -1 < max(expected) and min(expected) == -1
+    loss_fn = GLIPv2Loss(LossConfig(), [])
+    logits = torch.randn(len(samples), 6, requires_grad=True)
+    asked = batch.question_extremes >= 0
+    want = torch.nn.functional.cross_entropy(logits[asked], batch.question_extremes[asked])
+    assert torch.allclose(loss_fn.extreme_gate(logits, batch.question_extremes), want)
+    none = loss_fn.extreme_gate(logits, torch.full((len(samples),), -1))
+    none.backward()
+    assert none.item() == 0.0 and logits.grad is not None
 
 
 def test_stage_two_starts_from_a_checkpoint_without_extremes(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from glipv2.image import letterbox
+from glipv2.modeling.vqa import EXTREMES
 from glipv2.text import Tokenizer, encode_question, pad_batch, pad_ids, prompt_from_spans, tokenize
 from training.data import GroundingSample
 from training.text_metrics import answer_scores
@@ -34,6 +35,7 @@ class Batch:
     caption_in: torch.Tensor | None = None  # [B, L] decoder shortlist indices, start first
     caption_out: torch.Tensor | None = None  # [B, L] next-token targets, -100 = padding
     objects: list[torch.Tensor] | None = None  # per image [M, 4] xyxy model-input pixels: every object
+    question_extremes: torch.Tensor | None = None  # int64 [B]: index in EXTREMES of the answering object, -1 none
 
     def to(self, device: torch.device | str) -> "Batch":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -46,6 +48,7 @@ class Batch:
             move(self.mlm_labels), self.step_seed, move(self.question_ids), move(self.question_mask),
             move(self.answer_scores), move(self.caption_in), move(self.caption_out),
             None if self.objects is None else [o.to(device) for o in self.objects],
+            move(self.question_extremes),
         )
 
 
@@ -111,8 +114,9 @@ class Collator:
             for answer, score in answer_scores(s.answers or []).items():
                 if answer in self.answer_index:  # answers outside the vocabulary score 0 everywhere
                     scores[i, self.answer_index[answer]] = score
+        extremes = [-1 if s.question_extreme is None else EXTREMES.index(s.question_extreme) for s in samples]
         return {"question_ids": torch.from_numpy(ids), "question_mask": torch.from_numpy(mask),
-                "answer_scores": torch.from_numpy(scores)}
+                "answer_scores": torch.from_numpy(scores), "question_extremes": torch.tensor(extremes)}
 
     def _captions(self, samples: Sequence[GroundingSample], seed: int) -> dict[str, torch.Tensor]:
         """One reference per image, chosen by the step seed; WordPiece ids -> shortlist indices."""

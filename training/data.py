@@ -45,6 +45,9 @@ class GroundingSample:
     question: str | None = None
     answers: list[str] | None = None           # annotator answers (VQA v2 has 10)
     captions: list[str] | None = None          # reference captions; training picks one
+    # The object that answers the question ("leftmost", ..., glipv2.modeling.vqa.EXTREMES)
+    # when the source knows one always does: the VQA extremes' gate target.
+    question_extreme: str | None = None
     # Every object in the image (float32 [M, 4] xyxy pixels) when the source knows them all:
     # the VQA head's objectness targets (the prompt's boxes may name only some objects).
     objects: np.ndarray | None = None
@@ -222,6 +225,7 @@ class ShapesWorldDataset:
         if self.understanding:
             sample.question, answer, sample.captions = understanding_targets(scene, self.seed, i % self.length)
             sample.answers = [answer] * 10  # VQA v2 style: ten agreeing annotators
+            sample.question_extreme = sw.question_extreme(sample.question)
         return sample
 
 

@@ -89,6 +89,15 @@ class GLIPv2Loss:
         norm = all_reduce_mean(targets.sum().detach()).clamp(min=1.0)
         return fl.sum() / norm
 
+    def extreme_gate(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the VQA extremes' gate [B, 6] against the extreme that answers each
+        question (index in EXTREMES; -1: none does, no loss). Zero, with the graph kept for
+        DDP, when no question of the batch asks for one."""
+        asked = targets >= 0
+        if not bool(asked.any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits[asked], targets[asked])
+
     def _contrastive(self, model: GLIPv2, out: DetectorOutput, batch: Batch, pos_index: list) -> torch.Tensor:
         """GLIPv2's inter-image region-word loss: each positive region against the tokens of
         every prompt in the (global) batch. A token of another prompt is a positive when its

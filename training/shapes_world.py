@@ -455,6 +455,22 @@ def vqa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
     return qa
 
 
+_RELATION_EXTREMES = {"left of": "leftmost", "right of": "rightmost", "above": "topmost", "below": "bottommost"}
+
+
+def question_extreme(question: str) -> str | None:
+    """The object that answers a question of `vqa_pairs`, when one extreme always does:
+    "what shape is left of the red circle?" -> "leftmost" (asked only when every object on
+    that side has one shape, and the leftmost object is on that side), "what color is the
+    largest object?" -> "largest"; None for the other kinds."""
+    if question.startswith("what shape is "):
+        return _RELATION_EXTREMES.get(question.removeprefix("what shape is ").split(" the ")[0])
+    for which in ("largest", "smallest"):
+        if question == f"what color is the {which} object?":
+            return which
+    return None
+
+
 def _relation_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None:
     combos = _combos(scene)
     anchors = [key for key, idx in combos.items() if len(idx) == 1]

@@ -454,13 +454,13 @@ class TrainingStep(torch.nn.Module):
             answers = captions = None
             if model.vqa_head is not None or model.caption_decoder is not None:
                 looks = model.appearance(batch.images, feats)
-            objectness = None
+            extremes = None
             if model.vqa_head is not None and batch.question_ids is not None:
                 if question is None:
                     question = model.encode_text(batch.question_ids, batch.question_mask)
                 if model.vqa_head.extremes is not None and batch.objects is not None:
-                    answers, objectness = model.answer(feats, looks, question, batch.question_mask,
-                                                       with_objectness=True)
+                    answers, extremes = model.answer(feats, looks, question, batch.question_mask,
+                                                     with_extremes=True)
                 else:
                     answers = model.answer(feats, looks, question, batch.question_mask)
             if model.caption_decoder is not None and batch.caption_in is not None:
@@ -471,8 +471,11 @@ class TrainingStep(torch.nn.Module):
             # Multi-label BCE over the answer vocabulary, scaled by its size as in VQA v2 practice.
             bce = F.binary_cross_entropy_with_logits(answers.float(), batch.answer_scores)
             losses["vqa"] = cfg.vqa * bce * answers.shape[1]
-            if objectness is not None:
-                losses["objectness"] = cfg.vqa * self.loss_fn.objectness(model, objectness.float(), batch.objects)
+            if extremes is not None:
+                losses["objectness"] = cfg.vqa * self.loss_fn.objectness(model, extremes.objectness.float(),
+                                                                         batch.objects)
+                losses["extreme_gate"] = cfg.vqa * self.loss_fn.extreme_gate(extremes.gate.float(),
+                                                                             batch.question_extremes)
         if captions is not None and cfg.caption > 0:
             losses["caption"] = cfg.caption * F.cross_entropy(captions.float().flatten(0, 1), batch.caption_out.flatten())
         losses["total"] = sum(v for k, v in losses.items() if k != "total")

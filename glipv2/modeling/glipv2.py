@@ -16,7 +16,7 @@ from glipv2.modeling.head import GroundingHead, HeadOutput
 from glipv2.modeling.language import TextEncoder
 from glipv2.modeling.caption import CaptionDecoder
 from glipv2.modeling.mlm import MLMHead
-from glipv2.modeling.vqa import VqaHead
+from glipv2.modeling.vqa import ExtremeLogits, VqaHead
 
 
 @dataclass
@@ -159,17 +159,17 @@ class GLIPv2(nn.Module):
         return self.detect(images, text_features, attention_mask)
 
     def answer(self, feats: list[torch.Tensor], looks: list[torch.Tensor], question: torch.Tensor,
-               question_mask: torch.Tensor, with_objectness: bool = False
-               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+               question_mask: torch.Tensor, with_extremes: bool = False
+               ) -> torch.Tensor | tuple[torch.Tensor, ExtremeLogits]:
         """FPN maps, their appearance maps and question token features -> answer logits
-        [B, num_answers], through a detector pass whose prompt is the question (with_objectness:
-        and the VQA head's objectness logits [B, A], for training)."""
+        [B, num_answers], through a detector pass whose prompt is the question (with_extremes:
+        and the VQA head's extremes' objectness and gate logits, for training)."""
         if self.vqa_head is None:
             raise RuntimeError("this model has no VQA head (trained without VQA data)")
         colours = [look[:, -3:] for look in looks] if self.cfg.grounding_appearance else None
         out = self.detect_features(feats, question, question_mask, colours)
         return self.vqa_head(looks, out.boxes, out.logits, out.centerness, out.head.regions, out.head.fused_text,
-                             question_mask, with_objectness)
+                             question_mask, with_extremes)
 
     def vqa(self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
         """images + question token features -> answer logits [B, num_answers]."""

@@ -33,11 +33,33 @@ style multi-label: trained with binary cross-entropy against soft scores).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from glipv2.config import ModelConfig
 from glipv2.modeling.attention import TransformerLayer, padding_bias
+
+
+class ExtremeLogits(NamedTuple):
+    """What the extremes' training losses read: objectness [B, A] (every drawn object) and
+    the gate [B, 6] (which extreme the question asks for, in `EXTREMES` order)."""
+
+    objectness: torch.Tensor
+    gate: torch.Tensor
+
+
+# The order of Extremes' coordinates, its gate's outputs and its training targets
+# (training.shapes_world.question_extreme).
+EXTREMES: tuple[str, ...] = ("leftmost", "rightmost", "topmost", "bottommost", "largest", "smallest")
+
+
+def extreme_coordinates(geometry: torch.Tensor) -> torch.Tensor:
+    """[..., A, 5] (cx, cy, w, h, sqrt area; 0..1) -> [..., 6, A]: per extreme of `EXTREMES`,
+    a coordinate that is highest for the object furthest that way."""
+    cx, cy, size = geometry[..., 0], geometry[..., 1], geometry[..., 4]
+    return torch.stack([-cx, cx, -cy, cy, size, -size], dim=-2)
 
 
 def norm_look(look: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -74,9 +96,9 @@ class VqaHead(nn.Module):
 
     def forward(self, looks: list[torch.Tensor], boxes: torch.Tensor, logits: torch.Tensor, centerness: torch.Tensor,
                 regions: torch.Tensor, fused_text: torch.Tensor, text_mask: torch.Tensor,
-                with_objectness: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                with_extremes: bool = False) -> torch.Tensor | tuple[torch.Tensor, ExtremeLogits]:
         """FPN maps + detector outputs for the question prompt -> answer logits [B, num_answers]
-        (and, with_objectness, the extremes' objectness logits [B, A] for their training loss).
+        (and, with_extremes, the extremes' objectness and gate logits for their training losses).
 
         looks: appearance maps [B, C + 3, H, W] (anchors are their locations, level-major), boxes
         [B, A, 4] input pixels, logits [B, A, T], centerness [B, A], regions [B, A, P],
@@ -119,15 +141,15 @@ class VqaHead(nn.Module):
         counts = self._counts(scores, weights)
         grounded = norm_look(grounded, self.norm_grounded)
         parts = [self.norm(q[:, 0]), self.norm_tokens(tokens), grounded, counts]
-        objectness = None
+        extreme_logits = None
         if self.extremes is not None:
-            extreme, objectness = self.extremes(anchors, geometry, visual, question, text_mask)
+            extreme, extreme_logits = self.extremes(anchors, geometry, visual, question, text_mask)
             parts.append(extreme)
         answer = self.classifier(torch.cat(parts, dim=-1))
-        if with_objectness:
-            if objectness is None:
+        if with_extremes:
+            if extreme_logits is None:
                 raise RuntimeError("this VQA head has no extremes (ModelConfig.vqa_extremes) to train")
-            return answer, objectness
+            return answer, extreme_logits
         return answer
 
     def _token_weights(self, fused_text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -161,9 +183,12 @@ class Extremes(nn.Module):
     logsigmoid(objectness) + sigmoid(objectness) * coordinate_scale[k] * coordinate_k):
     background anchors (log-odds far below zero) drop out, and among the objects' anchors the
     furthest one in that direction wins. The gate is a softmax over the six read from the
-    question's mean token. After 703 stage-2 steps it picks largest / smallest (0.95 / 0.53
-    of its weight) but not yet the four directions (the leftmost gets about 0.3 whatever
-    the word); a gate of per-token votes (logsumexp over the tokens) measured the same.
+    question's mean token. Trained by the answers alone, after 703 stage-2 steps it picked
+    largest / smallest (0.95 / 0.53 of its weight) but not the four directions (the leftmost
+    got about 0.3 whatever the word; a gate of per-token votes measured the same): it gets
+    no gradient until the classifier reads the pooled extreme, which it cannot learn before
+    the gate picks it. So training also supervises the gate (loss "extreme_gate") where the
+    data knows which extreme answers the question.
     """
 
     def __init__(self, d: int, channels: int) -> None:
@@ -178,13 +203,12 @@ class Extremes(nn.Module):
         self.norm = nn.LayerNorm(channels)
 
     def forward(self, anchors: torch.Tensor, geometry: torch.Tensor, visual: torch.Tensor,
-                question: torch.Tensor, question_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                question: torch.Tensor, question_mask: torch.Tensor) -> tuple[torch.Tensor, ExtremeLogits]:
         """anchors [B, A, d], geometry [B, A, 5] (cx, cy, w, h, sqrt area; 0..1), visual
         [B, A, C + 3], question tokens [B, T, d] and mask [B, T] -> (chosen appearance
-        [B, C + 3], objectness logits [B, A])."""
+        [B, C + 3], objectness [B, A] and gate [B, 6] logits)."""
         objectness = self.objectness(anchors)[..., 0]
-        cx, cy, size = geometry[..., 0], geometry[..., 1], geometry[..., 4]
-        coordinates = torch.stack([-cx, cx, -cy, cy, size, -size], dim=1)  # [B, 6, A]
+        coordinates = extreme_coordinates(geometry)  # [B, 6, A]
         # The coordinate term is weighted by the objectness probability too: background
         # anchors predict boxes of any size anywhere, and an additive term alone let a huge
         # background box outscore every object's "largest".
@@ -192,6 +216,6 @@ class Extremes(nn.Module):
             + objectness.sigmoid()[:, None] * self.coordinate_scale[:, None] * coordinates
         pooled = torch.matmul(logits.softmax(-1), visual)  # [B, 6, C + 3]
         mean = (question * question_mask[..., None]).sum(1) / question_mask.sum(1, keepdim=True).clamp(min=1)
-        gate = self.gate(mean).softmax(-1)  # [B, 6]
-        chosen = (gate[..., None] * pooled).sum(1)
-        return norm_look(chosen, self.norm), objectness
+        gate = self.gate(mean)  # [B, 6]
+        chosen = (gate.softmax(-1)[..., None] * pooled).sum(1)
+        return norm_look(chosen, self.norm), ExtremeLogits(objectness, gate)
