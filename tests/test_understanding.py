@@ -225,6 +225,7 @@ def test_extremes_pool_the_object_the_question_asks_for():
     visual = torch.zeros(1, len(rows), c + 3)
     for i, (o, cx, cy, size, colour) in enumerate(rows):
         anchors[0, i, 0 if o > 0 else 1] = abs(o)
+        anchors[0, i, 2 + colour.index(max(colour)) if o > 0 else 5] = 1.0  # which object: its embedding
         geometry[0, i] = torch.tensor([cx, cy, size, size, size])
         visual[0, i, c:] = torch.tensor(colour)
     expected = {"left": 0, "right": 2, "top": 1, "bottom": 0, "largest": 1, "smallest": 2}
@@ -238,7 +239,9 @@ def test_extremes_pool_the_object_the_question_asks_for():
             chosen, logits = ext(anchors, geometry, visual, question, torch.tensor([[1, 1, 1, 0]]))
         # The runner-up is 0.3 further in (0.07 smaller): exp(-20 * 0.3) (exp(-80 * 0.07)) of
         # the weight at the initial temperatures.
-        assert torch.allclose(chosen[0, c:], torch.tensor(objects[obj][3]), atol=0.02), name
+        assert torch.allclose(chosen[0, c:c + 3], torch.tensor(objects[obj][3]), atol=0.02), name
+        # ... and its anchor embedding, for the classifier to read its shape from
+        assert torch.allclose(chosen[0, c + 3 + 2:c + 3 + 6], torch.eye(4)[obj], atol=0.02), name
     assert logits.objectness.shape == (1, len(rows)) and logits.gate.shape == (1, 6)
 
 

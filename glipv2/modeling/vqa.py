@@ -91,7 +91,7 @@ class VqaHead(nn.Module):
         n_count = len(cfg.strides) + 1
         look = cfg.fpn_channels + 3
         self.extremes = Extremes(d, cfg.fpn_channels) if cfg.vqa_extremes else None
-        n_in = 2 * d + look + n_count + (look if self.extremes is not None else 0)
+        n_in = 2 * d + look + n_count + (look + d if self.extremes is not None else 0)
         self.classifier = nn.Sequential(nn.Linear(n_in, 2 * d), nn.GELU(), nn.Linear(2 * d, len(cfg.vqa_answers)))
 
     def forward(self, looks: list[torch.Tensor], boxes: torch.Tensor, logits: torch.Tensor, centerness: torch.Tensor,
@@ -179,7 +179,9 @@ class Extremes(nn.Module):
     """The appearance of the extreme objects (leftmost, rightmost, topmost, bottommost,
     largest, smallest), one of them chosen by the question.
 
-    Each extreme pools the anchors' appearance by softmax(objectness_scale *
+    Each extreme pools the anchors' appearance, and their embeddings (whose region part
+    carries the detector's reading of the shape: "what shape is left of ..." asks for it,
+    which a linear read of the FPN feature gave poorly), by softmax(objectness_scale *
     logsigmoid(objectness) + sigmoid(objectness) * coordinate_scale[k] * coordinate_k):
     background anchors (log-odds far below zero) drop out, and among the objects' anchors the
     furthest one in that direction wins. The gate is a softmax over the six read from the
@@ -205,8 +207,8 @@ class Extremes(nn.Module):
     def forward(self, anchors: torch.Tensor, geometry: torch.Tensor, visual: torch.Tensor,
                 question: torch.Tensor, question_mask: torch.Tensor) -> tuple[torch.Tensor, ExtremeLogits]:
         """anchors [B, A, d], geometry [B, A, 5] (cx, cy, w, h, sqrt area; 0..1), visual
-        [B, A, C + 3], question tokens [B, T, d] and mask [B, T] -> (chosen appearance
-        [B, C + 3], objectness [B, A] and gate [B, 6] logits)."""
+        [B, A, C + 3], question tokens [B, T, d] and mask [B, T] -> (chosen appearance and
+        anchor embedding [B, C + 3 + d], objectness [B, A] and gate [B, 6] logits)."""
         objectness = self.objectness(anchors)[..., 0]
         coordinates = extreme_coordinates(geometry)  # [B, 6, A]
         # The coordinate term is weighted by the objectness probability too: background
@@ -214,8 +216,9 @@ class Extremes(nn.Module):
         # background box outscore every object's "largest".
         logits = (self.objectness_scale * nn.functional.logsigmoid(objectness))[:, None] \
             + objectness.sigmoid()[:, None] * self.coordinate_scale[:, None] * coordinates
-        pooled = torch.matmul(logits.softmax(-1), visual)  # [B, 6, C + 3]
+        pooled = torch.matmul(logits.softmax(-1), torch.cat([visual, anchors], dim=-1))  # [B, 6, C + 3 + d]
         mean = (question * question_mask[..., None]).sum(1) / question_mask.sum(1, keepdim=True).clamp(min=1)
         gate = self.gate(mean)  # [B, 6]
         chosen = (gate.softmax(-1)[..., None] * pooled).sum(1)
-        return norm_look(chosen, self.norm), ExtremeLogits(objectness, gate)
+        look = norm_look(chosen[..., :visual.shape[-1]], self.norm)
+        return torch.cat([look, chosen[..., visual.shape[-1]:]], dim=-1), ExtremeLogits(objectness, gate)
