@@ -588,8 +588,23 @@ def test_python_backend_batches_different_token_lengths(backend):
     for (ids, _), t, a in zip(prompts, together, alone):
         assert t["logits"].shape == (1, 100, ids.shape[1]) and t["boxes"].shape == (1, 100, 4)
         assert t["centerness"].shape == (1, 100)
-        for name in ("boxes", "logits", "centerness"):
-            np.testing.assert_allclose(t[name], a[name], atol=1e-4, err_msg=name)
+        _assert_same_top_k(t, a, atol=1e-4)
+
+
+def _assert_same_top_k(got: dict, want: dict, atol: float) -> None:
+    """One image's top-k anchors (boxes, logits, centerness) equal up to the order of anchors
+    whose ranking scores tie: batching changes float rounding enough to swap two anchors of
+    equal score (CI saw ranks 91 and 92 trade places)."""
+    def score(o):  # GLIPv2.top_k's ranking key (every token of these prompts is real)
+        return 1 / (1 + np.exp(-o["logits"][0].max(-1))) / (1 + np.exp(-o["centerness"][0]))
+
+    np.testing.assert_allclose(score(got), score(want), atol=atol, err_msg="the score at each rank")
+    rows_got, rows_want = ([np.concatenate([o["boxes"][0], o["centerness"][0][:, None], o["logits"][0]], axis=1)
+                            for o in (got, want)])
+    dist = np.abs(rows_got[:, None] - rows_want[None]).max(-1)  # [K, K]
+    match = dist.argmin(1)
+    assert sorted(match.tolist()) == list(range(len(match))), "an anchor is missing"
+    assert dist[np.arange(len(match)), match].max() <= atol, dist[np.arange(len(match)), match].max()
 
 
 def test_python_backend_request_with_batch_of_two(backend):
