@@ -26,7 +26,9 @@ head reads that pass:
   generator only asks it when every object on that side has one shape), and "the largest
   object" is an extreme too; the attention path alone left relation questions at chance.
   The objectness logit is trained on every drawn object (training/train.py, loss
-  "objectness"), so it is class-agnostic: the question's prompt names at most one of them.
+  "objectness"), so it is class-agnostic: the question's prompt names at most one of them;
+  the gate is trained on the extreme that answers the question where the data knows it
+  (loss "extreme_gate").
 The [ANSWER] output and the counts give one logit per answer of the vocabulary (VQA v2
 style multi-label: trained with binary cross-entropy against soft scores).
 """
@@ -179,9 +181,10 @@ class Extremes(nn.Module):
     """The appearance of the extreme objects (leftmost, rightmost, topmost, bottommost,
     largest, smallest), one of them chosen by the question.
 
-    Each extreme pools the anchors' appearance, and their embeddings (whose region part
-    carries the detector's reading of the shape: "what shape is left of ..." asks for it,
-    which a linear read of the FPN feature gave poorly), by softmax(objectness_scale *
+    Each extreme pools the anchors' appearance and their embeddings (whose region part
+    carries the detector's reading of the shape, which "what shape is left of ..." asks for:
+    relation questions reached 0.725 on the val split with the appearance alone, 0.783 with
+    the embeddings too, equal steps), by softmax(objectness_scale *
     logsigmoid(objectness) + sigmoid(objectness) * coordinate_scale[k] * coordinate_k):
     background anchors (log-odds far below zero) drop out, and among the objects' anchors the
     furthest one in that direction wins. The gate is a softmax over the six read from the
