@@ -250,12 +250,18 @@ def _lag_buckets(port: int) -> dict[float, float] | None:
     return {float(le): float(n) for le, n in found} or None
 
 
-def _lag_p99_ms(before: dict | None, after: dict | None) -> dict | None:
-    """p99 of the lag samples taken between two scrapes (the bucket bound it falls in, ms)
-    and how many of them were over 50 ms."""
+def _bucket_diff(before: dict | None, after: dict | None) -> dict | None:
+    """The loop-lag histogram's counts added between two scrapes (None if either failed)."""
     if not before or not after:
         return None
-    diff = {b: after[b] - before.get(b, 0.0) for b in after}
+    return {b: after[b] - before.get(b, 0.0) for b in after}
+
+
+def _lag_p99_ms(diff: dict | None) -> dict | None:
+    """p99 of the lag samples in a histogram of counts (the bucket bound it falls in, ms)
+    and how many of them were over 50 ms."""
+    if not diff:
+        return None
     total = diff[float("inf")]
     if not total:
         return None
@@ -281,8 +287,8 @@ def _phase(port: int, load) -> dict:
 
     (results, seconds), probe = asyncio.run(run())
     gen = dict(zip(LAG_BUCKETS_S, map(float, probe.counts))) | {float("inf"): float(probe.n)}
-    return {**_summary(results, seconds), "gateway_loop_lag": _lag_p99_ms(before, _lag_buckets(port)),
-            "generator_loop_lag": _lag_p99_ms(dict.fromkeys(gen, 0.0), gen), "load_1m": round(os.getloadavg()[0], 2)}
+    return {**_summary(results, seconds), "gateway_loop_lag": _lag_p99_ms(_bucket_diff(before, _lag_buckets(port))),
+            "generator_loop_lag": _lag_p99_ms(gen), "load_1m": round(os.getloadavg()[0], 2)}
 
 
 ROUNDS = 4
@@ -293,21 +299,22 @@ def _rounds(port: int, loads: dict, rounds: int) -> dict[str, dict]:
     the summary of each over all its rounds, with the gateway's loop lag over them."""
     results: dict[str, list] = {name: [] for name in loads}
     seconds = dict.fromkeys(loads, 0.0)
-    lags = {name: [] for name in loads}
+    lags: dict[str, dict] = {}  # per load: the lag histogram's counts added during its rounds
     for _ in range(rounds):
         for name, load in loads.items():
             before = _lag_buckets(port)
             res, secs = asyncio.run(load())
-            after = _lag_buckets(port)
+            added = _bucket_diff(before, _lag_buckets(port))
             results[name] += res
             seconds[name] += secs
-            if before and after:
-                lags[name].append({b: after[b] - before.get(b, 0.0) for b in after})
+            if added:
+                total = lags.setdefault(name, dict.fromkeys(added, 0.0))
+                for b, n in added.items():
+                    total[b] = total.get(b, 0.0) + n
     out = {}
     for name in loads:
-        total = {b: sum(d[b] for d in lags[name]) for b in lags[name][0]} if lags[name] else None
         out[name] = {**_summary(results[name], seconds[name]),
-                     "gateway_loop_lag": _lag_p99_ms(dict.fromkeys(total, 0.0), total) if total else None,
+                     "gateway_loop_lag": _lag_p99_ms(lags.get(name)),
                      "load_1m": round(os.getloadavg()[0], 2)}
     return out
 
