@@ -141,6 +141,16 @@ def test_centerness_target_hand_value():
     torch.testing.assert_close(box_ops.centerness_target(anchors, boxes), torch.tensor([1 / 3, 1.0]))
 
 
+def test_box_geometry_hand_values():
+    """(cx, cy, w, h, sqrt area) as fractions of a 200-high, 100-wide image; a box over the
+    edge is clamped to the image first."""
+    from glipv2.modeling import box_ops
+
+    boxes = torch.tensor([[10.0, 20, 50, 100], [-20, 150, 100, 260]])
+    expected = torch.tensor([[0.3, 0.3, 0.4, 0.4, 0.4], [0.5, 0.875, 1.0, 0.25, 0.5]])
+    torch.testing.assert_close(box_ops.box_geometry(boxes, (200, 100)), expected)
+
+
 def _focal(x: float, target: int) -> float:
     """GLIP's focal loss (alpha 0.25, gamma 2) of one logit, written out."""
     p = 1 / (1 + np.exp(-x))

@@ -117,3 +117,19 @@ def test_glip_t_preset_builds_and_runs(tokenizer):
         out = model(images, ids, mask)
     assert out.logits.shape[1] == sum((-(-128 // s)) ** 2 for s in cfg.strides)
     assert torch.isfinite(out.logits).all()
+
+
+def test_region_embedding_reads_box_centres_in_minus_one_to_one(small_model, small_cfg):
+    """The region embedding's geometry input: centres in -1..1 (the demo model was trained
+    so), widths, heights and sqrt area as fractions of the input."""
+    head = small_model.head
+    seen = []
+    hook = head.region_geometry.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    try:
+        h, w = small_cfg.image_hw
+        boxes = torch.tensor([[[0.0, 0.0, w / 2, h / 4], [w / 4, h / 2, w, h]]])
+        head.region_extras(torch.zeros(1, 2, 3), boxes)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(seen[0], torch.tensor([[[-0.5, -0.75, 0.5, 0.25, 0.5 ** 1.5],
+                                                       [0.25, 0.5, 0.75, 0.5, 0.375 ** 0.5]]]))

@@ -9,6 +9,7 @@ import torch
 
 from glipv2.captioning import beam_search
 from glipv2.checkpoint import CheckpointError, init_weights
+from glipv2.modeling import box_ops
 from glipv2.modeling.glipv2 import build_model
 from glipv2.config import LossConfig
 from glipv2.modeling.vqa import EXTREMES, Extremes, extreme_coordinates
@@ -268,9 +269,8 @@ def test_question_extreme_names_the_object_that_answers():
         scene = sw.sample_scene(rng)
         if not scene.objects:
             continue
-        x0, y0, x1, y1 = torch.tensor([o.box for o in scene.objects], dtype=torch.float64).unbind(-1)
-        w, h = (x1 - x0) / scene.width, (y1 - y0) / scene.height
-        geometry = torch.stack([(x0 + x1) / 2 / scene.width, (y0 + y1) / 2 / scene.height, w, h, (w * h).sqrt()], -1)
+        boxes = torch.tensor([o.box for o in scene.objects], dtype=torch.float64)
+        geometry = box_ops.box_geometry(boxes, (scene.height, scene.width))  # what the VQA head computes
         furthest = extreme_coordinates(geometry).argmax(-1)  # [6]: the object furthest each way
         for question, answer in sw.vqa_pairs(scene, rng):
             name = sw.question_extreme(question)

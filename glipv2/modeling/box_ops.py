@@ -21,6 +21,15 @@ def _centre_size(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return b[..., 0] + 0.5 * w, b[..., 1] + 0.5 * h, w, h
 
 
+def box_geometry(boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    """xyxy input pixels [..., 4] -> [..., 5] (cx, cy, w, h, sqrt area) as fractions of the
+    image (clamped to it): a box's position and size for the heads that read them."""
+    h, w = image_hw
+    x0, y0, x1, y1 = (boxes / boxes.new_tensor([w, h, w, h])).clamp(0, 1).unbind(-1)
+    bw, bh = x1 - x0, y1 - y0
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, bw, bh, (bw * bh).sqrt()], dim=-1)
+
+
 def encode(anchors: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """xyxy boxes relative to xyxy anchors -> deltas [..., 4]."""
     ax, ay, aw, ah = _centre_size(anchors)

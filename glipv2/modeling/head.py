@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from glipv2.config import ModelConfig
+from glipv2.modeling import box_ops
 from glipv2.modeling.dyhead import BertLayer, DyConv
 from glipv2.modeling.fusion import BiAttentionBlock
 
@@ -117,11 +118,9 @@ class GroundingHead(nn.Module):
     def region_extras(self, colours: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """colours [B, A, 3] (normalised cell mean colour), boxes [B, A, 4] predicted xyxy
         input pixels -> what is added to the region embeddings [B, A, P]."""
-        h, w = self.image_hw
         # Detached: the alignment loss must not move the boxes to make a phrase match.
-        x0, y0, x1, y1 = (boxes.detach() / boxes.new_tensor([w, h, w, h])).clamp(0, 1).unbind(-1)
-        bw, bh = x1 - x0, y1 - y0
-        geometry = torch.stack([(x0 + x1) - 1, (y0 + y1) - 1, bw, bh, (bw * bh).sqrt()], dim=-1)
+        geometry = box_ops.box_geometry(boxes.detach(), self.image_hw)
+        geometry = torch.cat([geometry[..., :2] * 2 - 1, geometry[..., 2:]], dim=-1)  # centres in -1..1
         return self.region_colour(colours) + self.region_geometry(geometry)
 
     def align(self, regions: torch.Tensor, tokens: torch.Tensor, token_bias: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from glipv2.config import ModelConfig
+from glipv2.modeling import box_ops
 from glipv2.modeling.attention import TransformerLayer, padding_bias
 
 
@@ -113,7 +114,7 @@ class VqaHead(nn.Module):
             centerness,
         ], dim=-1)
         visual = torch.cat([f.flatten(2) for f in looks], dim=2).transpose(1, 2)  # [B, A, C + 3]
-        geometry = self._geometry(boxes)
+        geometry = box_ops.box_geometry(boxes, self.image_hw)
         anchors = self.anchor_norm(self.region_proj(regions) + self.visual_proj(visual)
                                    + self.geometry_proj(geometry) + self.match_proj(match))
         b = boxes.shape[0]
@@ -157,12 +158,6 @@ class VqaHead(nn.Module):
     def _token_weights(self, fused_text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """A learned softmax over the question's real tokens: which ones name the subject."""
         return self.token_weight(fused_text)[..., 0].masked_fill(text_mask == 0, -1e4).softmax(-1)
-
-    def _geometry(self, boxes: torch.Tensor) -> torch.Tensor:
-        h, w = self.image_hw
-        x0, y0, x1, y1 = (boxes / boxes.new_tensor([w, h, w, h])).clamp(0, 1).unbind(-1)
-        bw, bh = x1 - x0, y1 - y0
-        return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, bw, bh, (bw * bh).sqrt()], dim=-1)
 
     def _counts(self, scores: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Soft object counts: per level, the score mass at local maxima, token-weighted."""
