@@ -401,7 +401,7 @@ def manifest_of(
         top_k=top_k,
         max_batch_size=max_batch_size,
         models=models,
-        postprocess=PostprocessConfig(score_threshold=SERVING_SCORE_THRESHOLD, threshold_on=model_cfg.threshold_on),
+        postprocess=PostprocessConfig.for_model(model_cfg, score_threshold=SERVING_SCORE_THRESHOLD),
         answer_vocabulary=tuple(model_cfg.vqa_answers) or None,
         # a caption has at most caption_max_len - 1 tokens: position 0 is the start token
         caption=CaptionSpec(tuple(model_cfg.caption_tokens), model_cfg.caption_start_id, model_cfg.caption_end_id,

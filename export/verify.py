@@ -28,7 +28,7 @@ import torch
 from export.onnx_export import export_onnx
 from glipv2.checkpoint import CheckpointError, load_model
 from glipv2.modeling.glipv2 import GLIPv2
-from glipv2.postprocess import Detections
+from glipv2.postprocess import Detections, PostprocessConfig
 from glipv2.predict import TorchPredictor
 from glipv2.runtime.graphs import model_file
 from glipv2.runtime.onnx import OrtEngine
@@ -188,7 +188,8 @@ def same_detections(a: Detections, b: Detections, score_tol: float = 1e-4) -> st
 def compare_detections(model: GLIPv2, onnx_dir: Path, images: list[np.ndarray], top_k: int,
                        tokenizer: Tokenizer, report: ParityReport) -> None:
     torch_pipe = TorchPredictor(model, tokenizer, top_k=top_k)
-    ort_pipe = DetectionPipeline(OrtEngine(onnx_dir), model.cfg.image_hw, tokenizer)
+    ort_pipe = DetectionPipeline(OrtEngine(onnx_dir), model.cfg.image_hw, tokenizer,
+                                 PostprocessConfig.for_model(model.cfg))
     for prompt_text in PROMPTS:
         prompts = [build_prompt(prompt_text)] * len(images)
         for i, (a, b) in enumerate(zip(torch_pipe.predict(images, prompts), ort_pipe.predict(images, prompts))):

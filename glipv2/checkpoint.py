@@ -97,7 +97,8 @@ def load_model_weights(model: torch.nn.Module, cfg: ModelConfig, state: dict[str
 
 
 UNDERSTANDING_PREFIXES = ("vqa_head.", "caption_decoder.")
-APPEARANCE_PREFIXES = ("appearance_embed.", "head.region_colour.", "head.region_geometry.")
+APPEARANCE_PREFIXES = ("appearance_embed.", "head.region_colour.", "head.region_geometry.",
+                       "head.candidate_comparison.")
 
 
 def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLike[str]) -> None:
@@ -105,7 +106,7 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLi
     understanding heads, which start fresh where the checkpoint has none."""
     ckpt = read_checkpoint(path)
     theirs = ModelConfig.from_dict(ckpt["model_config"])
-    keep = ("vqa_answers", "vqa_extremes", "caption_tokens", "grounding_appearance")
+    keep = ("vqa_answers", "vqa_extremes", "caption_tokens", "grounding_appearance", "grounding_comparison")
     if theirs.replace(**{k: getattr(cfg, k) for k in keep}) != cfg:
         raise CheckpointError(f"{path} was trained as another model ({theirs.preset!r}, other sizes); "
                               "--init-from needs the same preset and overrides")

@@ -56,11 +56,15 @@ class ModelConfig:
     resize_max_side: int = 0  # 0 = only fit the image_hw canvas
     pad_with_mean: bool = False
     threshold_on: str = "score"  # see glipv2.postprocess.PostprocessConfig
+    token_aggregation: str = "mean"  # a phrase's probability from its tokens': see PostprocessConfig
     fusion_norm_residual: bool = False  # GLIP adds the fusion update to the normed input
     # Grounding reads each cell's mean colour and position (added to the FPN maps before
     # fusion) and each anchor's colour and predicted box (added to its region embedding):
     # see GLIPv2.cell_colours and GroundingHead.region_extras. Off for official GLIP.
     grounding_appearance: bool = False
+    # Phrase words compare candidates ("large star", "left of the hexagon"): see
+    # glipv2.modeling.comparison. Off for official GLIP.
+    grounding_comparison: bool = False
     # Understanding heads. Their vocabularies come from the training annotations (set by
     # the training run, empty in the presets): no answers = no VQA head, no caption
     # tokens = no caption decoder.
@@ -97,6 +101,7 @@ class ModelConfig:
         need(self.head_kernel in (1, 3), "head_kernel", "must be 1 or 3")
         need(self.tower in ("conv", "dyhead"), "tower", "must be 'conv' or 'dyhead'")
         need(self.threshold_on in ("score", "probability"), "threshold_on", "must be 'score' or 'probability'")
+        need(self.token_aggregation in ("mean", "geometric"), "token_aggregation", "must be 'mean' or 'geometric'")
         need(self.resize_max_side >= 0, "resize_max_side", "must be >= 0")
         need(len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean", "mean and std need 3 values")
         need(len(set(self.vqa_answers)) == len(self.vqa_answers), "vqa_answers", "must be distinct")
@@ -180,6 +185,7 @@ PRESETS: dict[str, ModelConfig] = {
         tower_groups=16,
         proj_dim=64,
         grounding_appearance=True,
+        token_aggregation="geometric",
         vqa_extremes=True,
     ),
     # Official GLIP-T (configs/pretrain/glip_Swin_T_O365.yaml): Swin-T, FPN P3-P7 at 256,

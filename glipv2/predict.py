@@ -44,8 +44,10 @@ class TorchEngine:
 
 class TorchPredictor(DetectionPipeline):
     def __init__(self, model: GLIPv2, tokenizer: Tokenizer | None = None,
-                 postprocess: PostprocessConfig = PostprocessConfig(), top_k: int = 1000) -> None:
-        super().__init__(TorchEngine(model, top_k), model.cfg.image_hw, tokenizer, postprocess)
+                 postprocess: PostprocessConfig | None = None, top_k: int = 1000) -> None:
+        """postprocess: None = the settings the model was made for (PostprocessConfig.for_model)."""
+        super().__init__(TorchEngine(model, top_k), model.cfg.image_hw, tokenizer,
+                         postprocess if postprocess is not None else PostprocessConfig.for_model(model.cfg))
         self.model = model
 
 

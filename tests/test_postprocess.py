@@ -34,6 +34,7 @@ def test_config_validation():
         ("pre_nms_topk", 0),
         ("max_detections", -3),
         ("max_detections", 2.5),
+        ("token_aggregation", "max"),
     ]:
         with pytest.raises(ValueError, match=field):
             PostprocessConfig(**{field: bad})
@@ -75,6 +76,45 @@ def test_end_to_end_on_a_real_prompt(tok):
     np.testing.assert_allclose(by_phrase[1], [40, 40, 120, 80], rtol=1e-6)
     np.testing.assert_allclose(by_phrase[0], [0, 0, 32, 32], rtol=1e-6)
     assert (det.scores > 0.99).all()
+
+
+def test_geometric_aggregation_needs_every_token():
+    """Two anchors for a 3-token phrase: one where two words are sure and the third says no
+    (the anchor object of a relation phrase), one where every word half-agrees. The mean
+    prefers the first, the geometric mean the second; hand-computed values, random logits,
+    extreme logits and padding phrases too."""
+    p = np.array([[0.99, 0.99, 0.05], [0.6, 0.6, 0.6]])
+    logits = np.log(p / (1 - p)).astype(np.float32)
+    pm = np.array([[1, 1, 1], [0, 0, 0]], np.float32)
+    ctr = np.zeros(2, np.float32)
+    mean = phrase_scores(logits, ctr, pm) ** 2 * 2  # sqrt(prob * sigmoid(0)) -> prob
+    geo = phrase_scores(logits, ctr, pm, "geometric") ** 2 * 2
+    np.testing.assert_allclose(mean[:, 0], p.mean(1), rtol=1e-4)
+    np.testing.assert_allclose(geo[:, 0], np.cbrt(p.prod(1)), rtol=1e-4)
+    assert mean[0, 0] > mean[1, 0] and geo[0, 0] < geo[1, 0]
+    assert (geo[:, 1] == 0).all()  # padding phrase
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 4, (5, 6)).astype(np.float32)
+    pm = np.array([[0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1]], np.float32)
+    s = phrase_scores(x, np.zeros(5, np.float32), pm, "geometric") ** 2 * 2
+    np.testing.assert_allclose(s[:, 0], np.exp(np.log(sigmoid(x[:, 1:4])).mean(1)), rtol=1e-4)
+    np.testing.assert_allclose(s[:, 1], sigmoid(x[:, 5]), rtol=1e-4)  # one token: its sigmoid
+    assert np.isfinite(phrase_scores(np.full((1, 6), -1e4), np.array([-1e4]), pm, "geometric")).all()
+    with pytest.raises(ValueError, match="geometric"):
+        phrase_scores(x, np.zeros(5, np.float32), pm, "median")
+
+
+def test_postprocess_scores_with_the_configured_aggregation():
+    """The relation case end to end: with "geometric" the box all words half-agree on wins."""
+    p = np.array([[0.99, 0.99, 0.05], [0.6, 0.6, 0.6]])
+    logits = np.log(p / (1 - p)).astype(np.float32)
+    boxes = np.array([[0, 0, 10, 10], [50, 50, 60, 60]], np.float32)
+    lb = Letterbox.fit((100, 100), (100, 100))
+    pm = np.ones((1, 3), np.float32)
+    top = {agg: postprocess(boxes, logits, np.zeros(2, np.float32), pm, lb,
+                            PostprocessConfig(token_aggregation=agg)).boxes[0, 0]
+           for agg in ("mean", "geometric")}
+    assert top == {"mean": 0.0, "geometric": 50.0}
 
 
 def test_threshold_topk_and_max_detections():

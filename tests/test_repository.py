@@ -296,7 +296,8 @@ def test_manifest():
                                                      "attention_mask": {"dtype": "INT64", "dims": [-1]}}
     assert m["models"]["detector"]["outputs"]["logits"] == {"dtype": "FP32", "dims": [100, -1]}
     assert m["postprocess"] == {"score_threshold": SERVING_SCORE_THRESHOLD, "pre_nms_topk": 1000, "nms_iou": 0.6,
-                                "max_detections": 100, "threshold_on": "score"}
+                                "max_detections": 100, "threshold_on": "score",
+                                "token_aggregation": cfg.token_aggregation}
     json.dumps(m)
 
 

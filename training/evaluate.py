@@ -542,7 +542,7 @@ def evaluate_model_understanding(model, val_dir: str | os.PathLike, max_images: 
         cfg = model.cfg
         runner = BatchRunner(TorchEngine(model), u.captioner.tokenizer, cfg.image_hw, caption_tokens=cfg.caption_tokens,
                              caption_max_len=cfg.caption_max_len - 1, caption_end_id=cfg.caption_end_id)
-        ground = PostprocessConfig(score_threshold=GROUNDING_SCORE_FLOOR)
+        ground = PostprocessConfig.for_model(cfg, score_threshold=GROUNDING_SCORE_FLOOR)
 
         def caption_fn(images):
             boxed = [letterbox(im, cfg.image_hw) for im in images]

@@ -3,6 +3,10 @@
 `python -m training.release --checkpoint runs/demo/best.pt --out demo/tiny.pt` drops the
 optimizer, scheduler and RNG state (three quarters of the file), keeps the step and the
 evaluation metrics for provenance, and verifies the result loads.
+
+`--serving token_aggregation=geometric` also changes a setting that only serving reads
+(how detections are scored from the same outputs: SERVING_FIELDS), never one the weights
+depend on.
 """
 
 from __future__ import annotations
@@ -12,13 +16,25 @@ import sys
 from typing import Sequence
 
 from glipv2.checkpoint import FORMAT, CheckpointError, atomic_save, load_model, read_checkpoint
+from glipv2.config import ModelConfig
+
+SERVING_FIELDS = ("threshold_on", "token_aggregation")
 
 
-def release(checkpoint: str, out: str) -> dict:
+def release(checkpoint: str, out: str, serving: dict[str, str] | None = None) -> dict:
     ckpt = read_checkpoint(checkpoint)
+    other = sorted(set(serving or {}) - set(SERVING_FIELDS))
+    if other:
+        raise CheckpointError(f"--serving can change only {', '.join(SERVING_FIELDS)}, not {', '.join(other)} "
+                              "(the weights were trained for the rest)")
+    model_config = {**ckpt["model_config"], **(serving or {})}
+    try:
+        ModelConfig.from_dict(model_config)
+    except ValueError as e:
+        raise CheckpointError(f"--serving: {e}") from e
     slim = {
         "format": FORMAT,
-        "model_config": ckpt["model_config"],
+        "model_config": model_config,
         "model": ckpt["model"],
         "step": ckpt.get("step"),
         "metrics": ckpt.get("metrics", {}),
@@ -33,9 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.release", description=__doc__)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--serving", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"set a serving-only model setting ({', '.join(SERVING_FIELDS)}); repeatable")
     args = p.parse_args(argv)
+    serving = dict(kv.split("=", 1) for kv in args.serving if "=" in kv)
+    if len(serving) != len(args.serving):
+        p.error("--serving takes KEY=VALUE")
     try:
-        slim = release(args.checkpoint, args.out)
+        slim = release(args.checkpoint, args.out, serving)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

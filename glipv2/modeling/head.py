@@ -17,6 +17,7 @@ from torch import nn
 
 from glipv2.config import ModelConfig
 from glipv2.modeling import box_ops
+from glipv2.modeling.comparison import CandidateComparison
 from glipv2.modeling.dyhead import BertLayer, DyConv
 from glipv2.modeling.fusion import BiAttentionBlock
 
@@ -88,6 +89,7 @@ class GroundingHead(nn.Module):
                 nn.init.zeros_(m.bias)
         else:
             self.region_colour = self.region_geometry = None
+        self.candidate_comparison = CandidateComparison(dt) if cfg.grounding_comparison else None
         for m in [*([] if self.dyhead else self.tower.modules()), self.bbox_pred, self.centerness]:
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)

@@ -1,0 +1,42 @@
+"""training.release: a slim serving checkpoint, with serving-only settings changeable."""
+
+import pytest
+import torch
+
+from glipv2.checkpoint import FORMAT, CheckpointError, atomic_save, load_model, model_state
+from glipv2.modeling.glipv2 import build_model
+from glipv2.predict import TorchPredictor
+from training.release import main, release
+
+
+@pytest.fixture()
+def checkpoint(tmp_path, small_cfg):
+    torch.manual_seed(0)
+    cfg = small_cfg.replace(token_aggregation="mean")
+    model = build_model(cfg)
+    path = tmp_path / "best.pt"
+    atomic_save({"format": FORMAT, "model": model_state(model, cfg), "model_config": cfg.to_dict(),
+                 "optimizer": {"state": {}}, "step": 7}, path)
+    return path
+
+
+def test_release_keeps_weights_and_sets_serving_fields(tmp_path, checkpoint):
+    out = tmp_path / "tiny.pt"
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--serving", "token_aggregation=geometric"]) == 0
+    slim = torch.load(out, weights_only=False)
+    assert "optimizer" not in slim and slim["step"] == 7
+    model = load_model(out)[0]
+    assert model.cfg.token_aggregation == "geometric"
+    # The predictor scores detections the way the released config says.
+    assert TorchPredictor(model).postprocess.token_aggregation == "geometric"
+    before = torch.load(checkpoint, weights_only=False)["model"]
+    assert all(torch.equal(before[k], v) for k, v in slim["model"].items())
+
+
+def test_release_refuses_settings_the_weights_depend_on(tmp_path, checkpoint, capsys):
+    with pytest.raises(CheckpointError, match="only threshold_on, token_aggregation"):
+        release(str(checkpoint), str(tmp_path / "x.pt"), {"image_hw": "[64, 64]"})
+    assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x.pt"),
+                 "--serving", "token_aggregation=median"]) == 2
+    assert "token_aggregation" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
