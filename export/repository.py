@@ -37,6 +37,7 @@ requests land on a few shapes the dynamic batcher can merge.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -79,9 +80,11 @@ MANIFEST = MANIFEST_FILE
 TOKENIZER = "tokenizer.json"
 ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
-# The digest of the checkpoint the (ignored) ONNX files were exported from. manifest.json is
-# in git, so after a pull that brings a new checkpoint and its manifest the manifest matches
-# while the ONNX files on disk are still the old model's: only this file tells.
+# The digest of the checkpoint the (ignored) ONNX files were exported from, and of the code
+# that traced them. manifest.json is in git, so after a pull that brings a new checkpoint and
+# its manifest the manifest matches while the ONNX files on disk are still the old model's;
+# and a change to the model's code can change the graphs with the same checkpoint. Only this
+# file tells.
 EXPORTED_FROM = "exported-from.sha256"
 
 HERE = Path(__file__).resolve().parent
@@ -92,6 +95,10 @@ CAPTION_MODEL = HERE / "triton_python" / "caption.py"
 PB_TENSORS = HERE / "triton_python" / "pb_tensors.py"
 CAPTIONING = PROJECT_ROOT / "glipv2" / "captioning.py"
 PHRASES = PROJECT_ROOT / "glipv2" / "phrases.py"  # the caption rules' text tests (stdlib only)
+
+# The sources the exported graphs are traced from (folders: their *.py files).
+GRAPH_SOURCES = ("glipv2/modeling", "glipv2/config.py", "glipv2/boxes.py", "glipv2/runtime/graphs.py",
+                 "export/graphs.py", "export/onnx_export.py")
 
 # Hand-written files of a repository folder that re-rendering keeps (README, .gitignore).
 KEPT_FILES = ("README.md", ".gitignore")
@@ -514,8 +521,8 @@ def repository_is_current(
     if existing != expected:
         return False
     stamp = out / EXPORTED_FROM
-    if not stamp.is_file() or stamp.read_text().strip() != expected["checkpoint"]["sha256"]:
-        return False  # ONNX files of another checkpoint under a current manifest
+    if not stamp.is_file() or stamp.read_text() != export_stamp(expected["checkpoint"]["sha256"]):
+        return False  # ONNX files of another checkpoint, or traced by other code, under a current manifest
     if not (out / TOKENIZER).is_file():
         return False
     onnx = graphs.graph_specs(cfg, top_k)
@@ -530,6 +537,23 @@ def repository_is_current(
             if not target.is_file() or target.read_bytes() != source.read_bytes():
                 return False
     return True
+
+
+def graph_source_digest(root: Path = PROJECT_ROOT) -> str:
+    """sha256 over GRAPH_SOURCES under `root` (paths and bytes, in a fixed order)."""
+    h = hashlib.sha256()
+    for rel in GRAPH_SOURCES:
+        path = root / rel
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0")
+            h.update(f.read_bytes() if f.is_file() else b"missing")
+    return h.hexdigest()
+
+
+def export_stamp(checkpoint_sha256: str) -> str:
+    """EXPORTED_FROM's text: the checkpoint's digest, then the graph sources'."""
+    return f"{checkpoint_sha256}\ngraph sources {graph_source_digest()}\n"
 
 
 def _swap_in(staging: Path, out: Path) -> None:
@@ -619,7 +643,7 @@ def render_repository(
         if kept:
             say(f"      kept the built {PLAN_FILE} of {', '.join(kept)} (export.tensorrt rebuilds stale ones)")
         manifest.dump(staging / MANIFEST)
-        (staging / EXPORTED_FROM).write_text(manifest.checkpoint.sha256 + "\n")
+        (staging / EXPORTED_FROM).write_text(export_stamp(manifest.checkpoint.sha256))
         shutil.copyfile(default_tokenizer_path(), staging / TOKENIZER)
         for kept in KEPT_FILES:
             if (out / kept).is_file():

@@ -19,6 +19,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export import build, graphs, onnx_export, trt_ops
 from export.repository import (
     FLAVOURS,
+    GRAPH_SOURCES,
+    PROJECT_ROOT,
+    export_stamp,
+    graph_source_digest,
     FORMAT,
     MODELS,
     CAPTION_MODEL,
@@ -417,7 +421,12 @@ def test_if_changed_skips_a_current_repository(rendered, tmp_path, monkeypatch, 
     assert repository_is_current(DEMO, out, "cpu", 100, 8)
     # After a pull that brings a new checkpoint with its committed manifest, the ignored ONNX
     # files on disk are still the old model's.
-    (out / "exported-from.sha256").write_text("0" * 64 + "\n")
+    stamp = (rendered / "exported-from.sha256").read_text()
+    sha = stamp.split()[0]
+    (out / "exported-from.sha256").write_text(stamp.replace(sha, "0" * 64))
+    assert not repository_is_current(DEMO, out, "cpu", 100, 8)
+    # Same checkpoint, ONNX files traced by other model code (a refactor that changed a graph).
+    (out / "exported-from.sha256").write_text(export_stamp(sha).replace(graph_source_digest(), "1" * 64))
     assert not repository_is_current(DEMO, out, "cpu", 100, 8)
     shutil.copyfile(rendered / "exported-from.sha256", out / "exported-from.sha256")
     assert repository_is_current(DEMO, out, "cpu", 100, 8)
@@ -426,6 +435,23 @@ def test_if_changed_skips_a_current_repository(rendered, tmp_path, monkeypatch, 
     monkeypatch.setattr(onnx_export, "export_onnx", _fake_export(rendered))
     assert build.main(["--checkpoint", str(DEMO), "--out", str(out), "--if-changed"]) == 0
     assert "wrote" in capsys.readouterr().out and (out / "vqa" / "1" / "model.onnx").is_file()
+
+
+def test_graph_source_digest_follows_the_model_code(tmp_path):
+    """A change in any file the graphs are traced from changes the digest; other files do not."""
+    for rel in GRAPH_SOURCES:
+        src = PROJECT_ROOT / rel
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp_path / rel)
+    assert graph_source_digest(tmp_path) == graph_source_digest()
+    (tmp_path / "glipv2" / "postprocess.py").write_text("# not traced\n")
+    assert graph_source_digest(tmp_path) == graph_source_digest()
+    head = tmp_path / "glipv2" / "modeling" / "head.py"
+    head.write_text(head.read_text().replace("_LOGIT_CLAMP = 50000.0", "_LOGIT_CLAMP = 100.0"))
+    assert graph_source_digest(tmp_path) != graph_source_digest()
 
 
 def test_render_refuses_an_op_tensorrt_cannot_parse(rendered, tmp_path, monkeypatch):
