@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_TOKENS = 256
+# How a phrase's probability comes from its tokens' (glipv2.postprocess.phrase_probabilities).
+TOKEN_AGGREGATIONS = ("mean", "geometric")
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class ModelConfig:
         need(self.head_kernel in (1, 3), "head_kernel", "must be 1 or 3")
         need(self.tower in ("conv", "dyhead"), "tower", "must be 'conv' or 'dyhead'")
         need(self.threshold_on in ("score", "probability"), "threshold_on", "must be 'score' or 'probability'")
-        need(self.token_aggregation in ("mean", "geometric"), "token_aggregation", "must be 'mean' or 'geometric'")
+        need(self.token_aggregation in TOKEN_AGGREGATIONS, "token_aggregation", f"must be one of {TOKEN_AGGREGATIONS}")
         need(self.resize_max_side >= 0, "resize_max_side", "must be >= 0")
         need(len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean", "mean and std need 3 values")
         need(len(set(self.vqa_answers)) == len(self.vqa_answers), "vqa_answers", "must be distinct")

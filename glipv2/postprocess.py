@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from glipv2.boxes import Letterbox, batched_nms
+from glipv2.config import TOKEN_AGGREGATIONS, ModelConfig
 from glipv2.text import normalize_positive_map
 
 __all__ = ["PostprocessConfig", "Detections", "phrase_scores", "postprocess", "postprocess_batch",
@@ -30,7 +31,6 @@ __all__ = ["PostprocessConfig", "Detections", "phrase_scores", "postprocess", "p
 #   recall     0.999  0.996  0.973  0.928  0.792  0.470
 #   F1         0.066  0.592  0.873  0.916  0.868  0.636
 SERVING_SCORE_THRESHOLD = 0.45
-TOKEN_AGGREGATIONS = ("mean", "geometric")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class PostprocessConfig:
     token_aggregation: str = "mean"
 
     @classmethod
-    def for_model(cls, model_cfg: Any, **overrides: Any) -> "PostprocessConfig":
+    def for_model(cls, model_cfg: ModelConfig, **overrides: Any) -> "PostprocessConfig":
         """The settings a model was made for (its ModelConfig's threshold_on and
         token_aggregation), with `overrides` on top."""
         return cls(**{"threshold_on": model_cfg.threshold_on, "token_aggregation": model_cfg.token_aggregation,
@@ -141,8 +141,12 @@ def phrase_scores(logits: np.ndarray, centerness: np.ndarray, positive_map: np.n
     """[K, P] scores, GLIP's way: the phrase probability (phrase_probabilities) times
     sigmoid(centerness), then sqrt (a geometric mean, so the score stays on a
     probability-like scale)."""
-    scores = (phrase_probabilities(logits, positive_map, aggregation)
-              * _sigmoid(np.asarray(centerness).reshape(-1))[:, None])
+    return _scores(phrase_probabilities(logits, positive_map, aggregation), centerness)
+
+
+def _scores(probs: np.ndarray, centerness: np.ndarray) -> np.ndarray:
+    """Phrase probabilities [K, P] and centerness logits [K] -> phrase_scores."""
+    scores = probs * _sigmoid(np.asarray(centerness).reshape(-1))[:, None]
     return np.sqrt(np.clip(scores, 0.0, None)).astype(np.float32)
 
 
@@ -166,7 +170,7 @@ def postprocess(
     probs = phrase_probabilities(logits, positive_map, cfg.token_aggregation)  # [K, P]
     if probs.shape[0] != boxes.shape[0]:
         raise ValueError(f"{boxes.shape[0]} boxes but {probs.shape[0]} rows of logits")
-    scores = np.sqrt(np.clip(probs * _sigmoid(np.asarray(centerness).reshape(-1))[:, None], 0.0, None))
+    scores = _scores(probs, centerness)
 
     passing = (probs if cfg.threshold_on == "probability" else scores) > cfg.score_threshold
     anchor_idx, phrase_idx = np.nonzero(passing)

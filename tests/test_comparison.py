@@ -4,10 +4,11 @@ its invariances, and that it leaves a model started without it unchanged."""
 import pytest
 import torch
 
-from glipv2.checkpoint import FORMAT, atomic_save, init_weights, model_state
+from glipv2.checkpoint import init_weights
 from glipv2.modeling import box_ops
 from glipv2.modeling.comparison import _GAIN, _GEOMETRY, CandidateComparison
 from glipv2.modeling.glipv2 import build_model
+from tests.test_checkpoint import _write
 from tests.test_model import _inputs
 
 HW = (100, 100)
@@ -74,7 +75,7 @@ def test_init_from_weights_without_the_comparison(tmp_path, small_cfg, tokenizer
     before_cfg = small_cfg.replace(grounding_comparison=False)
     before = build_model(before_cfg).eval()
     path = tmp_path / "stage1.pt"
-    atomic_save({"format": FORMAT, "model": model_state(before, before_cfg), "model_config": before_cfg.to_dict()}, path)
+    _write(path, before, before_cfg)
     torch.manual_seed(1)
     after = build_model(small_cfg).eval()
     init_weights(after, small_cfg, path)

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from glipv2.checkpoint import FORMAT, CheckpointError, atomic_save, load_model, model_state
+from glipv2.checkpoint import CheckpointError, load_model
 from glipv2.modeling.glipv2 import build_model
 from glipv2.predict import TorchPredictor
+from tests.test_checkpoint import _write
 from training.release import main, release
 
 
@@ -15,8 +16,7 @@ def checkpoint(tmp_path, small_cfg):
     cfg = small_cfg.replace(token_aggregation="mean")
     model = build_model(cfg)
     path = tmp_path / "best.pt"
-    atomic_save({"format": FORMAT, "model": model_state(model, cfg), "model_config": cfg.to_dict(),
-                 "optimizer": {"state": {}}, "step": 7}, path)
+    _write(path, model, cfg, optimizer={"state": {}}, step=7)
     return path
 
 

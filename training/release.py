@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from glipv2.checkpoint import FORMAT, CheckpointError, atomic_save, load_model, read_checkpoint
 from glipv2.config import ModelConfig
+from training.train import field_values
 
 SERVING_FIELDS = ("threshold_on", "token_aggregation")
 
 
-def release(checkpoint: str, out: str, serving: dict[str, str] | None = None) -> dict:
+def release(checkpoint: str, out: str, serving: dict[str, Any] | None = None) -> dict:
     ckpt = read_checkpoint(checkpoint)
     other = sorted(set(serving or {}) - set(SERVING_FIELDS))
     if other:
@@ -52,9 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--serving", action="append", default=[], metavar="KEY=VALUE",
                    help=f"set a serving-only model setting ({', '.join(SERVING_FIELDS)}); repeatable")
     args = p.parse_args(argv)
-    serving = dict(kv.split("=", 1) for kv in args.serving if "=" in kv)
-    if len(serving) != len(args.serving):
-        p.error("--serving takes KEY=VALUE")
+    try:
+        serving = field_values(args.serving, "--serving")
+    except ValueError as e:
+        p.error(str(e))
     try:
         slim = release(args.checkpoint, args.out, serving)
     except CheckpointError as e:

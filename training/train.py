@@ -557,6 +557,17 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def field_values(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """["FIELD=VALUE", ...] -> {field: value}, each value JSON when it parses, else the text."""
+    out = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"{flag} expects FIELD=VALUE, got {item!r}")
+        out[name] = _parse_value(raw)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__)
     p.add_argument("--config", help="JSON file of TrainConfig fields (command-line flags win)")
@@ -593,11 +604,10 @@ def _parse(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Namespace]
             loss[key[5:]] = v
         else:
             values[key] = v
-    for item in args.model:
-        name, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--model expects FIELD=VALUE, got {item!r}")
-        model[name] = _parse_value(raw)
+    try:
+        model.update(field_values(args.model, "--model"))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     return TrainConfig(**values, loss=LossConfig(**loss), model=model), args
 
 
