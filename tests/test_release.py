@@ -40,3 +40,10 @@ def test_release_refuses_settings_the_weights_depend_on(tmp_path, checkpoint, ca
                  "--serving", "token_aggregation=median"]) == 2
     assert "token_aggregation" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_release_refuses_a_serving_flag_without_a_value(tmp_path, checkpoint, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x.pt"), "--serving", "token_aggregation"])
+    assert e.value.code == 2 and "--serving expects FIELD=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
