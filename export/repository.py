@@ -300,6 +300,7 @@ def render_config(
             "max_len": str(model_cfg.caption_max_len - 1),
             # the shortlist's WordPiece strings: the decode rules (glipv2.captioning.MentionRules)
             "pieces": " ".join(caption_pieces(Tokenizer(), model_cfg.caption_tokens)),  # WordPieces hold no spaces
+            "words": " ".join(model_cfg.caption_words),  # ModelConfig checks they hold no spaces
         })
     elif flavour == "cpu":
         platform_line = 'backend: "python"'
@@ -412,7 +413,8 @@ def manifest_of(
         answer_vocabulary=tuple(model_cfg.vqa_answers) or None,
         # a caption has at most caption_max_len - 1 tokens: position 0 is the start token
         caption=CaptionSpec(tuple(model_cfg.caption_tokens), model_cfg.caption_start_id, model_cfg.caption_end_id,
-                            model_cfg.caption_max_len - 1, CAPTION) if model_cfg.caption_tokens else None,
+                            model_cfg.caption_max_len - 1, CAPTION, tuple(model_cfg.caption_words))
+        if model_cfg.caption_tokens else None,
     )
 
 

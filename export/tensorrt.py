@@ -758,7 +758,8 @@ def understanding_parity(
                                                     f"{b.answer} ({b.score:.4f})")
     caption = manifest.caption
     if caption and getattr(candidate, "captioner", None) is not None:
-        pipes = [CaptionPipeline(e.captioner, hw, caption.tokens, caption.max_positions, caption.end_id, tokenizer)
+        pipes = [CaptionPipeline(e.captioner, hw, caption.tokens, caption.max_positions, caption.end_id, tokenizer,
+                                 caption.words)
                  for e in (reference, candidate)]
         for beam in beam_sizes:
             ref, got = (p.caption(list(images), beam) for p in pipes)

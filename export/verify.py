@@ -149,7 +149,7 @@ def compare_understanding(model: GLIPv2, engine: OrtEngine, images: list[np.ndar
             a = (a2[0], a2[1], a2[2], a[3], a[4])
             tokens = np.argmax(a2[0], axis=1)
         theirs_cap = CaptionPipeline(engine.captioner, cfg.image_hw, cfg.caption_tokens, cfg.caption_max_len,
-                                     cfg.caption_end_id, tokenizer)
+                                     cfg.caption_end_id, tokenizer, cfg.caption_words)
         for beam in (1, 3):
             for i, (x, y) in enumerate(zip(ours.captioner.caption(images, beam), theirs_cap.caption(images, beam))):
                 report.captions += 1

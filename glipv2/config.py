@@ -75,6 +75,10 @@ class ModelConfig:
     vqa_layers: int = 2
     vqa_extremes: bool = False  # see glipv2.modeling.vqa.Extremes
     caption_tokens: tuple[int, ...] = ()  # WordPiece ids the decoder can emit (its shortlist)
+    # The whole words of the training captions (WordPieces joined): decoding never leaves
+    # a word unfinished ("a red hexa") where a piece the rules refuse cut it short. Empty:
+    # no word check (glipv2.captioning.MentionRules). Serving reads it, the weights do not.
+    caption_words: tuple[str, ...] = ()
     caption_start_id: int = 101  # [CLS] of the BERT uncased vocabulary starts a caption
     caption_end_id: int = 102  # [SEP] ends it
     caption_dim: int = 128
@@ -110,6 +114,8 @@ class ModelConfig:
         need(len(set(self.caption_tokens)) == len(self.caption_tokens), "caption_tokens", "must be distinct")
         need(not self.caption_tokens or {self.caption_start_id, self.caption_end_id} <= set(self.caption_tokens),
              "caption_tokens", "must include caption_start_id and caption_end_id")
+        need(all(isinstance(w, str) and w and w == w.strip() and " " not in w for w in self.caption_words),
+             "caption_words", "must be words without spaces")
         need(self.caption_dim % self.caption_heads == 0, "caption_dim", "must be divisible by caption_heads")
         need(self.vqa_dim % 4 == 0, "vqa_dim", "must be divisible by 4 (attention heads)")
         need(2 < self.caption_max_len <= self.max_tokens, "caption_max_len", "must be in 3..max_tokens")

@@ -82,4 +82,5 @@ class TorchUnderstanding:
         self.vqa = VqaPipeline(TorchEngine(model), cfg.image_hw, cfg.vqa_answers, tokenizer) \
             if cfg.vqa_answers else None
         self.captioner = CaptionPipeline(TorchCaptionEngine(model), cfg.image_hw, cfg.caption_tokens,
-                                         cfg.caption_max_len, cfg.caption_end_id, tokenizer) if cfg.caption_tokens else None
+                                         cfg.caption_max_len, cfg.caption_end_id, tokenizer,
+                                         cfg.caption_words) if cfg.caption_tokens else None

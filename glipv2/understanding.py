@@ -97,7 +97,8 @@ def caption_pieces(tokenizer: Tokenizer, caption_tokens: Sequence[int]) -> list[
 
 class CaptionPipeline:
     def __init__(self, engine: CaptionEngine | CaptionLoop, image_hw: tuple[int, int], caption_tokens: Sequence[int],
-                 max_positions: int, end_id: int, tokenizer: Tokenizer | None = None) -> None:
+                 max_positions: int, end_id: int, tokenizer: Tokenizer | None = None, words: Sequence[str] = ()) -> None:
+        """words: the whole words captions may use (ModelConfig.caption_words; empty: any)."""
         if not caption_tokens:
             raise ValueError("the model has no caption decoder (it was trained without captions)")
         self.engine, self.image_hw = engine, tuple(image_hw)
@@ -105,8 +106,9 @@ class CaptionPipeline:
         self.tokenizer = tokenizer or Tokenizer()
         self.token_ids = np.asarray(caption_tokens, dtype=np.int64)
         self.end_index = list(caption_tokens).index(end_id)
-        # No object named twice, no caption ending inside a phrase (glipv2.captioning).
-        self.rules = MentionRules(caption_pieces(self.tokenizer, caption_tokens), repeated_mention, ends_on_phrase)
+        # No object named twice, no caption ending inside a phrase or a word (glipv2.captioning).
+        self.rules = MentionRules(caption_pieces(self.tokenizer, caption_tokens), repeated_mention, ends_on_phrase,
+                                  words)
 
     def caption(self, images: Sequence[np.ndarray], beam_size: int = 1,
                 max_len: int | Sequence[int] | None = None) -> list[Caption]:

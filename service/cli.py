@@ -27,6 +27,8 @@ import json
 import sys
 from pathlib import Path
 
+from glipv2.captioning import DEFAULT_BEAM, MAX_BEAM
+
 __all__ = ["main", "draw_detections"]
 
 _PALETTE = [(255, 64, 64), (64, 160, 255), (40, 200, 80), (255, 170, 0), (200, 80, 255), (0, 210, 210),
@@ -65,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("caption", help="caption an image (embedded ONNX Runtime)")
     c.add_argument("image", type=Path, help="JPEG, PNG or WebP file")
-    c.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default); up to 5")
+    c.add_argument("--beam-size", type=int, default=DEFAULT_BEAM,
+                   help=f"hypotheses kept while decoding, 1..{MAX_BEAM} (default {DEFAULT_BEAM}; 1 = greedy, fastest)")
     c.add_argument("--max-len", type=int, default=None, help="at most this many tokens (default: the model's limit)")
     c.add_argument("--grounded", action="store_true",
                    help="also ground the caption: each object phrase with its box and score")
@@ -289,7 +292,6 @@ def cmd_vqa(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from glipv2.captioning import MAX_BEAM
     from glipv2.runtime.batch import CaptionBatchItem
     from glipv2.understanding import GROUNDING_SCORE_FLOOR
     from service.routes.understanding import caption_phrases

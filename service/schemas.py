@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from glipv2.captioning import MAX_BEAM
+from glipv2.captioning import DEFAULT_BEAM, MAX_BEAM
 
 # A prompt of more than 256 tokens is refused after tokenization (422 naming the limit);
 # these character limits only bound the work spent before that.
@@ -231,7 +231,9 @@ class CaptionRequest(BaseModel):
                                 description="at most this many tokens (default: the model's limit, 39 for the demo "
                                 "model, above its longest training caption); a caption the limit would cut inside a "
                                 "phrase ends after its last complete phrase instead")
-    beam_size: int = Field(1, ge=1, le=MAX_BEAM, description="1 = greedy decoding; more keeps that many hypotheses")
+    beam_size: int = Field(DEFAULT_BEAM, ge=1, le=MAX_BEAM,
+                           description="hypotheses kept while decoding; 1 = greedy (fastest), more names the "
+                           "image's objects more completely and more correctly")
     grounded: bool = Field(False, description="also ground the caption: each of its object (noun) phrases with "
                            "its box and score, found by the detector on the same image with the caption as prompt")
 

@@ -14,8 +14,8 @@ from glipv2.understanding import caption_prompt, grounded_phrases
 from tests.test_understanding import MarkovEngine
 
 
-def MentionRules(pieces):  # noqa: N802 - the rules as CaptionPipeline builds them
-    return _Rules(pieces, repeated_mention, ends_on_phrase)
+def MentionRules(pieces, words=()):  # noqa: N802 - the rules as CaptionPipeline builds them
+    return _Rules(pieces, repeated_mention, ends_on_phrase, words)
 
 # A toy decoder over 8 words whose likeliest path repeats itself: "a red square and a red
 # square and ..." (after "square": "and" 0.9, end 0.1; after "red": "square" 0.9,
@@ -70,6 +70,56 @@ def test_rules_allow_another_and_wordpieces():
     seq = [1, 2, 3, 4, 5, 7, 1, 2, 3, 4]
     assert not rules.allows(seq, 5)  # "a red hexagon and a red hexagon"
     assert rules.complete([1, 2, 3, 4, 5]) and not rules.complete([1, 2, 3, 4, 5, 7])
+
+
+# A toy decoder whose likeliest path names "a red hexagon" (three pieces) twice: the
+# repeat is refused only at its last piece, "##gon".
+HEX_PIECES = ["[SEP]", "a", "red", "he", "##xa", "##gon", "and", "circle"]
+HEX_WORDS = ("a", "red", "hexagon", "and", "circle")
+
+
+def _hexagon_engine() -> MarkovEngine:
+    e, a, red, he, xa, gon, and_, circle = range(8)
+    p = np.full((8, 8), 1e-9)
+    p[a, red] = 1.0
+    p[red, he], p[red, circle] = 0.9, 0.1
+    p[he, xa] = 1.0
+    p[xa, gon], p[xa, e], p[xa, and_] = 0.95, 0.04, 0.01
+    p[gon, and_], p[gon, e] = 0.9, 0.1
+    p[and_, a] = 1.0
+    p[circle, e] = 1.0
+    first = np.full(8, 1e-9)
+    first[a] = 1.0
+    return MarkovEngine(np.log(p / p.sum(1, keepdims=True)), np.log(first / first.sum()))
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_rules_never_leave_a_word_unfinished(beam):
+    """Refusing "##gon" of a repeated "red hexagon" left "a red hexa" (seen in the demo
+    model's captions, often with more words after it); with the captions' words the
+    decoder backs off to a caption in whole words."""
+    images = np.zeros((1, 3, 4, 4), np.uint8)
+    rules = MentionRules(HEX_PIECES)
+    plain = rules.text(beam_search(_hexagon_engine(), images, 0, max_len=12, rules=rules)[0].tokens)
+    assert plain == "a red hexagon and a red hexa"  # the old rules end on a cut word
+    worded = MentionRules(HEX_PIECES, HEX_WORDS)
+    hyp = beam_search(_hexagon_engine(), images, 0, beam_size=beam, max_len=12, rules=worded)[0]
+    text = worded.text(hyp.tokens)
+    assert set(text.split()) <= set(HEX_WORDS), text
+    assert text in ("a red hexagon", "a red hexagon and a red circle")
+    assert not repeated_mention(text) and ends_on_phrase(text)
+
+
+def test_word_rules_piece_by_piece():
+    rules = MentionRules(HEX_PIECES, HEX_WORDS)
+    a, red, he, xa, gon, and_ = 1, 2, 3, 4, 5, 6
+    assert rules.allows([a, red], he) and rules.allows([a, red, he], xa) and rules.allows([a, red, he, xa], gon)
+    assert not rules.allows([a, red, he], and_)  # "he" is not a caption word
+    assert not rules.allows([a, red, he], gon)  # "hegon" starts no caption word
+    assert rules.allows([a, red, he, xa, gon], and_)
+    assert not rules.complete([a, red, he, xa]) and rules.complete([a, red, he, xa, gon])
+    # without words, any piece may follow (the rules of a model trained before caption_words)
+    assert MentionRules(HEX_PIECES).allows([a, red, he], and_)
 
 
 def test_phrase_helpers():

@@ -371,11 +371,20 @@ def test_vqa_and_caption_graphs_equal_onnxruntime(server, client, ort):
 CAPTION_GRAPHS = ("caption", "caption_start", "caption_step")
 
 
+def _bls_words(words: tuple[str, ...]) -> tuple[str, ...]:
+    """The second server's caption words: the model's without "red", so its loop must read
+    the `words` parameter to give the captions the reference gives (no "red ...")."""
+    return tuple(w for w in words if w != "red")
+
+
 @pytest.fixture(scope="module")
 def bls_server(repository, tmp_path_factory):
     """A second server with only the caption models, the loop calling the graphs through
-    BLS as in the GPU flavours (its config's `graphs` parameter switched to "triton")."""
+    BLS as in the GPU flavours (its config's `graphs` parameter switched to "triton"), and
+    other caption words (_bls_words)."""
     import shutil
+
+    from glipv2.runtime.manifest import Manifest
 
     out = tmp_path_factory.mktemp("triton-bls") / "repo"
     for m in CAPTION_GRAPHS:
@@ -383,6 +392,10 @@ def bls_server(repository, tmp_path_factory):
     config = out / "caption" / "config.pbtxt"
     text = config.read_text()
     assert 'key: "graphs" value: { string_value: "onnxruntime" }' in text
+    words = Manifest.load(repository).caption.words
+    old = f'key: "words" value: {{ string_value: "{" ".join(words)}" }}'
+    assert words and old in text
+    text = text.replace(old, f'key: "words" value: {{ string_value: "{" ".join(_bls_words(words))}" }}')
     config.write_text(text.replace('string_value: "onnxruntime"', 'string_value: "triton"'))
     srv = TritonServer(out, root=install())
     srv.start()
@@ -429,13 +442,21 @@ def test_caption_model_decodes_inside_triton_in_batches(graphs, request, reposit
         assert delta["caption_step"]["executions"] >= 3 and max(delta["caption_step"]["batch_sizes"]) > MAX_BATCH
     caption = Manifest.load(repository).caption
     end = list(caption.tokens).index(caption.end_id)
-    # the caption model decodes under the same rules as the embedded backend's CaptionPipeline
-    rules = MentionRules(caption_pieces(Tokenizer(), caption.tokens), repeated_mention, ends_on_phrase)
+    # the caption model decodes under the same rules as the embedded backend's
+    # CaptionPipeline, with the caption words of its config
+    pieces = caption_pieces(Tokenizer(), caption.tokens)
+    words = caption.words if graphs == "onnxruntime" else _bls_words(caption.words)
+    rules = MentionRules(pieces, repeated_mention, ends_on_phrase, words)
+    model_words = MentionRules(pieces, repeated_mention, ends_on_phrase, caption.words)
+    differ = 0
     for img, n, got in zip(images, limits, results):
         (want,) = beam_search(ort.captioner, img, end, beam, n, rules=rules)
         k = int(got["num_tokens"][0, 0])
         assert got["tokens"][0, :k].tolist() == want.tokens and k <= n
         assert abs(float(got["logprob"][0, 0]) - want.logprob) < 1e-4
+        differ += want.tokens != beam_search(ort.captioner, img, end, beam, n, rules=model_words)[0].tokens
+    if words != caption.words:
+        assert differ, "the other words should change some of these captions"
     assert len({tuple(r["tokens"][0].tolist()) for r in results}) > 4  # captions of different scenes differ
 
 

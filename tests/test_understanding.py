@@ -30,16 +30,19 @@ def vocabularies(tokenizer):
 @pytest.fixture()
 def mt_model(small_cfg, vocabularies):
     torch.manual_seed(0)
-    answers, tokens = vocabularies
+    answers, tokens, _ = vocabularies
     return build_model(small_cfg.replace(vqa_answers=answers, caption_tokens=tokens)).eval()
 
 
 def test_vocabularies_cover_the_shapes_world(vocabularies, tokenizer):
-    answers, tokens = vocabularies
+    answers, tokens, words = vocabularies
     assert {"yes", "no", "red", "circle", "0", "1"} <= set(answers)
     assert answers[0] in ("yes", "no", "1")  # most frequent first
-    words = {tokenizer.id_to_token(i) for i in tokens}
-    assert {"[CLS]", "[SEP]", "[UNK]", "red", "circle", "left", "of"} <= words
+    pieces = {tokenizer.id_to_token(i) for i in tokens}
+    assert {"[CLS]", "[SEP]", "[UNK]", "red", "circle", "left", "of", "he", "##xa", "##gon"} <= pieces
+    # whole words only: "hexagon" is three pieces, none of them a caption word
+    assert {"red", "circle", "hexagon", "hexagons", "left", "of", ","} <= set(words)
+    assert not {"he", "hexa", "##xa", "[CLS]", "[SEP]"} & set(words)
 
 
 def test_vqa_head_ignores_padding(mt_model, tokenizer):
@@ -133,6 +136,20 @@ def test_batched_captions_equal_one_at_a_time(mt_model):
         assert together == alone
 
 
+def test_caption_pipeline_follows_the_caption_words(mt_model, vocabularies):
+    """TorchUnderstanding (and so evaluation and export.verify) decodes in the model's
+    caption words: take away a word the untrained decoder ends its captions with, and its
+    captions go without it."""
+    images = [np.random.default_rng(i).integers(0, 256, (96, 128, 3), dtype=np.uint8) for i in range(3)]
+    free = [c.text for c in TorchUnderstanding(mt_model).captioner.caption(images, 2, max_len=12)]
+    gone = free[0].split()[-1]
+    words = tuple(w for w in vocabularies[2] if w != gone)
+    worded = build_model(mt_model.cfg.replace(caption_words=words)).eval()
+    worded.load_state_dict(mt_model.state_dict())
+    for c in TorchUnderstanding(worded).captioner.caption(images, 2, max_len=12):
+        assert set(c.text.split()) <= set(words), c.text
+
+
 def test_vqa_pipeline_ranks_answers(mt_model):
     vqa = TorchUnderstanding(mt_model).vqa
     images = [np.zeros((64, 64, 3), np.uint8)] * 2
@@ -143,7 +160,7 @@ def test_vqa_pipeline_ranks_answers(mt_model):
 
 
 def test_collator_builds_vqa_and_caption_targets(tokenizer, vocabularies):
-    answers, tokens = vocabularies
+    answers, tokens, _ = vocabularies
     ds = ShapesWorldDataset(0, 100, understanding=True)
     samples = [ds[i] for i in range(4)]
     batch = Collator(tokenizer, (128, 128), answers=answers, caption_tokens=tokens)(samples, step_seed=3)
@@ -248,7 +265,7 @@ def test_extremes_pool_the_object_the_question_asks_for():
 
 def test_every_drawn_object_is_an_objectness_target(tokenizer, vocabularies):
     """The objectness targets are the scene's objects, whatever the prompt names."""
-    answers, tokens = vocabularies
+    answers, tokens, _ = vocabularies
     ds = ShapesWorldDataset(0, 100, grounding_fraction=0.5, understanding=True)
     samples = [ds[i] for i in range(8)]
     batch = Collator(tokenizer, (128, 256), answers=answers, caption_tokens=tokens)(samples)
@@ -289,7 +306,7 @@ def test_gate_targets_reach_the_batch_and_the_loss(tokenizer, vocabularies):
     """Collated targets are the samples' extremes (EXTREMES order, -1 none); the gate loss is
     the cross-entropy over the questions that ask for one, and zero (with a gradient path)
     when none does."""
-    answers, tokens = vocabularies
+    answers, tokens, _ = vocabularies
     ds = ShapesWorldDataset(0, 200, grounding_fraction=0.5, understanding=True)
     samples = [ds[i] for i in range(40)]
     batch = Collator(tokenizer, (128, 128), answers=answers, caption_tokens=tokens)(samples)

@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from glipv2.captioning import DEFAULT_BEAM
 from glipv2.postprocess import Detections
 from glipv2.text import Prompt, PromptError, build_prompt, prompt_from_spans
 from training.data import CocoDetectionDataset, DatasetError, GroundingDataset, load_json
@@ -521,7 +522,7 @@ def format_precision_recall(rows: Sequence[dict[str, float]]) -> str:
 
 
 def evaluate_model_understanding(model, val_dir: str | os.PathLike, max_images: int | None, batch_size: int = 8,
-                                 beam_size: int = 1, progress: bool = True,
+                                 beam_size: int = DEFAULT_BEAM, progress: bool = True,
                                  tasks: set[str] = frozenset({"vqa", "caption"})) -> dict:
     """VQA / caption metrics of a torch model, for the heads it has."""
     from glipv2.predict import TorchUnderstanding
@@ -541,7 +542,8 @@ def evaluate_model_understanding(model, val_dir: str | os.PathLike, max_images: 
 
         cfg = model.cfg
         runner = BatchRunner(TorchEngine(model), u.captioner.tokenizer, cfg.image_hw, caption_tokens=cfg.caption_tokens,
-                             caption_max_len=cfg.caption_max_len - 1, caption_end_id=cfg.caption_end_id)
+                             caption_max_len=cfg.caption_max_len - 1, caption_end_id=cfg.caption_end_id,
+                             caption_words=cfg.caption_words)
         ground = PostprocessConfig.for_model(cfg, score_threshold=GROUNDING_SCORE_FLOOR)
 
         def caption_fn(images):
@@ -564,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default=None, help="write the metrics as JSON here")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--beam-size", type=int, default=1, help="caption beam size (1 = greedy)")
+    ap.add_argument("--beam-size", type=int, default=DEFAULT_BEAM,
+                    help=f"caption beam size (default {DEFAULT_BEAM}, as served; 1 = greedy)")
     ap.add_argument("--tasks", default=_ALL_TASKS,
                     help="comma-separated subset of detection, vqa, caption (those the model has)")
     args = ap.parse_args(argv)

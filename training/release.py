@@ -5,8 +5,8 @@ optimizer, scheduler and RNG state (three quarters of the file), keeps the step 
 evaluation metrics for provenance, and verifies the result loads.
 
 `--serving token_aggregation=geometric` also changes a setting that only serving reads
-(how detections are scored from the same outputs: SERVING_FIELDS), never one the weights
-depend on.
+(SERVING_FIELDS: how detections are scored from the same outputs, which whole words a
+caption may use), never one the weights depend on.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from glipv2.checkpoint import FORMAT, CheckpointError, atomic_save, load_model, 
 from glipv2.config import ModelConfig
 from training.train import field_values
 
-SERVING_FIELDS = ("threshold_on", "token_aggregation")
+SERVING_FIELDS = ("threshold_on", "token_aggregation", "caption_words")
 
 
 def release(checkpoint: str, out: str, serving: dict[str, Any] | None = None) -> dict:

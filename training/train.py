@@ -89,9 +89,10 @@ class TrainConfig:
             if self.train_data != "shapes":
                 raise ValueError("VQA and caption training read their labels from the shapes world; "
                                  "set loss.vqa and loss.caption to 0 for other training data")
-            answers, tokens = _vocabularies(self.data_seed, cfg.max_tokens)
+            answers, tokens, words = _vocabularies(self.data_seed, cfg.max_tokens)
             cfg = cfg.replace(vqa_answers=answers if self.loss.vqa > 0 else (),
-                              caption_tokens=tokens if self.loss.caption > 0 else ())
+                              caption_tokens=tokens if self.loss.caption > 0 else (),
+                              caption_words=words if self.loss.caption > 0 else ())
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,7 +100,7 @@ class TrainConfig:
 
 
 @functools.lru_cache(maxsize=4)
-def _vocabularies(seed: int, max_tokens: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+def _vocabularies(seed: int, max_tokens: int) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
     from training.vocab import shapes_vocabularies
 
     return shapes_vocabularies(seed, Tokenizer(max_tokens=max_tokens))

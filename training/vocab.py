@@ -4,6 +4,8 @@
   most frequent first.
 - Caption tokens: the WordPiece ids that occur in the training captions, plus [CLS]
   (start), [SEP] (end) and [UNK]; the decoder only ever emits these.
+- Caption words: the whole words those pieces spell in the training captions; decoding
+  ends a word only where one of these ends (glipv2.captioning.MentionRules).
 
 For the on-the-fly shapes world, the annotations of the first `scan` training scenes are
 read (scenes only, no images drawn, about a second for 4,000).
@@ -16,6 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
+from glipv2.captioning import pieces_text
 from glipv2.text import Tokenizer
 from training import shapes_world as sw
 from training.data import understanding_targets
@@ -36,7 +39,20 @@ def caption_vocabulary(captions: Iterable[str], tokenizer: Tokenizer) -> tuple[i
     return tuple(sorted(ids))
 
 
-def shapes_vocabularies(seed: int, tokenizer: Tokenizer, scan: int = 4000) -> tuple[tuple[str, ...], tuple[int, ...]]:
+def caption_word_list(captions: Iterable[str], tokenizer: Tokenizer) -> tuple[str, ...]:
+    """Sorted whole words of the captions as the decoder spells them (WordPieces joined:
+    lower case, punctuation its own word): ModelConfig.caption_words."""
+    words: set[str] = set()
+    for c in captions:
+        pieces = [tokenizer.id_to_token(int(i)) or "" for i in tokenizer.encode(c).ids
+                  if i not in (tokenizer.cls_id, tokenizer.sep_id)]
+        words.update(pieces_text(pieces).split())
+    return tuple(sorted(words))
+
+
+def shapes_vocabularies(seed: int, tokenizer: Tokenizer,
+                        scan: int = 4000) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
+    """(answers, caption token ids, caption words) of the first `scan` training scenes."""
     answers: list[str] = []
     captions: list[str] = []
     for i in range(scan):
@@ -44,4 +60,4 @@ def shapes_vocabularies(seed: int, tokenizer: Tokenizer, scan: int = 4000) -> tu
         _, answer, caps = understanding_targets(scene, seed, i)
         answers.append(answer)
         captions.extend(caps)
-    return answer_vocabulary(answers), caption_vocabulary(captions, tokenizer)
+    return answer_vocabulary(answers), caption_vocabulary(captions, tokenizer), caption_word_list(captions, tokenizer)

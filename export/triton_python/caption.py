@@ -134,7 +134,8 @@ class TritonPythonModel:
             self.end_index = int(params["end_index"])
             self.max_len = int(params["max_len"])
             # the same decode rules as the embedded backend (glipv2.understanding.CaptionPipeline)
-            self.rules = MentionRules(params["pieces"].split(" "), repeated_mention, ends_on_phrase)
+            self.rules = MentionRules(params["pieces"].split(" "), repeated_mention, ends_on_phrase,
+                                      params.get("words", "").split())
         except (KeyError, ValueError) as exc:
             raise pb_utils.TritonModelException(f"{self.name}: bad or missing config parameter: {exc}") from None
         # tensor names in call order, as the config lists them (rendered from glipv2.runtime.graphs)

@@ -170,7 +170,7 @@ class BatchRunner:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, image_hw: tuple[int, int],
                  buckets: Sequence[int] | None = DEFAULT_BUCKETS, answers: Sequence[str] | None = None,
                  caption_tokens: Sequence[int] | None = None, caption_max_len: int = 0, caption_end_id: int = 0,
-                 cache_size: int = 0, cache_bytes: int = 64 * 1024 * 1024) -> None:
+                 caption_words: Sequence[str] = (), cache_size: int = 0, cache_bytes: int = 64 * 1024 * 1024) -> None:
         """caption_max_len: the most tokens a caption may have (positions minus the start)."""
         self.engine = as_engine(engine)
         self.tokenizer = tokenizer
@@ -187,7 +187,8 @@ class BatchRunner:
         # engine, so every start/step call (or whole-loop decode) is counted.
         loop = hasattr(getattr(self.engine, "captioner", None), "decode")
         self.captioner = CaptionPipeline(_CountedLoop(self) if loop else self, self.image_hw, caption_tokens,
-                                         self.caption_max_len + 1, caption_end_id, tokenizer) if caption_tokens else None
+                                         self.caption_max_len + 1, caption_end_id, tokenizer,
+                                         caption_words) if caption_tokens else None
 
     # prompts -------------------------------------------------------------------
     def features(self, input_ids: np.ndarray) -> np.ndarray:

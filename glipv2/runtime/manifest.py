@@ -190,6 +190,7 @@ class CaptionSpec:
     # the Triton model that runs the whole decode loop in-process (glipv2.runtime.graphs.CAPTION);
     # None in a repository rendered before it existed: clients then drive caption_start/step
     decoder: str | None = None
+    words: tuple[str, ...] = ()  # ModelConfig.caption_words: captions end words where these do
 
     @property
     def max_positions(self) -> int:
@@ -257,12 +258,15 @@ class Manifest:
             raise ManifestError(f"manifest.postprocess: {exc}") from None
         caption = d.get("caption")
         if caption is not None:
-            _require(caption, "manifest.caption", ("tokens", "start_id", "end_id", "max_len"), ("decoder",))
+            _require(caption, "manifest.caption", ("tokens", "start_id", "end_id", "max_len"), ("decoder", "words"))
             decoder = caption.get("decoder")
+            words = caption.get("words") or []
+            if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
+                raise ManifestError("manifest.caption.words must be a list of non-empty strings")
             caption = CaptionSpec(_ints(caption["tokens"], "manifest.caption.tokens"),
                                   *(_int(caption[k], f"manifest.caption.{k}", 0) for k in ("start_id", "end_id")),
                                   _int(caption["max_len"], "manifest.caption.max_len", 1),
-                                  None if decoder is None else _str(decoder, "manifest.caption.decoder"))
+                                  None if decoder is None else _str(decoder, "manifest.caption.decoder"), tuple(words))
         answers = d.get("answer_vocabulary")
         if answers is not None and (not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
             raise ManifestError("manifest.answer_vocabulary must be a list of strings or null")

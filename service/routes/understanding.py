@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
-from glipv2.captioning import MAX_BEAM
+from glipv2.captioning import DEFAULT_BEAM, MAX_BEAM
 from glipv2.runtime.batch import CaptionBatchItem, VqaBatchItem
 from glipv2.understanding import GROUNDING_SCORE_FLOOR, GroundedPhrase
 from service.batcher import MicroBatcher
@@ -119,7 +119,7 @@ async def caption_upload(
     settings: SettingsDep, backend: BackendDep, batcher: CaptionBatcherDep, loader: LoaderDep,
     image: Annotated[UploadFile, File(description="JPEG, PNG or WebP file")],
     max_len: Annotated[int | None, Form(ge=1, le=255)] = None,
-    beam_size: Annotated[int, Form(ge=1, le=MAX_BEAM)] = 1,
+    beam_size: Annotated[int, Form(ge=1, le=MAX_BEAM)] = DEFAULT_BEAM,
     grounded: Annotated[bool, Form(description="also return each object phrase with its box and score")] = False,
 ) -> CaptionResponse:
     return await within_deadline(settings, _caption(settings, backend, batcher, loader, [await read_upload(image)],

@@ -156,7 +156,9 @@ function ask() {
 function caption() {
   return runTask($("caption-button"), $("caption"), "Captioning…", async () => {
     const grounded = $("grounded").checked;
-    const body = await upload("/v1/caption/upload", { beam_size: $("beam").value || "1", grounded: String(grounded) });
+    const fields = { grounded: String(grounded) };
+    if ($("beam").value) fields.beam_size = $("beam").value;  // empty: the API's default
+    const body = await upload("/v1/caption/upload", fields);
     const r = body.results[0];
     if (grounded) {
       // Grounded caption: each object phrase's boxes, drawn and listed like detections.
