@@ -15,9 +15,10 @@ For each backend:
 - sequential: one run_caption_batch call per image (what a gateway without batching does);
 - batched: run_caption_batch on batches of --batch images (what the micro-batcher forms
   under concurrent load: every row decodes in lockstep, finished rows leave the batch).
-All of them alternate --rounds times (so machine noise hits each alike); medians, images/s,
-the batched/sequential ratio and each backend's batched throughput over the first one's
-are printed, and one row per backend is appended to runs/bench/caption_throughput.jsonl
+`--beam-size 1,3` measures beam sizes side by side the same way (the API decodes with beam
+3 unless asked otherwise). All of them alternate --rounds times (so machine noise hits
+each alike); medians, images/s, the batched/sequential ratio, each backend's batched
+throughput over the first one's and each beam's over the first beam's are printed, and one row per backend is appended to runs/bench/caption_throughput.jsonl
 (the committed bench/results/ with --record; see bench/output.py).
 """
 
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.output import add_record_flag, append_records
+from glipv2.captioning import MAX_BEAM
 from glipv2.image import letterbox
 from glipv2.runtime.batch import CaptionBatchItem
 from service.backends.embedded import EmbeddedBackend
@@ -51,13 +53,23 @@ def _backends(value: str) -> list[str]:
     return names
 
 
+def _beams(value: str) -> list[int]:
+    try:
+        beams = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        beams = []
+    if not beams or len(set(beams)) != len(beams) or not all(1 <= b <= MAX_BEAM for b in beams):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of distinct beam sizes in 1..{MAX_BEAM}")
+    return beams
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.caption_throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument("--beam-size", type=_beams, default=[1], help="beam size, or several side by side: 1,3")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads of the embedded backend")
     p.add_argument("--backends", type=_backends, default=["embedded"],
@@ -95,52 +107,59 @@ def _run(args: argparse.Namespace, backends: dict) -> int:
         print(f"error: {args.repository} has no caption decoder", file=sys.stderr)
         return 2
     rng = np.random.default_rng(2026)
-    items = []
-    for _ in range(args.images):
-        scene = sw.sample_scene(rng)
-        items.append(CaptionBatchItem(letterbox(sw.render(scene, rng), first.image_hw)[0], args.beam_size, 30))
+    images = [letterbox(sw.render(scene, rng), first.image_hw)[0] for scene in
+              (sw.sample_scene(rng) for _ in range(args.images))]
+    # the served default length limit: the model's (glipv2.understanding.CaptionPipeline)
+    items = {beam: [CaptionBatchItem(px, beam, first.caption_max_len) for px in images] for beam in args.beam_size}
 
-    def sequential(backend) -> list[str]:
-        return [backend.run_caption_batch([it])[0].text for it in items]
+    def sequential(backend, beam: int) -> list[str]:
+        return [backend.run_caption_batch([it])[0].text for it in items[beam]]
 
-    def batched(backend) -> list[str]:
-        return [c.text for i in range(0, len(items), args.batch)
-                for c in backend.run_caption_batch(items[i:i + args.batch])]
+    def batched(backend, beam: int) -> list[str]:
+        return [c.text for i in range(0, args.images, args.batch)
+                for c in backend.run_caption_batch(items[beam][i:i + args.batch])]
 
-    reference = None
-    for name, backend in backends.items():  # also warms every path up
-        captions = sequential(backend)
-        assert captions == batched(backend), f"{name}: batched decoding changed a caption"
-        assert reference is None or captions == reference, f"{name} gives other captions than {args.backends[0]}"
-        reference = captions
-    times: dict[tuple[str, str], list[float]] = {}
+    for beam in args.beam_size:
+        reference = None
+        for name, backend in backends.items():  # also warms every path up
+            captions = sequential(backend, beam)
+            assert captions == batched(backend, beam), f"{name}: batched decoding changed a caption (beam {beam})"
+            assert reference is None or captions == reference, \
+                f"{name} gives other captions than {args.backends[0]} (beam {beam})"
+            reference = captions
+    times: dict[tuple[str, int, str], list[float]] = {}
     for _ in range(args.rounds):
-        for name, backend in backends.items():
-            for mode, fn in (("sequential", sequential), ("batched", batched)):
-                t = time.perf_counter()
-                fn(backend)
-                times.setdefault((name, mode), []).append(time.perf_counter() - t)
+        for beam in args.beam_size:
+            for name, backend in backends.items():
+                for mode, fn in (("sequential", sequential), ("batched", batched)):
+                    t = time.perf_counter()
+                    fn(backend, beam)
+                    times.setdefault((name, beam, mode), []).append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load = os.getloadavg()[0]
-    base = args.images / med[(args.backends[0], "batched")]
+    first_backend, first_beam = args.backends[0], args.beam_size[0]
     rows = []
-    for name in backends:
-        seq, bat = med[(name, "sequential")], med[(name, "batched")]
-        row = {
-            "when": when, "machine": platform.machine(), "device": "cpu", "backend": name,
-            "threads": args.threads, "repository": str(args.repository), "images": args.images, "batch": args.batch,
-            "beam_size": args.beam_size, "load_average_1m": round(load, 2),
-            "sequential_s": seq, "batched_s": bat,
-            "sequential_images_per_s": args.images / seq, "batched_images_per_s": args.images / bat,
-            "speedup_batched_over_sequential": seq / bat,
-            f"batched_over_{args.backends[0]}": (args.images / bat) / base,
-        }
-        rows.append(row)
-        print(f"captions of {args.images} images, {name}, beam {args.beam_size}: sequential "
-              f"{row['sequential_images_per_s']:.1f} img/s, batch {args.batch} {row['batched_images_per_s']:.1f} img/s "
-              f"({row['speedup_batched_over_sequential']:.2f}x)"
-              + (f"; {row[f'batched_over_{args.backends[0]}']:.2f}x {args.backends[0]}" if len(backends) > 1 else ""))
+    for beam in args.beam_size:
+        for name in backends:
+            seq, bat = med[(name, beam, "sequential")], med[(name, beam, "batched")]
+            row = {
+                "when": when, "machine": platform.machine(), "device": "cpu", "backend": name,
+                "threads": args.threads, "repository": str(args.repository), "images": args.images,
+                "batch": args.batch, "beam_size": beam, "max_len": first.caption_max_len,
+                "load_average_1m": round(load, 2), "sequential_s": seq, "batched_s": bat,
+                "sequential_images_per_s": args.images / seq, "batched_images_per_s": args.images / bat,
+                "speedup_batched_over_sequential": seq / bat,
+                f"batched_over_{first_backend}": med[(first_backend, beam, "batched")] / bat,
+                f"batched_over_beam_{first_beam}": med[(name, first_beam, "batched")] / bat,
+            }
+            rows.append(row)
+            print(f"captions of {args.images} images, {name}, beam {beam}: sequential "
+                  f"{row['sequential_images_per_s']:.1f} img/s, batch {args.batch} {row['batched_images_per_s']:.1f} "
+                  f"img/s ({row['speedup_batched_over_sequential']:.2f}x)"
+                  + (f"; {row[f'batched_over_{first_backend}']:.2f}x {first_backend}" if len(backends) > 1 else "")
+                  + (f"; {row[f'batched_over_beam_{first_beam}']:.2f}x beam {first_beam}"
+                     if len(args.beam_size) > 1 else ""))
     print(f"(load average {load:.2f} over the last minute)")
     if not args.no_save:
         append_records("caption_throughput.jsonl", rows, args.record)

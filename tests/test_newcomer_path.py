@@ -3,6 +3,7 @@ without writing into files tracked by git."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -54,9 +55,12 @@ def test_benchmarks_write_user_results_to_an_ignored_place(tmp_path, monkeypatch
     user, reference = tmp_path / "user", tmp_path / "reference"
     monkeypatch.setattr(output, "USER_RESULTS", user)
     monkeypatch.setattr(output, "REFERENCE_RESULTS", reference)
-    args = ["--repository", str(repo), "--images", "2", "--batch", "2", "--rounds", "1", "--threads", "1"]
+    args = ["--repository", str(repo), "--images", "2", "--batch", "2", "--rounds", "1", "--threads", "1",
+            "--beam-size", "1,2"]
     assert caption_throughput.main(args) == 0
-    assert len((user / "caption_throughput.jsonl").read_text().splitlines()) == 1 and not reference.exists()
+    rows = [json.loads(r) for r in (user / "caption_throughput.jsonl").read_text().splitlines()]
+    assert [r["beam_size"] for r in rows] == [1, 2] and not reference.exists()  # one row per beam size
+    assert rows[0]["batched_over_beam_1"] == 1.0 and rows[1]["batched_over_beam_1"] > 0
     assert caption_throughput.main([*args, "--record"]) == 0
     assert (reference / "caption_throughput.jsonl").is_file()
 

@@ -291,7 +291,9 @@ def test_manifest():
     assert (m["top_k"], m["max_batch_size"]) == (100, 8)
     assert m["answer_vocabulary"] == list(cfg.vqa_answers) and "red" in m["answer_vocabulary"]
     assert m["caption"] == {"tokens": list(cfg.caption_tokens), "start_id": 101, "end_id": 102,
-                            "max_len": cfg.caption_max_len - 1, "decoder": "caption"}
+                            "max_len": cfg.caption_max_len - 1, "decoder": "caption",
+                            "words": list(cfg.caption_words)}
+    assert {"hexagon", "red"} <= set(cfg.caption_words) and "he" not in cfg.caption_words
     assert set(m["models"]) == {"text_encoder", "detector", "vqa", "caption_start", "caption_step"}
     assert m["models"]["caption_step"]["max_batch_size"] == 8 * 5  # every beam of every image
     assert m["models"]["caption_step"]["dynamic_axis"] == {"counts": "steps", "min": 1, "opt": 16,
@@ -756,7 +758,8 @@ def test_caption_loop_model_batches_requests_and_equals_the_gateways_decoder(cap
     manifest = json.loads((rendered / "manifest.json").read_text())
     pieces = caption_pieces(Tokenizer(), manifest["caption"]["tokens"])
     assert caption_loop.rules.pieces == pieces
-    rules = MentionRules(pieces, repeated_mention, ends_on_phrase)
+    assert caption_loop.rules.words == frozenset(manifest["caption"]["words"])
+    rules = MentionRules(pieces, repeated_mention, ends_on_phrase, manifest["caption"]["words"])
     for r, idx, beam, limits in ((responses[0], [0, 1], 1, [20, 3]), (responses[1], [2], 3, [20]),
                                  (responses[3], [3], 1, [20])):
         out = _ok(r)

@@ -74,6 +74,8 @@ def test_committed_manifest_round_trips():
     (lambda d: d["image"].update(max_side=-1), "max_side must be an integer >= 0"),
     (lambda d: d["image"]["normalisation"].update(channel_order="GBR"), "channel_order"),
     (lambda d: d["image"]["normalisation"].update(std=[1, 0, 1]), "std must be positive"),
+    (lambda d: d["caption"].update(words="a red square"), "caption.words must be a list"),
+    (lambda d: d["caption"].update(words=["red", ""]), "caption.words must be a list of non-empty strings"),
 ])
 def test_bad_manifests_fail_when_read(tmp_path, change, match):
     d = json.loads((REPO / "manifest.json").read_text())
@@ -83,6 +85,14 @@ def test_bad_manifests_fail_when_read(tmp_path, change, match):
         Manifest.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="make export"):
         Manifest.load(tmp_path / "nowhere")
+
+
+def test_a_manifest_without_caption_words_decodes_without_the_word_rule():
+    """Repositories rendered before caption words existed still load (any word may end)."""
+    d = json.loads((REPO / "manifest.json").read_text())
+    assert d["caption"]["words"]
+    d["caption"].pop("words")
+    assert Manifest.from_dict(d).caption.words == ()
 
 
 def test_official_image_layout_round_trips():
