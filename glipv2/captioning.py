@@ -25,8 +25,8 @@ import numpy as np
 DEFAULT_MAX_LEN = 30
 MAX_BEAM = 5  # Triton's caption_step batch limit is max_batch_size x MAX_BEAM
 # The API's, CLI's and evaluation's beam: on the demo model's val captions beam 3 names
-# more of the drawn colour-shape pairs and fewer absent ones than greedy decoding (README,
-# "Captions: beam size"), at about two thirds of greedy's throughput.
+# more of the drawn colour-shape pairs and fewer absent ones than greedy decoding, at about
+# half of greedy's throughput in batches (README, "Captions, later on 2026-12-01").
 DEFAULT_BEAM = 3
 
 
