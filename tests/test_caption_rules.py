@@ -24,16 +24,20 @@ PIECES = ["[SEP]", "a", "red", "square", "and", "circle", "another", "to"]
 END, A, RED, SQUARE, AND, CIRCLE, ANOTHER, TO = range(8)
 
 
+def _chain(transitions: dict[tuple[int, int], float], first: int, size: int = 8) -> MarkovEngine:
+    """A toy decoder over `size` pieces: `first` starts every caption, then each piece is
+    followed by the next one with the given probabilities (every other pair almost never)."""
+    p = np.full((size, size), 1e-9)
+    for (a, b), prob in transitions.items():
+        p[a, b] = prob
+    start = np.full(size, 1e-9)
+    start[first] = 1.0
+    return MarkovEngine(np.log(p / p.sum(1, keepdims=True)), np.log(start / start.sum()))
+
+
 def _engine() -> MarkovEngine:
-    p = np.full((8, 8), 1e-9)
-    p[A, RED] = 1.0
-    p[RED, SQUARE], p[RED, CIRCLE] = 0.9, 0.1
-    p[SQUARE, AND], p[SQUARE, END] = 0.9, 0.1
-    p[CIRCLE, END] = 1.0
-    p[AND, A] = 1.0
-    first = np.full(8, 1e-9)
-    first[A] = 1.0
-    return MarkovEngine(np.log(p / p.sum(1, keepdims=True)), np.log(first / first.sum()))
+    return _chain({(A, RED): 1.0, (RED, SQUARE): 0.9, (RED, CIRCLE): 0.1, (SQUARE, AND): 0.9, (SQUARE, END): 0.1,
+                   (CIRCLE, END): 1.0, (AND, A): 1.0}, first=A)
 
 
 def _text(tokens):
@@ -80,17 +84,9 @@ HEX_WORDS = ("a", "red", "hexagon", "and", "circle")
 
 def _hexagon_engine() -> MarkovEngine:
     e, a, red, he, xa, gon, and_, circle = range(8)
-    p = np.full((8, 8), 1e-9)
-    p[a, red] = 1.0
-    p[red, he], p[red, circle] = 0.9, 0.1
-    p[he, xa] = 1.0
-    p[xa, gon], p[xa, e], p[xa, and_] = 0.95, 0.04, 0.01
-    p[gon, and_], p[gon, e] = 0.9, 0.1
-    p[and_, a] = 1.0
-    p[circle, e] = 1.0
-    first = np.full(8, 1e-9)
-    first[a] = 1.0
-    return MarkovEngine(np.log(p / p.sum(1, keepdims=True)), np.log(first / first.sum()))
+    return _chain({(a, red): 1.0, (red, he): 0.9, (red, circle): 0.1, (he, xa): 1.0,
+                   (xa, gon): 0.95, (xa, e): 0.04, (xa, and_): 0.01, (gon, and_): 0.9, (gon, e): 0.1,
+                   (and_, a): 1.0, (circle, e): 1.0}, first=a)
 
 
 @pytest.mark.parametrize("beam", [1, 3])

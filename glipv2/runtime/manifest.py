@@ -190,7 +190,7 @@ class CaptionSpec:
     # the Triton model that runs the whole decode loop in-process (glipv2.runtime.graphs.CAPTION);
     # None in a repository rendered before it existed: clients then drive caption_start/step
     decoder: str | None = None
-    words: tuple[str, ...] = ()  # ModelConfig.caption_words: captions end words where these do
+    words: tuple[str, ...] = ()  # ModelConfig.caption_words: the whole words captions may use (empty: any)
 
     @property
     def max_positions(self) -> int:
