@@ -114,8 +114,9 @@ class ModelConfig:
         need(len(set(self.caption_tokens)) == len(self.caption_tokens), "caption_tokens", "must be distinct")
         need(not self.caption_tokens or {self.caption_start_id, self.caption_end_id} <= set(self.caption_tokens),
              "caption_tokens", "must include caption_start_id and caption_end_id")
-        need(all(isinstance(w, str) and w and w == w.strip() and " " not in w for w in self.caption_words),
-             "caption_words", "must be words without spaces")
+        need(isinstance(self.caption_words, tuple)
+             and all(isinstance(w, str) and w and w == w.strip() and " " not in w for w in self.caption_words),
+             "caption_words", "must be a list of words without spaces")
         need(self.caption_dim % self.caption_heads == 0, "caption_dim", "must be divisible by caption_heads")
         need(self.vqa_dim % 4 == 0, "vqa_dim", "must be divisible by 4 (attention heads)")
         need(2 < self.caption_max_len <= self.max_tokens, "caption_max_len", "must be in 3..max_tokens")

@@ -47,3 +47,15 @@ def test_release_refuses_a_serving_flag_without_a_value(tmp_path, checkpoint, ca
         main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x.pt"), "--serving", "token_aggregation"])
     assert e.value.code == 2 and "--serving expects FIELD=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_release_sets_caption_words_and_refuses_a_bare_word(tmp_path, checkpoint, capsys):
+    """caption_words (decoding only) is a serving field; one word instead of a list is an
+    error, not a list of its letters."""
+    out = tmp_path / "tiny.pt"
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--serving", 'caption_words=["a","red"]']) == 0
+    assert load_model(out)[0].cfg.caption_words == ("a", "red")
+    assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "y.pt"),
+                 "--serving", "caption_words=red"]) == 2
+    assert "caption_words: must be a list of words" in capsys.readouterr().err
+    assert not (tmp_path / "y.pt").exists()
