@@ -18,8 +18,9 @@ For each backend:
 `--beam-size 1,3` measures beam sizes side by side the same way (the API decodes with beam
 3 unless asked otherwise). All of them alternate --rounds times (so machine noise hits
 each alike); medians, images/s, the batched/sequential ratio, each backend's batched
-throughput over the first one's and each beam's over the first beam's are printed, and one row per backend is appended to runs/bench/caption_throughput.jsonl
-(the committed bench/results/ with --record; see bench/output.py).
+throughput over the first one's and each beam's over the first beam's are printed, and one
+row per backend and beam size is appended to runs/bench/caption_throughput.jsonl (the
+committed bench/results/ with --record; see bench/output.py).
 """
 
 from __future__ import annotations

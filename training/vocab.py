@@ -14,12 +14,13 @@ read (scenes only, no images drawn, about a second for 4,000).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from glipv2.captioning import pieces_text
 from glipv2.text import Tokenizer
+from glipv2.understanding import caption_pieces
 from training import shapes_world as sw
 from training.data import understanding_targets
 from training.text_metrics import normalize_answer
@@ -31,21 +32,21 @@ def answer_vocabulary(answers: Iterable[str], min_count: int = 1) -> tuple[str, 
     return tuple(sorted(kept, key=lambda a: (-counts[a], a)))
 
 
-def caption_vocabulary(captions: Iterable[str], tokenizer: Tokenizer) -> tuple[int, ...]:
-    """Sorted WordPiece ids, [CLS] (start), [SEP] (end) and [UNK] included."""
+def caption_vocabulary(encoded: Iterable[Sequence[int]], tokenizer: Tokenizer) -> tuple[int, ...]:
+    """Sorted WordPiece ids of the encoded captions, [CLS] (start), [SEP] (end) and [UNK]
+    included."""
     ids: set[int] = {tokenizer.cls_id, tokenizer.sep_id, tokenizer.token_to_id("[UNK]")}
-    for c in captions:
-        ids.update(int(i) for i in tokenizer.encode(c).ids)
+    for c in encoded:
+        ids.update(int(i) for i in c)
     return tuple(sorted(ids))
 
 
-def caption_word_list(captions: Iterable[str], tokenizer: Tokenizer) -> tuple[str, ...]:
-    """Sorted whole words of the captions as the decoder spells them (WordPieces joined:
-    lower case, punctuation its own word): ModelConfig.caption_words."""
+def caption_word_list(encoded: Iterable[Sequence[int]], tokenizer: Tokenizer) -> tuple[str, ...]:
+    """Sorted whole words of the encoded captions as the decoder spells them (WordPieces
+    joined: lower case, punctuation its own word): ModelConfig.caption_words."""
     words: set[str] = set()
-    for c in captions:
-        pieces = [tokenizer.id_to_token(int(i)) or "" for i in tokenizer.encode(c).ids
-                  if i not in (tokenizer.cls_id, tokenizer.sep_id)]
+    for c in encoded:
+        pieces = caption_pieces(tokenizer, [i for i in c if i not in (tokenizer.cls_id, tokenizer.sep_id)])
         words.update(pieces_text(pieces).split())
     return tuple(sorted(words))
 
@@ -60,4 +61,5 @@ def shapes_vocabularies(seed: int, tokenizer: Tokenizer,
         _, answer, caps = understanding_targets(scene, seed, i)
         answers.append(answer)
         captions.extend(caps)
-    return answer_vocabulary(answers), caption_vocabulary(captions, tokenizer), caption_word_list(captions, tokenizer)
+    encoded = [tokenizer.encode(c).ids for c in captions]  # once, for both caption vocabularies
+    return answer_vocabulary(answers), caption_vocabulary(encoded, tokenizer), caption_word_list(encoded, tokenizer)
