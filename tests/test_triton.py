@@ -447,16 +447,17 @@ def test_caption_model_decodes_inside_triton_in_batches(graphs, request, reposit
     pieces = caption_pieces(Tokenizer(), caption.tokens)
     words = caption.words if graphs == "onnxruntime" else _bls_words(caption.words)
     rules = MentionRules(pieces, repeated_mention, ends_on_phrase, words)
-    model_words = MentionRules(pieces, repeated_mention, ends_on_phrase, caption.words)
-    differ = 0
+    wanted = []
     for img, n, got in zip(images, limits, results):
         (want,) = beam_search(ort.captioner, img, end, beam, n, rules=rules)
         k = int(got["num_tokens"][0, 0])
         assert got["tokens"][0, :k].tolist() == want.tokens and k <= n
         assert abs(float(got["logprob"][0, 0]) - want.logprob) < 1e-4
-        differ += want.tokens != beam_search(ort.captioner, img, end, beam, n, rules=model_words)[0].tokens
-    if words != caption.words:
-        assert differ, "the other words should change some of these captions"
+        wanted.append(want.tokens)
+    if words != caption.words:  # the other words change some of these captions
+        model_words = MentionRules(pieces, repeated_mention, ends_on_phrase, caption.words)
+        assert any(w != beam_search(ort.captioner, img, end, beam, n, rules=model_words)[0].tokens
+                   for w, img, n in zip(wanted, images, limits))
     assert len({tuple(r["tokens"][0].tolist()) for r in results}) > 4  # captions of different scenes differ
 
 
