@@ -67,6 +67,54 @@ def test_shapes_dataset_samples_link_boxes_to_phrases():
     assert kinds <= {"colour", "size", "relation"} and "colour" in kinds
 
 
+def test_plural_phrases_denote_every_object_of_their_shape():
+    """Count questions name shapes in the plural ("how many crosses are there?"); the
+    grounding data teaches those words with every object of the shape as their target."""
+    seen_present = seen_absent = 0
+    for i in range(60):
+        rng = np.random.default_rng([5, i])
+        scene = sw.sample_scene(rng)
+        phrases = sw.plural_phrases(scene, rng)
+        assert {p.kind for p in phrases} == {"plural"}
+        for p in phrases:
+            shape = next(s for s in sw.SHAPES if sw.PLURALS[s] == p.text)
+            assert p.objects == [k for k, o in enumerate(scene.objects) if o.shape == shape]
+            seen_present += bool(p.objects)
+            seen_absent += not p.objects
+        assert sum(not p.objects for p in phrases) == 1  # every scene lacks some shape
+    assert seen_present > 30 and seen_absent == 60
+
+
+def test_shapes_dataset_adds_plurals_only_when_asked():
+    plain = ShapesWorldDataset(seed=2, length=40, grounding_fraction=1.0, augment=False)
+    plural = ShapesWorldDataset(seed=2, length=40, grounding_fraction=1.0, augment=False, plurals=1.0)
+    with_plurals = 0
+    for i in range(12):
+        a, b = plain[i], plural[i]
+        _check_sample(b)
+        np.testing.assert_array_equal(a.image, b.image)
+        assert "plural" not in a.phrase_kinds
+        phrases = [b.caption[x:y] for (x, y), in b.phrase_spans]
+        kept = [p for p, k in zip(phrases, b.phrase_kinds) if k != "plural"]
+        assert kept == [a.caption[x:y] for (x, y), in a.phrase_spans]  # the rest, in their order
+        scene, _ = plural.scene(i)
+        for j, kind in enumerate(b.phrase_kinds):
+            if kind != "plural":
+                continue
+            with_plurals += 1
+            shape = next(s for s in sw.SHAPES if sw.PLURALS[s] == phrases[j])
+            boxes = b.boxes[b.box_phrase == j]
+            want = [o.box for o in scene.objects if o.shape == shape]
+            np.testing.assert_allclose(boxes.reshape(-1, 4), np.array(want, np.float32).reshape(-1, 4), rtol=1e-6)
+    assert with_plurals >= 12
+    # plurals=0 draws nothing extra: the samples of earlier runs stay what they were
+    mixed = ShapesWorldDataset(seed=2, length=40, grounding_fraction=0.5)
+    again = ShapesWorldDataset(seed=2, length=40, grounding_fraction=0.5, plurals=0.0)
+    assert all(mixed[i].caption == again[i].caption for i in range(8))
+    with pytest.raises(ValueError, match="plurals"):
+        ShapesWorldDataset(seed=2, length=40, plurals=1.5)
+
+
 def test_scene_sample_gives_one_box_per_phrase_object():
     scene = sw.sample_scene(np.random.default_rng(1))
     s = scene_sample(scene, sw.render(scene, np.random.default_rng(0)), np.random.default_rng(2), True, 0)

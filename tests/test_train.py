@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.train import RunFinished, TrainConfig, config_from_args, lr_factor, main, train
+from training.train import RunFinished, TrainConfig, config_from_args, lr_factor, main, train, training_samples
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--model", "image_hw=[128,128]", "--workers", "0", "--threads", "2", "--batch-size", "4",
@@ -157,6 +157,17 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert "nonexistent.json" in capsys.readouterr().err
     assert main(["--out-dir", str(tmp_path), "--batch-size", "0"]) == 2
     assert "batch_size" in capsys.readouterr().err
+    assert main(["--out-dir", str(tmp_path), "--plural-phrases", "1.5"]) == 2
+    assert "plural_phrases" in capsys.readouterr().err
+
+
+def test_plural_phrases_reach_the_training_data():
+    """configs/demo*.json set plural_phrases; the run's samples must carry them."""
+    def kinds(cfg):
+        data = training_samples(cfg, understanding=False)
+        return {k for i in range(12) for k in data[i].phrase_kinds}
+    assert "plural" in kinds(config_from_args(["--config", str(REPO / "configs/demo.json")]))
+    assert "plural" not in kinds(TrainConfig(grounding_fraction=1.0))
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, capsys):

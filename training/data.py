@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -40,7 +40,7 @@ class GroundingSample:
     boxes: np.ndarray                          # float32 [N, 4] xyxy pixels
     box_phrase: np.ndarray                     # int64 [N]: phrase index of each box
     image_id: int
-    phrase_kinds: list[str] | None = None      # "shape" | "colour" | "size" | "relation"
+    phrase_kinds: list[str] | None = None      # "shape" | "colour" | "size" | "relation" | "plural"
     # Understanding tasks on the same image (multi-task training), when the source has them.
     question: str | None = None
     answers: list[str] | None = None           # annotator answers (VQA v2 has 10)
@@ -166,14 +166,16 @@ def _empty_boxes() -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- shapes world
 def scene_sample(scene: sw.Scene, image: np.ndarray, rng: np.random.Generator,
-                 grounding: bool, image_id: int) -> GroundingSample:
+                 grounding: bool, image_id: int, extra: Sequence[sw.Phrase] = ()) -> GroundingSample:
     """A GroundingSample from a scene: grounding phrases (each phrase's objects; an object
-    named by several phrases gets one box per phrase) or a detection prompt (each object
-    linked to its shape's phrase)."""
+    named by several phrases gets one box per phrase), with `extra` phrases put at random
+    places among them, or a detection prompt (each object linked to its shape's phrase)."""
     boxes: list[tuple[float, ...]] = []
     links: list[int] = []
     if grounding:
         phrases = sw.grounding_phrases(scene, rng)
+        for p in extra:
+            phrases.insert(int(rng.integers(len(phrases) + 1)), p)
         texts, kinds = [p.text for p in phrases], [p.kind for p in phrases]
         for j, p in enumerate(phrases):
             for i in p.objects:
@@ -196,12 +198,14 @@ class ShapesWorldDataset:
     so training can resume at any position and workers need no shared state."""
 
     def __init__(self, seed: int, length: int, grounding_fraction: float = 0.5,
-                 augment: bool = True, understanding: bool = False) -> None:
-        if length < 0 or not 0 <= grounding_fraction <= 1:
-            raise ValueError("length must be >= 0 and grounding_fraction in [0, 1]")
+                 augment: bool = True, understanding: bool = False, plurals: float = 0.0) -> None:
+        """plurals: the share of grounding samples that also name shapes in the plural
+        (shapes_world.plural_phrases), the words count questions use."""
+        if length < 0 or not 0 <= grounding_fraction <= 1 or not 0 <= plurals <= 1:
+            raise ValueError("length must be >= 0, grounding_fraction and plurals in [0, 1]")
         self.seed, self.length = int(seed), int(length)
         self.grounding_fraction, self.augment = grounding_fraction, augment
-        self.understanding = understanding
+        self.understanding, self.plurals = understanding, plurals
 
     def __len__(self) -> int:
         return self.length
@@ -221,7 +225,13 @@ class ShapesWorldDataset:
         if self.augment:
             image = augment_image(image, rng)
         grounding = bool(rng.random() < self.grounding_fraction)
-        sample = scene_sample(scene, image, rng, grounding, i % self.length)
+        # A generator of their own: with plurals off, every sample is what it was before.
+        extra: list[sw.Phrase] = []
+        if grounding and self.plurals > 0:
+            plural_rng = np.random.default_rng([self.seed, i % self.length, 13])
+            if plural_rng.random() < self.plurals:
+                extra = sw.plural_phrases(scene, plural_rng)
+        sample = scene_sample(scene, image, rng, grounding, i % self.length, extra)
         if self.understanding:
             sample.question, answer, sample.captions = understanding_targets(scene, self.seed, i % self.length)
             sample.answers = [answer] * 10  # VQA v2 style: ten agreeing annotators

@@ -87,7 +87,7 @@ class Scene:
 class Phrase:
     """A grounding phrase: its text, the indices of the scene objects it denotes (empty
     for a negative phrase) and a kind tag: "colour" (colour + shape), "size" (small/large
-    [+ colour] + shape) or "relation"."""
+    [+ colour] + shape), "relation" or "plural" (a shape in the plural: all of them)."""
 
     text: str
     objects: list[int]
@@ -386,6 +386,17 @@ def grounding_phrases(scene: Scene, rng: np.random.Generator) -> list[Phrase]:
     neg = [Phrase(t, [], "colour") for t in _negative_combos(combos, rng, n_neg)]
     phrases = pos + neg
     return _pick(rng, phrases, len(phrases))
+
+
+def plural_phrases(scene: Scene, rng: np.random.Generator) -> list[Phrase]:
+    """Shapes named in the plural, as count questions name them ("how many circles are
+    there?"): each present shape with probability 1/2, denoting every object of that shape,
+    and one absent shape's plural, denoting none. Unshuffled."""
+    present = [s for s in SHAPES if any(o.shape == s for o in scene.objects)]
+    absent = [s for s in SHAPES if s not in present]
+    out = [Phrase(PLURALS[s], [i for i, o in enumerate(scene.objects) if o.shape == s], "plural")
+           for s in present if rng.random() < 0.5]
+    return out + [Phrase(PLURALS[s], [], "plural") for s in _pick(rng, absent, 1)]
 
 
 def _negative_combos(combos: dict[tuple[str, str], list[int]], rng: np.random.Generator, k: int) -> list[str]:

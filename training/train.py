@@ -46,6 +46,10 @@ class TrainConfig:
     train_data: str = "shapes"
     data_seed: int = 0
     grounding_fraction: float = 0.5
+    # Share of shapes grounding samples that also name shapes in the plural ("circles":
+    # every circle), the words count questions use: without them the question pass never
+    # found more than one object to count.
+    plural_phrases: float = 0.0
     val_dir: str = ""  # a generated split to evaluate on ("" = no evaluation)
     val_images: int = 200
     batch_size: int = 16  # per process, per micro-step
@@ -80,6 +84,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("grounding_fraction", "plural_phrases"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1] (got {getattr(self, name)})")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ValueError(f"TrainConfig.amp must be auto, off, bf16 or fp16 (got {self.amp!r})")
 
@@ -250,7 +257,7 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 # would silently give a run that matches neither setting. max_steps is not among them:
 # raising it is how a finished run is trained further.
 RESUME_FIELDS = ("batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "train_data",
-                 "data_seed", "grounding_fraction", "seed", "loss")
+                 "data_seed", "grounding_fraction", "plural_phrases", "seed", "loss")
 
 
 class RunFinished(Exception):
@@ -280,6 +287,11 @@ def check_resume(saved: dict[str, Any], cfg: TrainConfig, world_size: int, path:
                               "same ones, pass --allow-changed-config to continue anyway, or use a new --out-dir")
 
 
+def training_samples(cfg: TrainConfig, understanding: bool) -> ConcatSamples:
+    """The run's training data (understanding: with questions and captions)."""
+    return build_datasets(cfg.train_data, cfg.data_seed, cfg.grounding_fraction, understanding, cfg.plural_phrases)
+
+
 def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any]:
     """Run (or resume) training; returns the final metrics. Raises RunFinished when the
     run's newest checkpoint is already at max_steps."""
@@ -302,7 +314,7 @@ def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any
         model.mlm_head.requires_grad_(False)
     tokenizer = Tokenizer(max_tokens=model_cfg.max_tokens)
     understanding = bool(model_cfg.vqa_answers or model_cfg.caption_tokens)
-    samples: ConcatSamples = build_datasets(cfg.train_data, cfg.data_seed, cfg.grounding_fraction, understanding)
+    samples = training_samples(cfg, understanding)
     mlm_on = cfg.loss.mlm > 0
     collate = Collator(tokenizer, model_cfg.image_hw, cfg.loss.mlm_fraction if mlm_on else 0.0, cfg.loss.mlm_probability,
                        model_cfg.vqa_answers, model_cfg.caption_tokens, model_cfg.caption_max_len)
