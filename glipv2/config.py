@@ -74,6 +74,9 @@ class ModelConfig:
     vqa_dim: int = 64
     vqa_layers: int = 2
     vqa_extremes: bool = False  # see glipv2.modeling.vqa.Extremes
+    # Count features: soft counts of score-map peaks above these scores (learned from these
+    # starting values); empty = the peaks' score mass only. See VqaHead._counts.
+    vqa_count_thresholds: tuple[float, ...] = ()
     caption_tokens: tuple[int, ...] = ()  # WordPiece ids the decoder can emit (its shortlist)
     # The whole words of the training captions (WordPieces joined): decoding never leaves
     # a word unfinished ("a red hexa") where a piece the rules refuse cut it short. Empty:
@@ -119,6 +122,8 @@ class ModelConfig:
              "caption_words", "must be a list of words without spaces")
         need(self.caption_dim % self.caption_heads == 0, "caption_dim", "must be divisible by caption_heads")
         need(self.vqa_dim % 4 == 0, "vqa_dim", "must be divisible by 4 (attention heads)")
+        need(all(isinstance(t, (int, float)) and 0 < t < 1 for t in self.vqa_count_thresholds),
+             "vqa_count_thresholds", "must be scores in (0, 1)")
         need(2 < self.caption_max_len <= self.max_tokens, "caption_max_len", "must be in 3..max_tokens")
 
     @property
@@ -196,6 +201,7 @@ PRESETS: dict[str, ModelConfig] = {
         grounding_appearance=True,
         token_aggregation="geometric",
         vqa_extremes=True,
+        vqa_count_thresholds=(0.15, 0.2, 0.3),
     ),
     # Official GLIP-T (configs/pretrain/glip_Swin_T_O365.yaml): Swin-T, FPN P3-P7 at 256,
     # bert-base, 6 x [MHA-B fusion, BERT layer, DyConv], ATSS anchors 64..1024.

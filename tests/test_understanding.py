@@ -12,7 +12,7 @@ from glipv2.checkpoint import CheckpointError, init_weights
 from glipv2.modeling import box_ops
 from glipv2.modeling.glipv2 import build_model
 from glipv2.config import LossConfig
-from glipv2.modeling.vqa import EXTREMES, Extremes, extreme_coordinates
+from glipv2.modeling.vqa import EXTREMES, Extremes, VqaHead, extreme_coordinates
 from glipv2.predict import TorchUnderstanding
 from training.batch import Collator
 from training import shapes_world as sw
@@ -324,12 +324,40 @@ def test_gate_targets_reach_the_batch_and_the_loss(tokenizer, vocabularies):
 
 
 def test_stage_two_starts_from_a_checkpoint_without_extremes(tmp_path):
-    """Stage 1 checkpoints of before the extremes (vqa_extremes absent = off) still start stage 2."""
+    """Stage 1 checkpoints of before the extremes and the count thresholds (absent = off)
+    still start stage 2."""
     det = tmp_path / "det"
-    train(config_from_args([*SMALL, "--out-dir", str(det), "--max-steps", "1", "--model", "vqa_extremes=false"]))
+    train(config_from_args([*SMALL, "--out-dir", str(det), "--max-steps", "1", "--model", "vqa_extremes=false",
+                            "--model", "vqa_count_thresholds=[]"]))
     mt = tmp_path / "mt"
     train(config_from_args([*SMALL, "--out-dir", str(mt), "--max-steps", "1", "--loss-vqa", "1",
                             "--init-from", str(det / "checkpoints" / "step_00000001.pt")]))
     saved = torch.load(mt / "checkpoints" / "step_00000001.pt", weights_only=False)
-    assert saved["model_config"]["vqa_extremes"]
+    assert saved["model_config"]["vqa_extremes"] and saved["model_config"]["vqa_count_thresholds"]
     assert any(k.startswith("vqa_head.extremes.") for k in saved["model"])
+    assert "vqa_head.count_thresholds" in saved["model"]
+
+
+def test_count_features_count_the_peaks_above_each_threshold(small_cfg):
+    """Two objects (3x3 blobs peaking at 0.45) among 0-0.04 background peaks: the soft count
+    above 0.2 reads 2 for the token that names them and 0 for one that names nothing, where
+    the score mass (the only count feature before) separates them far less."""
+    head = VqaHead(small_cfg.replace(vqa_answers=("0", "1", "2"), vqa_count_thresholds=(0.15, 0.2, 0.3)))
+    levels = small_cfg.level_hw
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(1, sum(h * w for h, w in levels), 2, generator=g) * 0.04
+    h0, w0 = levels[0]
+    fine = scores[0, : h0 * w0, 0].view(h0, w0)  # a view: writes land in scores
+    for y, x in ((3, 3), (10, 11)):
+        fine[y - 1:y + 2, x - 1:x + 2] = 0.3  # an object's neighbouring anchors are not peaks
+        fine[y, x] = 0.45
+    with torch.no_grad():
+        named = head._counts(scores, torch.tensor([[1.0, 0.0]]))[0]
+        nothing = head._counts(scores, torch.tensor([[0.0, 1.0]]))[0]
+    n = len(levels)
+    at = n + 1 + (n + 2) * 1  # the 0.2 threshold's features: per level, summed, most
+    assert named[at].item() == pytest.approx(2.0, abs=0.05) and named[at + n].item() == pytest.approx(2.0, abs=0.05)
+    assert named[at + n + 1].item() == pytest.approx(2.0, abs=0.05)
+    assert nothing[at:at + n + 2].abs().max().item() < 0.05
+    assert head.classifier[0].in_features == 2 * small_cfg.vqa_dim + small_cfg.fpn_channels + 3 + len(named) + (
+        small_cfg.fpn_channels + 3 + small_cfg.vqa_dim)

@@ -16,9 +16,13 @@ head reads that pass:
 - the subject's appearance: anchors pooled by their best question token's (sharpened)
   detection score, fed to the classifier unprojected (with only the attention path,
   colour questions stayed at the prior after 1,150 steps);
-- counting features: softmax attention averages, so "how many" gets its own signal, the
-  number of peaks of each token's score map (3x3 max-pool peak picking, as CenterNet
-  does instead of NMS) weighted by a learned per-token weight.
+- counting features: softmax attention averages, so "how many" gets its own signal from
+  the peaks of each token's score map (3x3 max-pool peak picking, as CenterNet does
+  instead of NMS), weighted by a learned per-token weight: their score mass, and
+  (`ModelConfig.vqa_count_thresholds`) soft counts of the peaks above learned scores, per
+  level, summed and the most of any level. The mass alone never told two objects from one:
+  a thousand background peaks of 0.01-0.05 outweighed an object's 0.4, and the head
+  answered every count of 2 or more with 1.
 - extremes (`ModelConfig.vqa_extremes`): the objects furthest left, right, up and down,
   the largest and the smallest, each pooled from the anchors by a softmax of an objectness
   logit plus that coordinate, one of them chosen by a gate from the question. "What
@@ -52,6 +56,10 @@ class ExtremeLogits(NamedTuple):
     objectness: torch.Tensor
     gate: torch.Tensor
 
+
+# How sharply a peak's score crosses a count threshold: at 50, a peak 0.1 above counts 0.99
+# and one 0.17 below (background, about 0.03 against 0.2) counts 0.0002.
+COUNT_SHARPNESS = 50.0
 
 # The order of Extremes' coordinates, its gate's outputs and its training targets
 # (training.shapes_world.question_extreme).
@@ -91,7 +99,11 @@ class VqaHead(nn.Module):
         self.grounding_scale = nn.Parameter(torch.tensor(8.0))
         self.norm_tokens = nn.LayerNorm(d)
         self.norm_grounded = nn.LayerNorm(cfg.fpn_channels)
-        n_count = len(cfg.strides) + 1
+        levels = len(cfg.strides)
+        # Stored as logits: the thresholds stay scores in (0, 1) while they learn.
+        thresholds = torch.tensor(cfg.vqa_count_thresholds, dtype=torch.float32)
+        self.count_thresholds = nn.Parameter(torch.logit(thresholds)) if len(thresholds) else None
+        n_count = levels + 1 + len(thresholds) * (levels + 2)
         look = cfg.fpn_channels + 3
         self.extremes = Extremes(d, cfg.fpn_channels) if cfg.vqa_extremes else None
         n_in = 2 * d + look + n_count + (look + d if self.extremes is not None else 0)
@@ -160,16 +172,29 @@ class VqaHead(nn.Module):
         return self.token_weight(fused_text)[..., 0].masked_fill(text_mask == 0, -1e4).softmax(-1)
 
     def _counts(self, scores: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Soft object counts: per level, the score mass at local maxima, token-weighted."""
+        """Object-count features from the local maxima of each token's score map, token-
+        weighted: per level, their score mass (log1p; per level and summed), and with
+        count thresholds, per threshold the soft number of peaks above it (per level,
+        summed over levels, and the most of any level: an object can peak on two levels)."""
         b, _, t = scores.shape
-        out, start = [], 0
+        tau = None if self.count_thresholds is None else self.count_thresholds.sigmoid()  # [K]
+        mass, above, start = [], [], 0
         for h, wd in self.level_hw:
             s = scores[:, start:start + h * wd].transpose(1, 2).reshape(b * t, 1, h, wd)
             start += h * wd
-            peaks = (s == nn.functional.max_pool2d(s, 3, 1, 1)).to(s.dtype) * s
-            out.append((peaks.reshape(b, t, -1).sum(-1) * w).sum(-1))
-        counts = torch.stack(out, dim=-1)  # [B, levels]
-        return torch.log1p(torch.cat([counts, counts.sum(-1, keepdim=True)], dim=-1))
+            is_peak = (s == nn.functional.max_pool2d(s, 3, 1, 1)).to(s.dtype).flatten(1)  # [B*T, HW]
+            s = s.flatten(1)
+            mass.append(((is_peak * s).reshape(b, t, -1).sum(-1) * w).sum(-1))
+            if tau is not None:
+                # Steep: a thousand background peaks at 0.03 must not add up to an object.
+                soft = torch.sigmoid(COUNT_SHARPNESS * (s[:, None] - tau[None, :, None])) * is_peak[:, None]
+                above.append((soft.sum(-1).reshape(b, t, -1) * w[..., None]).sum(1))  # [B, K]
+        counts = torch.stack(mass, dim=-1)  # [B, levels]
+        out = [torch.log1p(torch.cat([counts, counts.sum(-1, keepdim=True)], dim=-1))]
+        if above:
+            c = torch.stack(above, dim=-1)  # [B, K, levels]
+            out.append(torch.cat([c, c.sum(-1, keepdim=True), c.amax(-1, keepdim=True)], dim=-1).flatten(1))
+        return torch.cat(out, dim=-1)
 
 
 class Extremes(nn.Module):
