@@ -21,7 +21,7 @@ head reads that pass:
   instead of NMS), weighted by a learned per-token weight: their score mass, and
   (`ModelConfig.vqa_count_thresholds`) soft counts of the peaks above learned scores, per
   level, summed and the most of any level. The mass alone never told two objects from one:
-  a thousand background peaks of 0.01-0.05 outweighed an object's 0.4, and the head
+  the background's many low peaks (0.01-0.05) outweighed an object's 0.3-0.4, and the head
   answered every count of 2 or more with 1.
 - extremes (`ModelConfig.vqa_extremes`): the objects furthest left, right, up and down,
   the largest and the smallest, each pooled from the anchors by a softmax of an objectness
@@ -186,7 +186,7 @@ class VqaHead(nn.Module):
             s = s.flatten(1)
             mass.append(((is_peak * s).reshape(b, t, -1).sum(-1) * w).sum(-1))
             if tau is not None:
-                # Steep: a thousand background peaks at 0.03 must not add up to an object.
+                # Steep: the background's many peaks at about 0.03 must not add up to an object.
                 soft = torch.sigmoid(COUNT_SHARPNESS * (s[:, None] - tau[None, :, None])) * is_peak[:, None]
                 above.append((soft.sum(-1).reshape(b, t, -1) * w[..., None]).sum(1))  # [B, K]
         counts = torch.stack(mass, dim=-1)  # [B, levels]
