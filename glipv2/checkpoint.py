@@ -106,8 +106,8 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLi
     understanding heads, which start fresh where the checkpoint has none."""
     ckpt = read_checkpoint(path)
     theirs = ModelConfig.from_dict(ckpt["model_config"])
-    keep = ("vqa_answers", "vqa_extremes", "vqa_count_thresholds", "caption_tokens", "caption_words", "grounding_appearance",
-            "grounding_comparison")
+    keep = ("vqa_answers", "vqa_extremes", "vqa_count_thresholds", "caption_tokens", "caption_words",
+            "grounding_appearance", "grounding_comparison")
     if theirs.replace(**{k: getattr(cfg, k) for k in keep}) != cfg:
         raise CheckpointError(f"{path} was trained as another model ({theirs.preset!r}, other sizes); "
                               "--init-from needs the same preset and overrides")

@@ -47,8 +47,7 @@ class TrainConfig:
     data_seed: int = 0
     grounding_fraction: float = 0.5
     # Share of shapes grounding samples that also name shapes in the plural ("circles":
-    # every circle), the words count questions use: without them the question pass never
-    # found more than one object to count.
+    # every circle), the words count questions use ("how many circles are there?").
     plural_phrases: float = 0.0
     val_dir: str = ""  # a generated split to evaluate on ("" = no evaluation)
     val_images: int = 200
