@@ -347,11 +347,16 @@ def _pick(rng: np.random.Generator, items: list, k: int) -> list:
 
 
 # --------------------------------------------------------------------------- tasks
+def _shapes_present_absent(scene: Scene) -> tuple[list[str], list[str]]:
+    """The shapes in the scene and those not in it, each in SHAPES order."""
+    present = [s for s in SHAPES if any(o.shape == s for o in scene.objects)]
+    return present, [s for s in SHAPES if s not in present]
+
+
 def detection_phrases(scene: Scene, rng: np.random.Generator) -> list[str]:
     """A detection prompt's class list: every present shape plus a random number of
     absent ones (all six about a third of the time), in random order."""
-    present = [s for s in SHAPES if any(o.shape == s for o in scene.objects)]
-    absent = [s for s in SHAPES if s not in present]
+    present, absent = _shapes_present_absent(scene)
     if rng.random() < 0.35:
         chosen = list(SHAPES)
     else:
@@ -392,8 +397,7 @@ def plural_phrases(scene: Scene, rng: np.random.Generator) -> list[Phrase]:
     """Shapes named in the plural, as count questions name them ("how many circles are
     there?"): each present shape with probability 1/2, denoting every object of that shape,
     and one absent shape's plural, denoting none. Unshuffled."""
-    present = [s for s in SHAPES if any(o.shape == s for o in scene.objects)]
-    absent = [s for s in SHAPES if s not in present]
+    present, absent = _shapes_present_absent(scene)
     out = [Phrase(PLURALS[s], [i for i, o in enumerate(scene.objects) if o.shape == s], "plural")
            for s in present if rng.random() < 0.5]
     return out + [Phrase(PLURALS[s], [], "plural") for s in _pick(rng, absent, 1)]
@@ -447,8 +451,7 @@ def vqa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
     unique = [s for s in SHAPES if sum(o.shape == s for o in objs) == 1]
     for s in _pick(rng, unique, 1):
         qa.append((f"what color is the {s}?", next(o.colour for o in objs if o.shape == s)))
-    present = [s for s in SHAPES if any(o.shape == s for o in objs)]
-    absent = [s for s in SHAPES if s not in present]
+    present, absent = _shapes_present_absent(scene)
     for s in _pick(rng, present, 1) + _pick(rng, absent, int(rng.random() < 0.5)):
         qa.append((f"how many {PLURALS[s]} are there?", str(sum(o.shape == s for o in objs))))
     for c, s in _pick(rng, list(combos), 1):
