@@ -11,7 +11,7 @@ from glipv2.captioning import beam_search
 from glipv2.checkpoint import CheckpointError, init_weights
 from glipv2.modeling import box_ops
 from glipv2.modeling.glipv2 import build_model
-from glipv2.config import LossConfig
+from glipv2.config import LossConfig, ModelConfig
 from glipv2.modeling.vqa import EXTREMES, Extremes, VqaHead, extreme_coordinates
 from glipv2.predict import TorchUnderstanding
 from training.batch import Collator
@@ -336,6 +336,23 @@ def test_stage_two_starts_from_a_checkpoint_without_extremes(tmp_path):
     assert saved["model_config"]["vqa_extremes"] and saved["model_config"]["vqa_count_thresholds"]
     assert any(k.startswith("vqa_head.extremes.") for k in saved["model"])
     assert "vqa_head.count_thresholds" in saved["model"]
+
+
+def test_stage_two_sizes_its_caption_decoder_freely_after_a_stage_without_one(tmp_path):
+    """A stage-1 checkpoint has no caption decoder, so stage 2 may give it other sizes
+    (more layers); a checkpoint that has one keeps it the size it was trained at."""
+    det = tmp_path / "det"
+    train(config_from_args([*SMALL, "--out-dir", str(det), "--max-steps", "1"]))
+    mt = tmp_path / "mt"
+    train(config_from_args([*SMALL, "--out-dir", str(mt), "--max-steps", "1", "--loss-caption", "1",
+                            "--model", "caption_layers=3", "--init-from", str(det / "checkpoints" / "step_00000001.pt")]))
+    saved = mt / "checkpoints" / "step_00000001.pt"
+    state = torch.load(saved, weights_only=False)
+    assert state["model_config"]["caption_layers"] == 3
+    assert any(k.startswith("caption_decoder.layers.2.") for k in state["model"])
+    two = build_model(ModelConfig.from_dict(state["model_config"]).replace(caption_layers=2))
+    with pytest.raises(CheckpointError, match="another model"):
+        init_weights(two, two.cfg, saved)
 
 
 def test_count_features_count_the_peaks_above_each_threshold(small_cfg):
