@@ -27,9 +27,9 @@ __all__ = ["PostprocessConfig", "Detections", "phrase_scores", "postprocess", "p
 # demo model, its phrases scored by the geometric mean (`training.evaluate` prints the sweep;
 # shape + colour-qualified prompts, IoU 0.5):
 #   threshold  0.05   0.30   0.40   0.45   0.50   0.60
-#   precision  0.034  0.523  0.818  0.916  0.962  0.990
-#   recall     0.999  0.997  0.985  0.963  0.884  0.540
-#   F1         0.066  0.686  0.894  0.939  0.922  0.699
+#   precision  0.034  0.531  0.825  0.919  0.962  0.993
+#   recall     0.999  0.998  0.992  0.972  0.898  0.528
+#   F1         0.066  0.694  0.901  0.945  0.929  0.689
 SERVING_SCORE_THRESHOLD = 0.45
 
 

@@ -6,15 +6,12 @@ import torch
 
 from glipv2.checkpoint import init_weights
 from glipv2.modeling import box_ops
-from glipv2.modeling.comparison import _GAIN, _GEOMETRY, CandidateComparison
+from glipv2.modeling.comparison import _GAIN, CandidateComparison
 from glipv2.modeling.glipv2 import build_model
 from tests.test_checkpoint import _write
 from tests.test_model import _inputs
 
 HW = (100, 100)
-SIZE = _GEOMETRY.index(4)  # sqrt area's place among the compared features
-CX = _GEOMETRY.index(0)
-G = len(_GEOMETRY)
 
 
 def _module(text_dim: int = 4) -> CandidateComparison:
@@ -22,11 +19,10 @@ def _module(text_dim: int = 4) -> CandidateComparison:
     return CandidateComparison(text_dim, attention_dim=4).requires_grad_(False)
 
 
-def _set_weight(module: CandidateComparison, block: int, feature: int, value: float) -> None:
-    """Every token's weight on one compared feature relative to its own reference (block 0)
-    or to the one it reads from another token (block 1)."""
+def _set_weight(module: CandidateComparison, value: float) -> None:
+    """Every token's weight on size relative to its reference ("large" > 0, "small" < 0)."""
     with torch.no_grad():
-        module.weights.bias[block * G + feature] = value
+        module.weight.bias[0] = value
 
 
 def _attend_to_token_zero(module: CandidateComparison) -> None:
@@ -45,10 +41,16 @@ def _text(batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return text, torch.ones(batch, 2, dtype=torch.long)
 
 
-# Three anchors: two candidate objects (token 0 picks both, equally) and background it does not.
+def _sizes(boxes: torch.Tensor) -> torch.Tensor:
+    return box_ops.box_geometry(boxes, HW)[..., 4] * _GAIN
+
+
+# Three anchors: two candidate objects (token 0 picks both, equally; token 1 neither) and
+# background that neither picks.
 BOXES = torch.tensor([[[10.0, 10.0, 20.0, 20.0], [60.0, 40.0, 90.0, 70.0], [0.0, 0.0, 5.0, 5.0]]])
 LOGITS = torch.tensor([[[5.0, -20.0], [5.0, -20.0], [-30.0, -20.0]]])
 CTR = torch.zeros(1, 3)
+CANDIDATES_MEAN = (_sizes(BOXES)[0, 0] + _sizes(BOXES)[0, 1]) / 2
 
 
 @pytest.fixture()
@@ -85,48 +87,62 @@ def test_init_from_weights_without_the_comparison(tmp_path, small_cfg, tokenizer
 
 
 def test_larger_candidate_gains_by_its_size_relative_to_the_candidates():
-    """'large': a weight on sqrt area relative to the token's own candidates (here the mean of
-    the two objects it picks) lifts the larger one and lowers the smaller one by hand-computed
-    amounts."""
+    """'large star': a positive weight on size relative to the mean of the candidates "star"
+    picks lifts the larger one and lowers the smaller one by hand-computed amounts."""
     m = _module()
-    _set_weight(m, 0, SIZE, 1.0)
+    _attend_to_token_zero(m)
+    _set_weight(m, 1.0)
     text, mask = _text()
     out = m(LOGITS, CTR, BOXES, HW, text, mask)
-    sizes = box_ops.box_geometry(BOXES, HW)[0, :, 4] * _GAIN
-    mean = (sizes[0] + sizes[1]) / 2
-    torch.testing.assert_close(out[0, :, 0], sizes - mean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[0, :, 0], _sizes(BOXES)[0] - CANDIDATES_MEAN, atol=1e-4, rtol=0)
     assert out[0, 1, 0] > 0 > out[0, 0, 0]
 
 
 def test_token_reads_the_reference_another_token_picks():
-    """'left of the hexagon': token 1 picks nothing itself but attends to token 0, whose
-    candidates are the two objects; a negative weight on x relative to that reference
-    favours anchors left of it."""
+    """'small' picks nothing itself but attends to token 0 ("star"), whose candidates are the
+    two objects; a negative weight on size relative to them favours the smaller."""
     m = _module()
     _attend_to_token_zero(m)
-    _set_weight(m, 1, CX, -1.0)
+    _set_weight(m, -1.0)
     text, mask = _text()
     out = m(LOGITS, CTR, BOXES, HW, text, mask)
-    cx = box_ops.box_geometry(BOXES, HW)[0, :, 0] * _GAIN
-    reference = (cx[0] + cx[1]) / 2
-    torch.testing.assert_close(out[0, :, 1], -(cx - reference), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[0, :, 1], -(_sizes(BOXES)[0] - CANDIDATES_MEAN), atol=1e-4, rtol=0)
+    assert out[0, 0, 1] > 0 > out[0, 1, 1]
 
 
-def test_comparison_depends_on_positions_only_relative_to_the_candidates():
-    """Moving every box by the same offset (inside the image) changes nothing: the module
-    reads where an anchor is relative to the candidates, never where it is on the canvas."""
+def test_background_anchors_do_not_move_the_reference():
+    """A thousand faint background anchors (score 0.007 each, boxes as large as the image)
+    beside the two candidates: the reference stays the candidates' mean size, so the larger
+    candidate still gains and the smaller still loses. (Weighted by the plain scores, the
+    background would outweigh the candidates seven to one.)"""
+    m = _module()
+    _attend_to_token_zero(m)
+    _set_weight(m, 1.0)
+    n = 1000
+    boxes = torch.cat([BOXES[:, :2], torch.tensor([0.0, 0.0, 100.0, 100.0]).expand(1, n, 4)], dim=1)
+    logits = torch.cat([LOGITS[:, :2], torch.tensor([-5.0, -20.0]).expand(1, n, 2)], dim=1)
+    text, mask = _text()
+    out = m(logits, torch.zeros(1, n + 2), boxes, HW, text, mask)
+    torch.testing.assert_close(out[0, :2, 0], _sizes(BOXES)[0, :2] - CANDIDATES_MEAN, atol=0.2, rtol=0)
+    assert out[0, 1, 0] > 0 > out[0, 0, 0]
+
+
+def test_comparison_reads_sizes_not_positions():
+    """Moving every box by the same offset (inside the image) changes nothing: "large" is
+    about size among the candidates, never where they are on the canvas."""
     m = _module()
     with torch.no_grad():
-        m.weights.weight.normal_(0, 1.0)
-        m.weights.bias.normal_(0, 1.0)
+        for p in m.parameters():
+            p.normal_(0, 1.0)
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 6, 3, generator=g) * 3
     xy = torch.rand(2, 6, 2, generator=g) * 40
     boxes = torch.cat([xy, xy + 10 + torch.rand(2, 6, 2, generator=g) * 20], dim=-1)
     text, mask = torch.randn(2, 3, 4, generator=g), torch.ones(2, 3, dtype=torch.long)
     moved = boxes + torch.tensor([15.0, 25.0, 15.0, 25.0])
-    torch.testing.assert_close(m(logits, torch.zeros(2, 6), moved, HW, text, mask),
-                               m(logits, torch.zeros(2, 6), boxes, HW, text, mask), atol=1e-4, rtol=0)
+    base = m(logits, torch.zeros(2, 6), boxes, HW, text, mask)
+    assert base.abs().max() > 0.1  # the comparison is not idle here
+    torch.testing.assert_close(m(logits, torch.zeros(2, 6), moved, HW, text, mask), base, atol=1e-4, rtol=0)
 
 
 def test_padding_tokens_change_nothing(small_cfg, tokenizer):
