@@ -123,7 +123,8 @@ def test_background_anchors_do_not_move_the_reference():
     logits = torch.cat([LOGITS[:, :2], torch.tensor([-5.0, -20.0]).expand(1, n, 2)], dim=1)
     text, mask = _text()
     out = m(logits, torch.zeros(1, n + 2), boxes, HW, text, mask)
-    torch.testing.assert_close(out[0, :2, 0], _sizes(BOXES)[0, :2] - CANDIDATES_MEAN, atol=0.2, rtol=0)
+    # within 0.025 of the image side in sqrt area (the candidates differ by 0.2)
+    torch.testing.assert_close(out[0, :2, 0], _sizes(BOXES)[0, :2] - CANDIDATES_MEAN, atol=0.025 * _GAIN, rtol=0)
     assert out[0, 1, 0] > 0 > out[0, 0, 0]
 
 

@@ -33,8 +33,11 @@ from glipv2.modeling import box_ops
 
 _SIZE = 4  # sqrt area in box_ops.box_geometry
 # Sizes are fractions of the image (sqrt area about 0.05-0.3); scaled so that AdamW's
-# per-weight steps reach logit changes of a few units within a short run.
-_GAIN = 8.0
+# per-weight steps reach logit changes of a few units within a short run. With 8, the demo
+# model's stage 2 (1,126 steps) learned weights of +0.39 for "large" and -0.55 for "small",
+# a logit change of about 0.25 between two stars of sqrt area 0.08 and 0.16; with 32 its
+# size phrases went from 0.846 to 0.894 recall@1 (README).
+_GAIN = 32.0
 
 
 class CandidateComparison(nn.Module):
