@@ -58,7 +58,7 @@ def run(checkpoint: Path, batches: Sequence[int], repeats: int, threads: int, to
 
             @torch.no_grad()
             def torch_run():
-                return GLIPv2.top_k(model(t_images, t_ids, t_mask), t_mask, top_k)
+                return model.top_k(model(t_images, t_ids, t_mask), t_mask, top_k)
 
             def ort_run():
                 return engine(images, ids, mask)

@@ -37,7 +37,7 @@ class DetectorGraph(nn.Module):
 
     def forward(self, images: torch.Tensor, token_features: torch.Tensor, attention_mask: torch.Tensor):
         out = self.model.detect(images, token_features, attention_mask)
-        return GLIPv2.top_k(out, attention_mask, self.top_k)
+        return self.model.top_k(out, attention_mask, self.top_k)
 
 
 class VqaGraph(nn.Module):

@@ -81,7 +81,7 @@ def compare_outputs(model: GLIPv2, engine: OrtEngine, top_k: int, tokenizer: Tok
             real = mask.astype(bool)
             note("token_features", text[real], ref_text[real])
             out = model.detect(torch.from_numpy(images), torch.from_numpy(ref_text), torch.from_numpy(mask))
-            ref = [t.numpy() for t in GLIPv2.top_k(out, torch.from_numpy(mask), top_k)]
+            ref = [t.numpy() for t in model.top_k(out, torch.from_numpy(mask), top_k)]
             got = engine.detect(images, ref_text, mask)
             image = np.arange(batch)[:, None]
             got_to_ref, ref_to_got = _nearest_rows(got, ref), _nearest_rows(ref, got)

@@ -99,7 +99,7 @@ def load_model_weights(model: torch.nn.Module, cfg: ModelConfig, state: dict[str
 UNDERSTANDING_PREFIXES = ("vqa_head.", "caption_decoder.")
 CAPTION_DECODER_SIZES = ("caption_dim", "caption_layers", "caption_heads", "caption_max_len")
 APPEARANCE_PREFIXES = ("appearance_embed.", "head.region_colour.", "head.region_geometry.",
-                       "head.candidate_comparison.")
+                       "head.candidate_comparison.", "box_refiner.")
 
 
 def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLike[str]) -> None:
@@ -108,7 +108,7 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLi
     ckpt = read_checkpoint(path)
     theirs = ModelConfig.from_dict(ckpt["model_config"])
     keep = ("vqa_answers", "vqa_extremes", "vqa_count_thresholds", "caption_tokens", "caption_words",
-            "grounding_appearance", "grounding_comparison")
+            "grounding_appearance", "grounding_comparison", "box_refinement")
     if not theirs.caption_tokens:  # no caption decoder there (a stage-1 checkpoint): its sizes say nothing
         keep += CAPTION_DECODER_SIZES
     if theirs.replace(**{k: getattr(cfg, k) for k in keep}) != cfg:
@@ -121,8 +121,9 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLi
             del state[k]  # another answer / token vocabulary: that head starts fresh
         elif k.startswith(APPEARANCE_PREFIXES) and k not in expected:
             del state[k]  # trained with the appearance paths, started without them
-    # Heads it lacks start fresh, and so do the grounding appearance paths (zero-initialised:
-    # the model then grounds exactly as the checkpoint did).
+    # Heads it lacks start fresh, and so do the grounding appearance paths and the box
+    # refiner (zero-initialised outputs: the model then grounds and boxes exactly as the
+    # checkpoint did).
     fresh = {k: v for k, v in expected.items()
              if k.startswith(UNDERSTANDING_PREFIXES + APPEARANCE_PREFIXES) and k not in state}
     load_model_weights(model, cfg, {**state, **fresh}, f"checkpoint {path}")

@@ -67,6 +67,9 @@ class ModelConfig:
     # Phrase words compare candidates ("large star", "left of the hexagon"): see
     # glipv2.modeling.comparison. Off for official GLIP.
     grounding_comparison: bool = False
+    # Each kept box's sides looked at again on a stride-2 edge map: see
+    # glipv2.modeling.box_refine. Off for official GLIP.
+    box_refinement: bool = False
     # Understanding heads. Their vocabularies come from the training annotations (set by
     # the training run, empty in the presets): no answers = no VQA head, no caption
     # tokens = no caption decoder.
@@ -253,6 +256,7 @@ class LossConfig:
 
     grounding: float = 1.0
     box_giou: float = 2.0
+    box_refine: float = 1.0  # L1 of the refined sides, in input pixels (models with box_refinement)
     centerness: float = 1.0
     contrastive: float = 0.5  # GLIPv2 inter-image region-word loss
     mlm: float = 0.1

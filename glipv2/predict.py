@@ -34,7 +34,7 @@ class TorchEngine:
     def detect(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray):
         mask = self._t(attention_mask)
         out = self.model.detect(self._t(images), self._t(features), mask)
-        return tuple(t.float().cpu().numpy() for t in GLIPv2.top_k(out, mask, self.top_k))
+        return tuple(t.float().cpu().numpy() for t in self.model.top_k(out, mask, self.top_k))
 
     @torch.no_grad()
     def vqa(self, images: np.ndarray, features: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -54,7 +54,7 @@ def test_top_k_keeps_best_anchors(small_model, small_cfg, tokenizer):
     images, ids, mask = _inputs(tokenizer, ["circle. star.", "square"], small_cfg.image_hw)
     with torch.no_grad():
         out = small_model.eval()(images, ids, mask)
-        boxes, logits, ctr = GLIPv2.top_k(out, mask, 20)
+        boxes, logits, ctr = small_model.top_k(out, mask, 20)
     assert boxes.shape == (2, 20, 4) and logits.shape[:2] == (2, 20) and ctr.shape == (2, 20)
     score = logits.masked_fill(mask[:, None] == 0, -1e4).amax(-1).sigmoid() * ctr.sigmoid()
     full = out.logits.masked_fill(mask[:, None] == 0, -1e4).amax(-1).sigmoid() * out.centerness.sigmoid()

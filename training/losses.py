@@ -68,16 +68,35 @@ class GLIPv2Loss:
                 ctr_pred = torch.cat([out.centerness[i, p] for i, p, _ in pos_index])
                 bce = F.binary_cross_entropy_with_logits(ctr_pred, ctr_target, reduction="sum")
                 losses["centerness"] = cfg.centerness * bce / norm
+            if cfg.box_refine > 0 and model.box_refiner is not None:
+                losses["box_refine"] = cfg.box_refine * self._box_refine(model, batch, pos_index, pos_pred,
+                                                                         gt_boxes, ctr_target)
         else:  # keep every parameter in the graph so DDP's reducer sees the same set on every rank
             zero = out.boxes.sum() * 0 + out.centerness.sum() * 0
             losses["box_giou"] = zero
             losses["centerness"] = zero
+            if cfg.box_refine > 0 and model.box_refiner is not None:
+                losses["box_refine"] = sum(p.sum() * 0 for p in model.box_refiner.parameters())
         if cfg.contrastive > 0:
             losses["contrastive"] = cfg.contrastive * self._contrastive(model, out, batch, pos_index)
         if cfg.mlm > 0 and batch.mlm_labels is not None:
             losses["mlm"] = cfg.mlm * self._mlm(model, out, batch)
         losses["total"] = sum(losses.values())
         return losses
+
+    def _box_refine(self, model: GLIPv2, batch: Batch, pos_index: list, pos_pred: list[torch.Tensor],
+                    gt_boxes: torch.Tensor, ctr_target: torch.Tensor) -> torch.Tensor:
+        """L1 distance in input pixels between the refined sides of the positive anchors'
+        boxes and their objects' sides, weighted by centerness like the GIoU loss. The
+        refiner is given the head's boxes as they are, errors included: what it will be
+        given at inference."""
+        refiner = model.box_refiner
+        images = torch.tensor([i for i, _, _ in pos_index], device=batch.images.device)
+        edges = refiner.edge_maps(model.normalize(batch.images[images]))
+        refined = torch.cat([refiner(edges[j:j + 1], pred[None], model.cfg.image_hw)[0]
+                             for j, pred in enumerate(pos_pred)])
+        w = all_reduce_mean(ctr_target.sum()).clamp(min=1e-6)
+        return ((refined - gt_boxes).abs().sum(-1) * ctr_target).sum() / w
 
     def objectness(self, model: GLIPv2, logits: torch.Tensor, objects: list[torch.Tensor]) -> torch.Tensor:
         """Focal loss of the VQA head's class-agnostic objectness logits [B, A]: an anchor is

@@ -73,7 +73,7 @@ class RunLog:
         train = [r for r in records if r["kind"] == "train"]
         evals = [r for r in records if r["kind"] == "eval"]
         fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
-        for key in ("total", "grounding", "box_giou", "centerness", "contrastive", "mlm"):
+        for key in ("total", "grounding", "box_giou", "box_refine", "centerness", "contrastive", "mlm"):
             pts = [(r["step"], r[key]) for r in train if key in r]
             if pts:
                 ax_loss.plot(*zip(*pts), label=key)

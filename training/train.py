@@ -141,14 +141,25 @@ class TrainClock:
         return self.budget > 0 and self.seconds() >= self.budget
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on norms, biases and scalars (log_scale, bias0, layer scales)."""
-    decay, no_decay = [], []
+# The box refiner (glipv2.modeling.box_refine) starts from nothing in a run that fine-tunes
+# everything else (the demo's second stage) and has only that run to learn in: its
+# parameters take this multiple of the run's learning rate. Trained alone on the demo
+# model's boxes for 600 steps, the refined sides' error fell from 4.2 to 3.1 px at 4x the
+# demo's rate by step 200, while at 1x it had not moved by then (mid-run loss unchanged).
+REFINER_LR_SCALE = 4.0
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases and scalars (log_scale, bias0, layer scales); the box
+    refiner's parameters at REFINER_LR_SCALE x lr."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((p.ndim > 1, name.startswith("box_refiner.")), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0,
+             "lr": lr * (REFINER_LR_SCALE if refiner else 1.0)}
+            for (decay, refiner), ps in sorted(groups.items(), key=lambda kv: (kv[0][1], not kv[0][0]))]
 
 
 # ------------------------------------------------------------------------------- data
@@ -311,13 +322,15 @@ def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any
     if cfg.loss.mlm <= 0:
         # A head no loss trains is frozen: DDP then needs no search for unused parameters.
         model.mlm_head.requires_grad_(False)
+    if cfg.loss.box_refine <= 0 and model.box_refiner is not None:
+        model.box_refiner.requires_grad_(False)
     tokenizer = Tokenizer(max_tokens=model_cfg.max_tokens)
     understanding = bool(model_cfg.vqa_answers or model_cfg.caption_tokens)
     samples = training_samples(cfg, understanding)
     mlm_on = cfg.loss.mlm > 0
     collate = Collator(tokenizer, model_cfg.image_hw, cfg.loss.mlm_fraction if mlm_on else 0.0, cfg.loss.mlm_probability,
                        model_cfg.vqa_answers, model_cfg.caption_tokens, model_cfg.caption_max_len)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=(0.9, 0.999))
     if cfg.time_budget_min > 0 and info.world_size > 1:
         # Each process's clock would end its run (and set its learning rate) on its own.
         raise ValueError("time_budget_min is for single-process runs; use max_steps with several processes")

@@ -10,6 +10,7 @@ from torch import nn
 from glipv2.boxes import anchor_grid
 from glipv2.config import ModelConfig
 from glipv2.modeling import box_ops
+from glipv2.modeling.box_refine import BoxRefiner
 from glipv2.modeling.convnet import ConvBackbone
 from glipv2.modeling.fpn import FPN
 from glipv2.modeling.head import GroundingHead, HeadOutput
@@ -25,6 +26,7 @@ class DetectorOutput:
     logits: torch.Tensor  # [B, A, T] region-token alignment logits
     centerness: torch.Tensor  # [B, A] logits
     head: HeadOutput  # raw head tensors, for the losses
+    edges: torch.Tensor | None = None  # the box refiner's edge maps (see `top_k`), when it has one
 
 
 class GLIPv2(nn.Module):
@@ -54,6 +56,7 @@ class GLIPv2(nn.Module):
         self.mlm_head = MLMHead(cfg.text_dim, self.language.word_embeddings)  # training only
         self.vqa_head = VqaHead(cfg) if cfg.vqa_answers else None
         self.caption_decoder = CaptionDecoder(cfg) if cfg.caption_tokens else None
+        self.box_refiner = BoxRefiner() if cfg.box_refinement else None
         anchors, _ = anchor_grid(cfg.image_hw, cfg.strides, cfg.anchor_scale)
         self.register_buffer("anchors", torch.as_tensor(anchors, dtype=torch.float32), persistent=False)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
@@ -131,7 +134,10 @@ class GLIPv2(nn.Module):
         """images [B, 3, H, W] RGB 0-255 (any dtype) + token features -> per-anchor outputs."""
         feats = self.visual(images)
         colours = self.cell_colours(images) if self.cfg.grounding_appearance else None
-        return self.detect_features(feats, text, text_mask, colours)
+        out = self.detect_features(feats, text, text_mask, colours)
+        if self.box_refiner is None:
+            return out
+        return replace(out, edges=self.box_refiner.edge_maps(self.normalize(images)))
 
     def detect_features(self, feats: list[torch.Tensor], text: torch.Tensor, text_mask: torch.Tensor,
                         colours: list[torch.Tensor] | None = None, compare: bool = True) -> DetectorOutput:
@@ -199,9 +205,10 @@ class GLIPv2(nn.Module):
         logprobs, past_k, past_v = dec.step(start, cross_k, cross_v)
         return logprobs, past_k, past_v, cross_k, cross_v
 
-    @staticmethod
-    def top_k(out: DetectorOutput, attention_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep the k anchors with the best token score, so only K x T leaves the graph.
+    def top_k(self, out: DetectorOutput, attention_mask: torch.Tensor, k: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep the k anchors with the best token score, so only K x T leaves the graph;
+        with a box refiner, their boxes are refined (only the K kept: it costs little).
 
         Score = max over real tokens of sigmoid(logit) * sigmoid(centerness), an upper bound
         of every phrase score the postprocess can compute from that anchor.
@@ -214,6 +221,10 @@ class GLIPv2(nn.Module):
         boxes = out.boxes.gather(1, idx[..., None].expand(-1, -1, 4))
         logits = out.logits.gather(1, idx[..., None].expand(-1, -1, t))
         ctr = out.centerness.gather(1, idx)
+        if self.box_refiner is not None:
+            if out.edges is None:
+                raise ValueError("this model refines its boxes: pass the output of `detect`, which has the edge maps")
+            boxes = self.box_refiner(out.edges, boxes, self.cfg.image_hw)
         return boxes, logits, ctr
 
 
