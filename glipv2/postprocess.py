@@ -27,9 +27,9 @@ __all__ = ["PostprocessConfig", "Detections", "phrase_scores", "postprocess", "p
 # demo model, its phrases scored by the geometric mean (`training.evaluate` prints the sweep;
 # shape + colour-qualified prompts, IoU 0.5):
 #   threshold  0.05   0.30   0.40   0.45   0.50   0.60
-#   precision  0.034  0.530  0.825  0.917  0.964  0.993
-#   recall     0.999  0.997  0.989  0.969  0.880  0.525
-#   F1         0.066  0.692  0.900  0.943  0.920  0.686
+#   precision  0.034  0.515  0.809  0.905  0.959  0.991
+#   recall     1.000  0.998  0.990  0.969  0.891  0.540
+#   F1         0.066  0.680  0.890  0.936  0.924  0.699
 SERVING_SCORE_THRESHOLD = 0.45
 
 

@@ -111,7 +111,9 @@ def test_parity_comparator_reports_a_real_mismatch(exported):
     report = ParityReport()
     compare_detections(changed, out, sample_images(None, 2), 100, Tokenizer(), report)
     assert report.detections > 0
-    assert report.detection_mismatches and all("differ" in m for m in report.detection_mismatches)
+    # Boxes that moved, or (the refined boxes then overlap differently) another count after NMS.
+    assert report.detection_mismatches and all("differ" in m or " detections" in m
+                                               for m in report.detection_mismatches)
 
 
 def test_same_detections_names_each_difference():

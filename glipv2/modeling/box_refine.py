@@ -22,9 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SIDES = ("left", "top", "right", "bottom")
-
-
 class BoxRefiner(nn.Module):
     def __init__(self, channels: int = 8, along: int = 5, across: int = 9, hidden: int = 32) -> None:
         super().__init__()
@@ -68,9 +65,9 @@ class BoxRefiner(nn.Module):
         return torch.stack([strip(ys, x0, -1.0, True), strip(xs, y0, -1.0, False),
                             strip(ys, x1, 1.0, True), strip(xs, y1, 1.0, False)], dim=2)
 
-    def forward(self, edges: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
-        """edges [B, C, h, w] from `edge_maps`, boxes [B, N, 4] xyxy input pixels -> refined
-        boxes [B, N, 4]."""
+    def sample_strips(self, edges: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """edges [B, C, h, w] from `edge_maps`, boxes [B, N, 4] xyxy input pixels -> the edge
+        maps read at `strip_points` [B, N, 4 sides, C, along * across]."""
         b, n = boxes.shape[:2]
         h, w = image_hw
         pts = self.strip_points(boxes.detach())
@@ -81,10 +78,16 @@ class BoxRefiner(nn.Module):
         sampled = F.grid_sample(edges, grid.to(edges.dtype), mode="bilinear", padding_mode="zeros",
                                 align_corners=False)  # [B, C, N*4*along, across]
         c = sampled.shape[1]
-        strips = sampled.reshape(b, c, n, 4, self.along * self.across).permute(0, 2, 3, 1, 4)
-        strips = strips.reshape(b * n, 4, 1, c * self.along * self.across).transpose(0, 1)  # [4, BN, 1, F]
+        return sampled.reshape(b, c, n, 4, self.along * self.across).permute(0, 2, 3, 1, 4)
+
+    def forward(self, edges: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """edges [B, C, h, w] from `edge_maps`, boxes [B, N, 4] xyxy input pixels -> refined
+        boxes [B, N, 4]."""
+        b, n = boxes.shape[:2]
+        strips = self.sample_strips(edges, boxes, image_hw)
+        strips = strips.reshape(b * n, 4, 1, -1).transpose(0, 1)  # [4 sides, B*N, 1, features]
         hidden = F.relu(torch.matmul(strips, self.w1[:, None]) + self.b1[:, None])
-        out = torch.matmul(hidden, self.w2[:, None]) + self.b2[:, None]  # [4, BN, 1, 1]
+        out = torch.matmul(hidden, self.w2[:, None]) + self.b2[:, None]  # [4, B*N, 1, 1]
         outward = out.reshape(4, b, n).permute(1, 2, 0).to(boxes.dtype)  # [B, N, 4 sides]
         sign = boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
         return boxes.detach() + sign * outward
