@@ -2,13 +2,16 @@
 
 `python -m bench.export_latency --checkpoint demo/tiny.pt` exports the checkpoint, then
 for each batch size times both engines alternately (so machine noise hits both alike)
-and prints median latencies and the ratio. Results are appended to
+and prints median latencies and the ratio. A model with a box refiner is also exported
+without it and timed in the same alternation, for the refiner's share of the detector's
+time (`ort_unrefined_ms`). Results are appended to
 runs/bench/export_latency.jsonl (bench/results/ with --record; see bench/output.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -47,8 +50,14 @@ def run(checkpoint: Path, batches: Sequence[int], repeats: int, threads: int, to
     tokenizer = Tokenizer()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        export_onnx(model, Path(tmp), top_k)
-        engine = OrtEngine(Path(tmp), threads=threads)
+        export_onnx(model, Path(tmp) / "model", top_k)
+        engine = OrtEngine(Path(tmp) / "model", threads=threads)
+        unrefined = None
+        if model.box_refiner is not None:
+            plain = copy.deepcopy(model)
+            plain.box_refiner = None
+            export_onnx(plain, Path(tmp) / "unrefined", top_k)
+            unrefined = OrtEngine(Path(tmp) / "unrefined", threads=threads)
         h, w = model.cfg.image_hw
         for b in batches:
             images = np.random.default_rng(b).integers(0, 256, (b, 3, h, w), dtype=np.uint8)
@@ -60,19 +69,33 @@ def run(checkpoint: Path, batches: Sequence[int], repeats: int, threads: int, to
             def torch_run():
                 return model.top_k(model(t_images, t_ids, t_mask), t_mask, top_k)
 
-            def ort_run():
-                return engine(images, ids, mask)
+            def ort_run(engine=engine):
+                return engine.detect(images, engine.encode_text(ids, mask), mask)
 
             torch_run(), ort_run()  # warm-up
-            torch_ms, ort_ms = [], []
-            for _ in range(repeats):  # alternate so drifts in machine load hit both
+            if unrefined is not None:
+                ort_run(unrefined)
+            torch_ms, ort_ms, unrefined_ms = [], [], []
+            for i in range(repeats):  # alternate so drifts in machine load hit both
                 torch_ms.append(_median_ms(torch_run, 1))
-                ort_ms.append(_median_ms(ort_run, 1))
+                if unrefined is None:
+                    ort_ms.append(_median_ms(ort_run, 1))
+                    continue
+                # Each ONNX Runtime engine's threads spin on after its run and slow the next
+                # one: the two engines take turns at going first.
+                first, second = (ort_ms, unrefined_ms) if i % 2 == 0 else (unrefined_ms, ort_ms)
+                first.append(_median_ms(lambda: ort_run(engine if first is ort_ms else unrefined), 1))
+                second.append(_median_ms(lambda: ort_run(engine if second is ort_ms else unrefined), 1))
             row = {"batch": b, "torch_ms": statistics.median(torch_ms), "ort_ms": statistics.median(ort_ms)}
             row["speedup_ort_over_torch"] = row["torch_ms"] / row["ort_ms"]
+            line = (f"batch {b:>2}: PyTorch eager {row['torch_ms']:8.1f} ms   ONNX Runtime {row['ort_ms']:8.1f} ms"
+                    f"   ratio {row['speedup_ort_over_torch']:.2f}x")
+            if unrefined_ms:
+                row["ort_unrefined_ms"] = statistics.median(unrefined_ms)
+                row["refiner_cost"] = row["ort_ms"] / row["ort_unrefined_ms"]
+                line += f"   (ONNX Runtime without the box refiner {row['ort_unrefined_ms']:.1f} ms: x{row['refiner_cost']:.2f})"
             rows.append(row)
-            print(f"batch {b:>2}: PyTorch eager {row['torch_ms']:8.1f} ms   ONNX Runtime {row['ort_ms']:8.1f} ms"
-                  f"   ratio {row['speedup_ort_over_torch']:.2f}x", flush=True)
+            print(line, flush=True)
     return rows
 
 
