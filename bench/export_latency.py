@@ -29,7 +29,6 @@ from export.onnx_export import export_onnx
 from bench.output import add_record_flag, results_file
 from glipv2.runtime.onnx import OrtEngine
 from glipv2.checkpoint import CheckpointError, load_model
-from glipv2.modeling.glipv2 import GLIPv2
 from glipv2.text import Tokenizer, build_prompt, pad_batch, tokenize
 
 PROMPT = "circle. square. triangle. star. hexagon. cross."

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 class BoxRefiner(nn.Module):
     def __init__(self, channels: int = 8, along: int = 5, across: int = 9, hidden: int = 32) -> None:
         super().__init__()
@@ -72,10 +73,11 @@ class BoxRefiner(nn.Module):
         h, w = image_hw
         pts = self.strip_points(boxes.detach())
         # grid_sample's align_corners=False: -1 and 1 are the image's outer pixel edges, at
-        # any stride, so input pixels map the same way onto the stride-2 map.
+        # any stride, so input pixels map the same way onto the stride-2 map. In float32
+        # even under autocast: a bfloat16 grid would be a pixel off at 256 px.
         scale = pts.new_tensor([2.0 / w, 2.0 / h])
-        grid = (pts * scale - 1).reshape(b, n * 4 * self.along, self.across, 2)
-        sampled = F.grid_sample(edges, grid.to(edges.dtype), mode="bilinear", padding_mode="zeros",
+        grid = (pts.float() * scale.float() - 1).reshape(b, n * 4 * self.along, self.across, 2)
+        sampled = F.grid_sample(edges.float(), grid, mode="bilinear", padding_mode="zeros",
                                 align_corners=False)  # [B, C, N*4*along, across]
         c = sampled.shape[1]
         return sampled.reshape(b, c, n, 4, self.along * self.across).permute(0, 2, 3, 1, 4)
@@ -88,6 +90,6 @@ class BoxRefiner(nn.Module):
         strips = strips.reshape(b * n, 4, 1, -1).transpose(0, 1)  # [4 sides, B*N, 1, features]
         hidden = F.relu(torch.matmul(strips, self.w1[:, None]) + self.b1[:, None])
         out = torch.matmul(hidden, self.w2[:, None]) + self.b2[:, None]  # [4, B*N, 1, 1]
-        outward = out.reshape(4, b, n).permute(1, 2, 0).to(boxes.dtype)  # [B, N, 4 sides]
-        sign = boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
-        return boxes.detach() + sign * outward
+        outward = out.reshape(4, b, n).permute(1, 2, 0).float()  # [B, N, 4 sides]
+        sign = outward.new_tensor([-1.0, -1.0, 1.0, 1.0])
+        return boxes.detach().float() + sign * outward
