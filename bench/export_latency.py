@@ -82,9 +82,9 @@ def run(checkpoint: Path, batches: Sequence[int], repeats: int, threads: int, to
                     continue
                 # Each ONNX Runtime engine's threads spin on after its run and slow the next
                 # one: the two engines take turns at going first.
-                first, second = (ort_ms, unrefined_ms) if i % 2 == 0 else (unrefined_ms, ort_ms)
-                first.append(_median_ms(lambda: ort_run(engine if first is ort_ms else unrefined), 1))
-                second.append(_median_ms(lambda: ort_run(engine if second is ort_ms else unrefined), 1))
+                turns = [(ort_ms, engine), (unrefined_ms, unrefined)]
+                for times, eng in turns if i % 2 == 0 else turns[::-1]:
+                    times.append(_median_ms(lambda: ort_run(eng), 1))
             row = {"batch": b, "torch_ms": statistics.median(torch_ms), "ort_ms": statistics.median(ort_ms)}
             row["speedup_ort_over_torch"] = row["torch_ms"] / row["ort_ms"]
             line = (f"batch {b:>2}: PyTorch eager {row['torch_ms']:8.1f} ms   ONNX Runtime {row['ort_ms']:8.1f} ms"

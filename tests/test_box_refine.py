@@ -93,6 +93,14 @@ def test_the_refiner_learns_at_its_own_rate(small_cfg):
         assert lr_of[id(p)] == pytest.approx(1e-3 * (REFINER_LR_SCALE if name.startswith("box_refiner.") else 1))
 
 
+def test_a_model_without_a_refiner_keeps_its_two_groups(small_model):
+    """Decayed weights, then the rest: the groups' order before the refiner existed, which
+    the optimizer state of earlier checkpoints is saved in."""
+    groups = param_groups(small_model, 0.05, 1e-3)
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert all(p.ndim > 1 for p in groups[0]["params"]) and all(p.ndim <= 1 for p in groups[1]["params"])
+
+
 def _shapes(n: int, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """n images of one filled rectangle or ellipse each on a noisy grey background, and their
     exact boxes (sub-pixel: drawn by coverage, so an edge half into a pixel shades it half)."""
@@ -124,11 +132,12 @@ def test_the_refiner_learns_to_put_sides_on_edges():
     pool_images, pool_boxes = _shapes(256, size, np.random.default_rng(0))
     ref = BoxRefiner()
     opt = torch.optim.Adam(ref.parameters(), lr=3e-3)
+    steps = 250
 
     def jitter(boxes: torch.Tensor) -> torch.Tensor:
         return boxes + torch.empty_like(boxes).uniform_(-2, 2)
 
-    for _ in range(STEPS):
+    for _ in range(steps):
         pick = torch.randint(0, len(pool_images), (16,))
         images, boxes = pool_images[pick], pool_boxes[pick]
         refined = ref(ref.edge_maps(images), jitter(boxes), (size, size))
@@ -143,9 +152,6 @@ def test_the_refiner_learns_to_put_sides_on_edges():
     before = (start - boxes).abs().mean().item()
     after = (refined - boxes).abs().mean().item()
     assert before > 0.9 and after < 0.5 * before, (before, after)
-
-
-STEPS = 250
 
 
 def test_the_loss_trains_the_refiner_and_only_it(small_cfg, tokenizer):

@@ -61,16 +61,18 @@ class GLIPv2Loss:
         if num_pos:
             gt_boxes, pred, anc = torch.cat(pos_boxes), torch.cat(pos_pred), torch.cat(pos_anchors)
             ctr_target = box_ops.centerness_target(anc, gt_boxes)
-            if cfg.box_giou > 0:
+            refine = cfg.box_refine > 0 and model.box_refiner is not None
+            if cfg.box_giou > 0 or refine:  # both box losses are weighted by centerness
                 w = all_reduce_mean(ctr_target.sum()).clamp(min=1e-6)
+            if cfg.box_giou > 0:
                 losses["box_giou"] = cfg.box_giou * (box_ops.giou_loss(pred, gt_boxes) * ctr_target).sum() / w
             if cfg.centerness > 0:
                 ctr_pred = torch.cat([out.centerness[i, p] for i, p, _ in pos_index])
                 bce = F.binary_cross_entropy_with_logits(ctr_pred, ctr_target, reduction="sum")
                 losses["centerness"] = cfg.centerness * bce / norm
-            if cfg.box_refine > 0 and model.box_refiner is not None:
-                losses["box_refine"] = cfg.box_refine * self._box_refine(model, batch, pos_index, pos_pred,
-                                                                         gt_boxes, ctr_target)
+            if refine:
+                refined = self._refined_boxes(model, batch, pos_index, pos_pred)
+                losses["box_refine"] = cfg.box_refine * ((refined - gt_boxes).abs().sum(-1) * ctr_target).sum() / w
         else:  # keep every parameter in the graph so DDP's reducer sees the same set on every rank
             zero = out.boxes.sum() * 0 + out.centerness.sum() * 0
             losses["box_giou"] = zero
@@ -84,19 +86,17 @@ class GLIPv2Loss:
         losses["total"] = sum(losses.values())
         return losses
 
-    def _box_refine(self, model: GLIPv2, batch: Batch, pos_index: list, pos_pred: list[torch.Tensor],
-                    gt_boxes: torch.Tensor, ctr_target: torch.Tensor) -> torch.Tensor:
-        """L1 distance in input pixels between the refined sides of the positive anchors'
-        boxes and their objects' sides, weighted by centerness like the GIoU loss. The
-        refiner is given the head's boxes as they are, errors included: what it will be
-        given at inference."""
+    def _refined_boxes(self, model: GLIPv2, batch: Batch, pos_index: list,
+                       pos_pred: list[torch.Tensor]) -> torch.Tensor:
+        """The positive anchors' boxes after the box refiner, concatenated like the targets.
+        The refiner is given the head's boxes as they are, errors included: what it will
+        be given at inference. Its loss is the L1 distance in input pixels to the objects'
+        sides, weighted by centerness like the GIoU loss."""
         refiner = model.box_refiner
         images = torch.tensor([i for i, _, _ in pos_index], device=batch.images.device)
         edges = refiner.edge_maps(model.normalize(batch.images[images]))
-        refined = torch.cat([refiner(edges[j:j + 1], pred[None], model.cfg.image_hw)[0]
-                             for j, pred in enumerate(pos_pred)])
-        w = all_reduce_mean(ctr_target.sum()).clamp(min=1e-6)
-        return ((refined - gt_boxes).abs().sum(-1) * ctr_target).sum() / w
+        return torch.cat([refiner(edges[j:j + 1], pred[None], model.cfg.image_hw)[0]
+                          for j, pred in enumerate(pos_pred)])
 
     def objectness(self, model: GLIPv2, logits: torch.Tensor, objects: list[torch.Tensor]) -> torch.Tensor:
         """Focal loss of the VQA head's class-agnostic objectness logits [B, A]: an anchor is

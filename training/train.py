@@ -157,9 +157,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list
         if not p.requires_grad:
             continue
         groups.setdefault((p.ndim > 1, name.startswith("box_refiner.")), []).append(p)
-    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0,
-             "lr": lr * (REFINER_LR_SCALE if refiner else 1.0)}
-            for (decay, refiner), ps in sorted(groups.items(), key=lambda kv: (kv[0][1], not kv[0][0]))]
+    # (decay, refiner): the two groups of a model without a refiner come first, in the order
+    # they always had, so the optimizer state of its earlier checkpoints still resumes.
+    order = [(True, False), (False, False), (True, True), (False, True)]
+    return [{"params": groups[key], "weight_decay": weight_decay if key[0] else 0.0,
+             "lr": lr * (REFINER_LR_SCALE if key[1] else 1.0)}
+            for key in order if key in groups]
 
 
 # ------------------------------------------------------------------------------- data
