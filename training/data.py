@@ -175,7 +175,8 @@ def scene_sample(scene: sw.Scene, image: np.ndarray, rng: np.random.Generator,
     if grounding:
         phrases = sw.grounding_phrases(scene, rng)
         for p in extra:
-            phrases.insert(int(rng.integers(len(phrases) + 1)), p)
+            if all(p.text != q.text for q in phrases):  # a relation drawn twice is named once
+                phrases.insert(int(rng.integers(len(phrases) + 1)), p)
         texts, kinds = [p.text for p in phrases], [p.kind for p in phrases]
         for j, p in enumerate(phrases):
             for i in p.objects:
@@ -198,14 +199,17 @@ class ShapesWorldDataset:
     so training can resume at any position and workers need no shared state."""
 
     def __init__(self, seed: int, length: int, grounding_fraction: float = 0.5,
-                 augment: bool = True, understanding: bool = False, plurals: float = 0.0) -> None:
+                 augment: bool = True, understanding: bool = False, plurals: float = 0.0,
+                 relations: float = 0.0) -> None:
         """plurals: the share of grounding samples that also name shapes in the plural
-        (shapes_world.plural_phrases), the words count questions use."""
-        if length < 0 or not 0 <= grounding_fraction <= 1 or not 0 <= plurals <= 1:
-            raise ValueError("length must be >= 0, grounding_fraction and plurals in [0, 1]")
+        (shapes_world.plural_phrases), the words count questions use; relations: the share
+        that get EXTRA_RELATIONS more relation phrases (training only: the val splits keep
+        shapes_world.grounding_phrases as it is)."""
+        if length < 0 or not all(0 <= v <= 1 for v in (grounding_fraction, plurals, relations)):
+            raise ValueError("length must be >= 0, grounding_fraction, plurals and relations in [0, 1]")
         self.seed, self.length = int(seed), int(length)
         self.grounding_fraction, self.augment = grounding_fraction, augment
-        self.understanding, self.plurals = understanding, plurals
+        self.understanding, self.plurals, self.relations = understanding, plurals, relations
 
     def __len__(self) -> int:
         return self.length
@@ -225,18 +229,30 @@ class ShapesWorldDataset:
         if self.augment:
             image = augment_image(image, rng)
         grounding = bool(rng.random() < self.grounding_fraction)
-        # A generator of their own: with plurals off, every sample is what it was before.
         extra: list[sw.Phrase] = []
-        if grounding and self.plurals > 0:
-            plural_rng = np.random.default_rng([self.seed, i % self.length, 13])
-            if plural_rng.random() < self.plurals:
-                extra = sw.plural_phrases(scene, plural_rng)
+        if grounding:
+            for share, salt, make in ((self.plurals, 13, sw.plural_phrases), (self.relations, 17, _extra_relations)):
+                # A generator of their own per kind: with a share of 0, every sample is
+                # what it was before.
+                extra_rng = np.random.default_rng([self.seed, i % self.length, salt])
+                if share > 0 and extra_rng.random() < share:
+                    extra += make(scene, extra_rng)
         sample = scene_sample(scene, image, rng, grounding, i % self.length, extra)
         if self.understanding:
             sample.question, answer, sample.captions = understanding_targets(scene, self.seed, i % self.length)
             sample.answers = [answer] * 10  # VQA v2 style: ten agreeing annotators
             sample.question_extreme = sw.question_extreme(sample.question)
         return sample
+
+
+# Relation phrases are about 1 in 20 of the grounding phrases (0-2 per sample, where the
+# relation is clear); their misses box the anchor object ("the yellow square left of the
+# green hexagon" -> the green hexagon), which only more relation phrases teach against.
+EXTRA_RELATIONS = 2
+
+
+def _extra_relations(scene: sw.Scene, rng: np.random.Generator) -> list[sw.Phrase]:
+    return sw.relation_phrases(scene, rng, EXTRA_RELATIONS)
 
 
 def understanding_targets(scene: sw.Scene, seed: int, i: int) -> tuple[str, str, list[str]]:

@@ -386,7 +386,7 @@ def grounding_phrases(scene: Scene, rng: np.random.Generator) -> list[Phrase]:
             # "largest star" and "largest blue star" agree, so the phrase is unambiguous
             text = f"{word} {objs[j].colour} {s}" if rng.random() < 0.5 else f"{word} {s}"
             pos.append(Phrase(text, [j], "size"))
-    pos += _relation_phrases(scene, rng, int(rng.integers(0, 3)))
+    pos += relation_phrases(scene, rng, int(rng.integers(0, 3)))
     n_neg = len(pos) + int(rng.integers(-1, 2))
     neg = [Phrase(t, [], "colour") for t in _negative_combos(combos, rng, n_neg)]
     phrases = pos + neg
@@ -417,7 +417,10 @@ def _negative_combos(combos: dict[tuple[str, str], list[int]], rng: np.random.Ge
     return [f"{c} {s}" for c, s in chosen]
 
 
-def _relation_phrases(scene: Scene, rng: np.random.Generator, k: int) -> list[Phrase]:
+def relation_phrases(scene: Scene, rng: np.random.Generator, k: int) -> list[Phrase]:
+    """Up to k relations "the A rel the B", B a unique colour+shape of the scene, A another
+    present one whose every object is clearly on one side of B (kind "relation"; the denoted
+    set, A's objects on the named side, may be empty)."""
     combos = _combos(scene)
     anchors = [key for key, idx in combos.items() if len(idx) == 1]
     out: list[Phrase] = []

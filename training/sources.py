@@ -45,14 +45,15 @@ class ConcatSamples:
 
 
 def build_datasets(spec: str, seed: int, grounding_fraction: float, understanding: bool = False,
-                   plurals: float = 0.0) -> ConcatSamples:
+                   plurals: float = 0.0, relations: float = 0.0) -> ConcatSamples:
     """"shapes", or comma-separated KIND:ANNOTATIONS:IMAGES with KIND in {coco, grounding}.
 
     understanding: shapes samples also carry a question and captions of their image;
-    plurals: the share of shapes grounding samples that also name shapes in the plural."""
+    plurals / relations: the shares of shapes grounding samples that also name shapes in the
+    plural / get more relation phrases (ShapesWorldDataset)."""
     if spec == "shapes":
         return ConcatSamples([ShapesWorldDataset(seed, SHAPES_LENGTH, grounding_fraction, understanding=understanding,
-                                                 plurals=plurals)], shuffle=False)
+                                                 plurals=plurals, relations=relations)], shuffle=False)
     datasets = []
     for part in spec.split(","):
         kind, _, rest = part.partition(":")

@@ -49,6 +49,9 @@ class TrainConfig:
     # Share of shapes grounding samples that also name shapes in the plural ("circles":
     # every circle), the words count questions use ("how many circles are there?").
     plural_phrases: float = 0.0
+    # Share of shapes grounding samples that get two more relation phrases ("the red star
+    # left of the blue cross"), about 1 in 20 phrases otherwise.
+    relation_phrases: float = 0.0
     val_dir: str = ""  # a generated split to evaluate on ("" = no evaluation)
     val_images: int = 200
     batch_size: int = 16  # per process, per micro-step
@@ -83,7 +86,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("grounding_fraction", "plural_phrases"):
+        for name in ("grounding_fraction", "plural_phrases", "relation_phrases"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 1] (got {getattr(self, name)})")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
@@ -270,7 +273,7 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 # would silently give a run that matches neither setting. max_steps is not among them:
 # raising it is how a finished run is trained further.
 RESUME_FIELDS = ("batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "train_data",
-                 "data_seed", "grounding_fraction", "plural_phrases", "seed", "loss")
+                 "data_seed", "grounding_fraction", "plural_phrases", "relation_phrases", "seed", "loss")
 
 
 class RunFinished(Exception):
@@ -302,7 +305,8 @@ def check_resume(saved: dict[str, Any], cfg: TrainConfig, world_size: int, path:
 
 def training_samples(cfg: TrainConfig, understanding: bool) -> ConcatSamples:
     """The run's training data (understanding: with questions and captions)."""
-    return build_datasets(cfg.train_data, cfg.data_seed, cfg.grounding_fraction, understanding, cfg.plural_phrases)
+    return build_datasets(cfg.train_data, cfg.data_seed, cfg.grounding_fraction, understanding, cfg.plural_phrases,
+                          cfg.relation_phrases)
 
 
 def train(cfg: TrainConfig, allow_changed_config: bool = False) -> dict[str, Any]:
