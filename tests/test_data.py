@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from training import shapes_world as sw
-from training.data import (CaptionDataset, CocoDetectionDataset, DatasetError, GroundingDataset,
+from training.data import (EXTRA_RELATIONS, CaptionDataset, CocoDetectionDataset, DatasetError, GroundingDataset,
                            ShapesWorldDataset, VqaDataset, join_phrases, load_image, scene_sample)
 
 
@@ -113,6 +114,48 @@ def test_shapes_dataset_adds_plurals_only_when_asked():
     assert all(mixed[i].caption == again[i].caption for i in range(8))
     with pytest.raises(ValueError, match="plurals"):
         ShapesWorldDataset(seed=2, length=40, plurals=1.5)
+
+
+def test_shapes_dataset_adds_relations_only_when_asked():
+    """relations=1: every grounding sample gets up to EXTRA_RELATIONS more relation phrases,
+    each denoting the objects of its subject on the named side of its anchor, none named
+    twice; the sample's other phrases stay what they were."""
+    plain = ShapesWorldDataset(seed=4, length=40, grounding_fraction=1.0, augment=False, plurals=0.5)
+    more = ShapesWorldDataset(seed=4, length=40, grounding_fraction=1.0, augment=False, plurals=0.5, relations=1.0)
+    added = 0
+    for i in range(16):
+        a, b = plain[i], more[i]
+        _check_sample(b)
+        np.testing.assert_array_equal(a.image, b.image)
+        phrases = [b.caption[x:y] for (x, y), in b.phrase_spans]
+        before = [a.caption[x:y] for (x, y), in a.phrase_spans]
+        assert len(set(phrases)) == len(phrases)
+        assert [p for p in phrases if p in before] == before  # the rest, in their order
+        extra = [j for j, p in enumerate(phrases) if p not in before]
+        assert len(extra) <= EXTRA_RELATIONS and all(b.phrase_kinds[j] == "relation" for j in extra)
+        added += len(extra)
+        scene, _ = more.scene(i)
+        for j in extra:
+            subject, rel, anchor = re.fullmatch(r"the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)",
+                                                phrases[j]).groups()
+            anchors = [o for o in scene.objects if f"{o.colour} {o.shape}" == anchor]
+            assert len(anchors) == 1
+            want = [o.box for o in scene.objects if f"{o.colour} {o.shape}" == subject
+                    and sw._relation_offset(o, anchors[0], rel) > 0]
+            boxes = b.boxes[b.box_phrase == j]
+            np.testing.assert_allclose(boxes.reshape(-1, 4), np.array(want, np.float32).reshape(-1, 4), rtol=1e-6)
+    assert added >= 16
+    with pytest.raises(ValueError, match="relations"):
+        ShapesWorldDataset(seed=2, length=40, relations=-0.1)
+
+
+def test_scene_sample_names_an_extra_phrase_it_already_has_once():
+    scene = sw.sample_scene(np.random.default_rng(1))
+    image = sw.render(scene, np.random.default_rng(0))
+    plain = scene_sample(scene, image, np.random.default_rng(2), True, 0)
+    phrases = sw.grounding_phrases(scene, np.random.default_rng(2))
+    again = scene_sample(scene, image, np.random.default_rng(2), True, 0, extra=[phrases[-1]])
+    assert again.caption == plain.caption and len(again.boxes) == len(plain.boxes)
 
 
 def test_scene_sample_gives_one_box_per_phrase_object():

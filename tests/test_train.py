@@ -170,6 +170,14 @@ def test_plural_phrases_reach_the_training_data():
     assert "plural" not in kinds(TrainConfig(grounding_fraction=1.0))
 
 
+def test_relation_phrases_reach_the_training_data():
+    def relations(cfg):
+        data = training_samples(cfg, understanding=False)
+        return sum(k == "relation" for i in range(12) for k in data[i].phrase_kinds)
+    assert relations(TrainConfig(grounding_fraction=1.0, relation_phrases=1.0)) >= \
+        relations(TrainConfig(grounding_fraction=1.0)) + 12
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     args = [*SMALL, "--out-dir", str(tmp_path), "--max-steps", "2", "--save-every", "1"]
     assert main(args) == 0

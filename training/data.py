@@ -245,7 +245,7 @@ class ShapesWorldDataset:
         return sample
 
 
-# Relation phrases are about 1 in 20 of the grounding phrases (0-2 per sample, where the
+# Relation phrases are about 1 in 15 of the grounding phrases (0-2 per sample, where the
 # relation is clear); their misses box the anchor object ("the yellow square left of the
 # green hexagon" -> the green hexagon), which only more relation phrases teach against.
 EXTRA_RELATIONS = 2

@@ -50,7 +50,7 @@ class TrainConfig:
     # every circle), the words count questions use ("how many circles are there?").
     plural_phrases: float = 0.0
     # Share of shapes grounding samples that get two more relation phrases ("the red star
-    # left of the blue cross"), about 1 in 20 phrases otherwise.
+    # left of the blue cross"), about 1 in 15 phrases otherwise.
     relation_phrases: float = 0.0
     val_dir: str = ""  # a generated split to evaluate on ("" = no evaluation)
     val_images: int = 200
