@@ -232,10 +232,11 @@ class ShapesWorldDataset:
         extra: list[sw.Phrase] = []
         if grounding:
             for share, salt, make in ((self.plurals, 13, sw.plural_phrases), (self.relations, 17, _extra_relations)):
-                # A generator of their own per kind: with a share of 0, every sample is
-                # what it was before.
+                if share <= 0:
+                    continue  # nothing drawn: every sample is what it was before
+                # A generator of their own per kind: the sample's other phrases stay as they were.
                 extra_rng = np.random.default_rng([self.seed, i % self.length, salt])
-                if share > 0 and extra_rng.random() < share:
+                if extra_rng.random() < share:
                     extra += make(scene, extra_rng)
         sample = scene_sample(scene, image, rng, grounding, i % self.length, extra)
         if self.understanding:
