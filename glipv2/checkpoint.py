@@ -97,7 +97,8 @@ def load_model_weights(model: torch.nn.Module, cfg: ModelConfig, state: dict[str
 
 
 UNDERSTANDING_PREFIXES = ("vqa_head.", "caption_decoder.")
-CAPTION_DECODER_SIZES = ("caption_dim", "caption_layers", "caption_heads", "caption_max_len")
+CAPTION_DECODER_SIZES = ("caption_dim", "caption_layers", "caption_heads", "caption_max_len", "caption_objects",
+                         "caption_object_prompt")
 APPEARANCE_PREFIXES = ("appearance_embed.", "head.region_colour.", "head.region_geometry.",
                        "head.candidate_comparison.", "box_refiner.")
 
@@ -108,7 +109,7 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLi
     ckpt = read_checkpoint(path)
     theirs = ModelConfig.from_dict(ckpt["model_config"])
     keep = ("vqa_answers", "vqa_extremes", "vqa_count_thresholds", "caption_tokens", "caption_words",
-            "grounding_appearance", "grounding_comparison", "box_refinement")
+            "grounding_appearance", "grounding_comparison", "box_refinement", "caption_objects", "caption_object_prompt")
     if not theirs.caption_tokens:  # no caption decoder there (a stage-1 checkpoint): its sizes say nothing
         keep += CAPTION_DECODER_SIZES
     if theirs.replace(**{k: getattr(cfg, k) for k in keep}) != cfg:

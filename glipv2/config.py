@@ -91,6 +91,12 @@ class ModelConfig:
     caption_layers: int = 2
     caption_heads: int = 4
     caption_max_len: int = 40  # tokens, [CLS] and [SEP] included
+    # Object tokens beside the grid in the caption decoder's memory: the detector's
+    # caption_objects best anchors for caption_object_prompt (the object words the captions
+    # name), each with its region embedding, appearance, box, score and the pixel colour at
+    # its box centre. See GLIPv2.caption_objects. 0 = the grid alone.
+    caption_objects: int = 0
+    caption_object_prompt: str = ""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, why: str) -> None:
@@ -128,6 +134,13 @@ class ModelConfig:
         need(all(isinstance(t, (int, float)) and 0 < t < 1 for t in self.vqa_count_thresholds),
              "vqa_count_thresholds", "must be scores in (0, 1)")
         need(2 < self.caption_max_len <= self.max_tokens, "caption_max_len", "must be in 3..max_tokens")
+        need(isinstance(self.caption_objects, int) and self.caption_objects >= 0, "caption_objects",
+             "must be an int >= 0")
+        need(not self.caption_objects or bool(self.caption_object_prompt.strip()), "caption_objects",
+             "needs caption_object_prompt, the object words the detector looks for")
+        # The prompt's token features are stored with the decoder: a text encoder that trains
+        # would leave them stale.
+        need(not self.caption_objects or self.freeze_text, "caption_objects", "needs freeze_text")
 
     @property
     def bias0_init(self) -> float:
@@ -152,11 +165,17 @@ class ModelConfig:
         return [(math.ceil(h / s), math.ceil(w / s)) for s in self.strides]
 
     @property
-    def caption_memory_length(self) -> int:
-        """Caption decoder memory tokens: P4 (with P3 pooled onto its grid, for small
-        objects), then P5. Here (torch-free) because the exported signature needs it too."""
+    def caption_grid_length(self) -> int:
+        """Caption decoder memory tokens of the grid: P4 (with P3 pooled onto its grid, for
+        small objects), then P5."""
         (h4, w4), (h5, w5) = self.level_hw[1:3]
         return h4 * w4 + h5 * w5
+
+    @property
+    def caption_memory_length(self) -> int:
+        """Caption decoder memory tokens: the grid, then the object tokens. Here (torch-free)
+        because the exported signature needs it too."""
+        return self.caption_grid_length + self.caption_objects
 
     @property
     def caption_start_index(self) -> int:

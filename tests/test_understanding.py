@@ -10,6 +10,7 @@ import torch
 from glipv2.captioning import beam_search
 from glipv2.checkpoint import CheckpointError, init_weights
 from glipv2.modeling import box_ops
+from glipv2.modeling.caption import object_input_size
 from glipv2.modeling.glipv2 import build_model
 from glipv2.config import LossConfig, ModelConfig
 from glipv2.modeling.vqa import EXTREMES, Extremes, VqaHead, extreme_coordinates
@@ -32,6 +33,18 @@ def mt_model(small_cfg, vocabularies):
     torch.manual_seed(0)
     answers, tokens, _ = vocabularies
     return build_model(small_cfg.replace(vqa_answers=answers, caption_tokens=tokens)).eval()
+
+
+OBJECT_PROMPT = "circle. square. triangle. star. hexagon. cross."
+
+
+@pytest.fixture()
+def objects_model(small_cfg, vocabularies):
+    """A captioner whose decoder also reads 5 object tokens from the detector."""
+    torch.manual_seed(0)
+    _, tokens, _ = vocabularies
+    return build_model(small_cfg.replace(caption_tokens=tokens, caption_objects=5,
+                                         caption_object_prompt=OBJECT_PROMPT)).eval()
 
 
 def test_vocabularies_cover_the_shapes_world(vocabularies, tokenizer):
@@ -59,14 +72,16 @@ def test_vqa_head_ignores_padding(mt_model, tokenizer):
     assert torch.allclose(a, b, atol=1e-4)
 
 
-def test_cached_decoding_equals_teacher_forcing(mt_model):
+@pytest.mark.parametrize("which", ["mt_model", "objects_model"])
+def test_cached_decoding_equals_teacher_forcing(which, request):
+    mt_model = request.getfixturevalue(which)
     dec = mt_model.caption_decoder
     images = torch.randint(0, 256, (3, 3, 128, 128), dtype=torch.uint8)
     tokens = torch.randint(0, len(mt_model.cfg.caption_tokens), (3, 9))
     tokens[:, 0] = mt_model.cfg.caption_start_index
     with torch.no_grad():
         feats = mt_model.visual(images)
-        memory = mt_model.caption_memory(mt_model.appearance(images, feats))
+        memory = mt_model.caption_memory(images, feats, mt_model.appearance(images, feats))
         full = dec(memory, tokens).log_softmax(-1)
         logprobs, past_k, past_v, cross_k, cross_v = mt_model.caption_start(images)
         assert torch.allclose(logprobs, full[:, 0], atol=1e-5)
@@ -353,6 +368,13 @@ def test_stage_two_sizes_its_caption_decoder_freely_after_a_stage_without_one(tm
     two = build_model(ModelConfig.from_dict(state["model_config"]).replace(caption_layers=2))
     with pytest.raises(CheckpointError, match="another model"):
         init_weights(two, two.cfg, saved)
+    # Object tokens added to a decoder trained without them: they start fresh, the rest loads.
+    objects = tmp_path / "objects"
+    train(config_from_args([*SMALL, "--out-dir", str(objects), "--max-steps", "1", "--loss-caption", "1",
+                            "--model", "caption_layers=3", "--model", "caption_objects=4",
+                            "--model", "caption_object_prompt=circle. star.", "--init-from", str(saved)]))
+    grown = torch.load(objects / "checkpoints" / "step_00000001.pt", weights_only=False)
+    assert grown["model"]["caption_decoder.object_rank"].shape[1] == 4
 
 
 def test_count_features_count_the_peaks_above_each_threshold(small_cfg):
@@ -378,3 +400,89 @@ def test_count_features_count_the_peaks_above_each_threshold(small_cfg):
     assert nothing[at:at + n + 2].abs().max().item() < 0.05
     assert head.classifier[0].in_features == 2 * small_cfg.vqa_dim + small_cfg.fpn_channels + 3 + len(named) + (
         small_cfg.fpn_channels + 3 + small_cfg.vqa_dim)
+
+
+def _quadrants(size: int = 128) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """An image of four flat quadrants (top-left, top-right, bottom-left, bottom-right)."""
+    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 220, 40)]
+    image = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+    half = size // 2
+    for i, rgb in enumerate(colours):
+        r, c = divmod(i, 2)
+        image[0, :, r * half:(r + 1) * half, c * half:(c + 1) * half] = torch.tensor(rgb)[:, None, None]
+    return image, colours
+
+
+def test_object_tokens_are_the_detectors_best_anchors_with_their_centre_colour(objects_model):
+    """Each object token is one of the K anchors the detector scores best for the object
+    prompt, best first, and carries the input's colour at its box centre."""
+    model, cfg = objects_model, objects_model.cfg
+    image, colours = _quadrants(cfg.image_hw[0])
+    with torch.no_grad():
+        feats = model.visual(image)
+        looks = model.appearance(image, feats)
+        inputs = model.caption_objects(image, feats, looks)[0]  # [K, n]
+        prompt = model.caption_decoder.object_prompt
+        out = model.detect_features(feats, prompt, torch.ones(prompt.shape[:2], dtype=torch.int64),
+                                    model.cell_colours(image))
+    assert inputs.shape == (cfg.caption_objects, object_input_size(cfg))
+    geometry_at = cfg.proj_dim + cfg.fpn_channels + 3
+    score = inputs[:, geometry_at + 5]
+    best = (out.logits.amax(-1).sigmoid() * out.centerness.sigmoid())[0].topk(cfg.caption_objects)
+    assert torch.allclose(score, best.values, atol=1e-6)
+    # each token's embedding and box are its own anchor's
+    assert torch.allclose(inputs[:, :cfg.proj_dim], out.head.regions[0, best.indices], atol=1e-5)
+    boxes = box_ops.box_geometry(out.boxes[0, best.indices], cfg.image_hw)
+    assert torch.allclose(inputs[:, geometry_at:geometry_at + 5], boxes, atol=1e-5)
+    centre = inputs[:, -3:]
+    normalised = model.normalize(torch.tensor(colours, dtype=torch.float32)[:, :, None, None])[:, :, 0, 0]
+    checked = 0
+    for (cx, cy), rgb in zip(inputs[:, geometry_at:geometry_at + 2].tolist(), centre):
+        if min(abs(cx - 0.5), abs(cy - 0.5)) < 0.05:
+            continue  # a centre on a quadrant border: its 4-pixel cell may mix two colours
+        checked += 1
+        assert torch.allclose(rgb, normalised[2 * int(cy > 0.5) + int(cx > 0.5)], atol=1e-4), (cx, cy)
+    assert checked >= 2
+
+
+def test_object_tokens_take_no_gradient_from_the_caption_loss_into_the_detector(objects_model):
+    """The caption loss trains the object projection but not the detector whose outputs the
+    object tokens are (and the prompt's features are stored with the weights)."""
+    model = objects_model.train()
+    dec = model.caption_decoder
+    assert "caption_decoder.object_prompt" in model.state_dict()
+    images = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    tokens = torch.randint(0, len(model.cfg.caption_tokens), (2, 6))
+    feats = model.visual(images)
+    memory = model.caption_memory(images, feats, model.appearance(images, feats))
+    assert memory.shape[1] == model.cfg.caption_memory_length == model.cfg.caption_grid_length + 5
+    dec(memory, tokens).logsumexp(-1).sum().backward()
+    assert dec.object_proj.weight.grad.abs().sum() > 0
+    assert dec.object_rank.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.head.parameters())
+
+
+def test_object_tokens_need_a_prompt(small_cfg):
+    with pytest.raises(ValueError, match="caption_object_prompt"):
+        small_cfg.replace(caption_objects=4)
+
+
+def test_object_tokens_export_to_onnx_with_parity(objects_model, tmp_path):
+    """The caption_start graph with the detector pass inside: TensorRT's ops only, and ONNX
+    Runtime's first step and cross-attention memory equal PyTorch's, at two batch sizes."""
+    from export.onnx_export import export_onnx
+    from export.trt_ops import unsupported_ops
+    from glipv2.runtime.onnx import OrtEngine
+
+    files = export_onnx(objects_model, tmp_path, top_k=20)
+    assert unsupported_ops(files["caption_start"]) == {}
+    engine = OrtEngine(tmp_path, threads=2).captioner
+    quadrants, _ = _quadrants()
+    images = torch.cat([quadrants, torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)])
+    for batch in (images[:1], images):
+        with torch.no_grad():
+            expected = objects_model.caption_start(batch)
+        got = engine.start(batch.numpy())
+        assert got[3].shape[3] == objects_model.cfg.caption_memory_length
+        for name, e, g in zip(("logprobs", "present_k", "present_v", "cross_k", "cross_v"), expected, got):
+            assert np.abs(e.numpy() - g).max() <= 1e-3, name

@@ -496,7 +496,7 @@ class TrainingStep(torch.nn.Module):
                 else:
                     answers = model.answer(feats, looks, question, batch.question_mask)
             if model.caption_decoder is not None and batch.caption_in is not None:
-                captions = model.caption_decoder(model.caption_memory(looks), batch.caption_in)
+                captions = model.caption_decoder(model.caption_memory(batch.images, feats, looks), batch.caption_in)
         losses = self.loss_fn(model, _float_outputs(out), batch)
         cfg = self.loss_fn.cfg
         if answers is not None and cfg.vqa > 0:

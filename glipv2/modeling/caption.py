@@ -23,13 +23,31 @@ from glipv2.modeling.attention import TransformerLayer
 
 
 
+# Per object token: region embedding, appearance (FPN + cell colour), box geometry (5),
+# score (1) and the pixel colour at the box centre (3).
+def object_input_size(cfg: ModelConfig) -> int:
+    return cfg.proj_dim + cfg.fpn_channels + 3 + 5 + 1 + 3
+
+
 class CaptionDecoder(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, object_prompt: torch.Tensor | None = None) -> None:
+        """object_prompt: token features [1, T, text_dim] of cfg.caption_object_prompt
+        (stored with the weights), needed when cfg.caption_objects."""
         super().__init__()
         d = cfg.caption_dim
         self.max_len = cfg.caption_max_len
         self.memory_proj = nn.Linear(cfg.fpn_channels + 3, d)  # appearance maps: FPN + mean colour
-        self.memory_pos = nn.Parameter(torch.zeros(1, cfg.caption_memory_length, d))
+        self.memory_pos = nn.Parameter(torch.zeros(1, cfg.caption_grid_length, d))
+        if cfg.caption_objects:
+            if object_prompt is None:
+                raise ValueError("ModelConfig.caption_objects needs the object prompt's token features")
+            self.register_buffer("object_prompt", object_prompt.detach().clone())
+            self.object_proj = nn.Linear(object_input_size(cfg), d)
+            self.object_rank = nn.Parameter(torch.zeros(1, cfg.caption_objects, d))  # best first
+            self.object_norm = nn.LayerNorm(d)
+            nn.init.normal_(self.object_rank, std=0.02)
+        else:
+            self.object_proj = None
         self.memory_norm = nn.LayerNorm(d)
         # The cells' mean colour enters again after the LayerNorm, through its own small MLP:
         # as 3 of the 67 projected channels it was drowned (measured: colour-shape pairs right
@@ -44,12 +62,20 @@ class CaptionDecoder(nn.Module):
         self.register_buffer("token_ids", torch.tensor(cfg.caption_tokens, dtype=torch.int64), persistent=False)
 
     # ------------------------------------------------------------------ image side
-    def memory(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        """Appearance maps of P3, P4, P5, ... (GLIPv2.appearance) -> memory tokens [B, M, D]."""
+    def memory(self, feats: list[torch.Tensor], objects: torch.Tensor | None = None) -> torch.Tensor:
+        """Appearance maps of P3, P4, P5, ... (GLIPv2.appearance) and, with object tokens, their
+        inputs [B, K, object_input_size] (GLIPv2.caption_objects) -> memory tokens [B, M, D]."""
         p3, p4, p5 = feats[0], feats[1], feats[2]
         p4 = p4 + nn.functional.avg_pool2d(p3, 2, 2, ceil_mode=True)
         flat = torch.cat([p4.flatten(2), p5.flatten(2)], dim=2).transpose(1, 2)  # [B, M, C + 3]
-        return self.memory_norm(self.memory_proj(flat) + self.memory_pos) + self.colour_embed(flat[..., -3:])
+        grid = self.memory_norm(self.memory_proj(flat) + self.memory_pos) + self.colour_embed(flat[..., -3:])
+        if self.object_proj is None:
+            return grid
+        if objects is None:
+            raise ValueError("this decoder reads object tokens: pass GLIPv2.caption_objects")
+        # The centre colour (the last 3 inputs) enters after the norm too, as the grid's does.
+        tokens = self.object_norm(self.object_proj(objects) + self.object_rank) + self.colour_embed(objects[..., -3:])
+        return torch.cat([grid, tokens], dim=1)
 
     def cross_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory [B, M, D] -> cross-attention keys, values [B, L, H, M, d] (computed once per image)."""
