@@ -134,8 +134,9 @@ class ModelConfig:
         need(all(isinstance(t, (int, float)) and 0 < t < 1 for t in self.vqa_count_thresholds),
              "vqa_count_thresholds", "must be scores in (0, 1)")
         need(2 < self.caption_max_len <= self.max_tokens, "caption_max_len", "must be in 3..max_tokens")
-        need(isinstance(self.caption_objects, int) and self.caption_objects >= 0, "caption_objects",
-             "must be an int >= 0")
+        anchors = sum(h * w for h, w in self.level_hw)
+        need(isinstance(self.caption_objects, int) and 0 <= self.caption_objects <= anchors, "caption_objects",
+             f"must be an int from 0 to the number of anchors ({anchors})")
         need(not self.caption_objects or bool(self.caption_object_prompt.strip()), "caption_objects",
              "needs caption_object_prompt, the object words the detector looks for")
         # The prompt's token features are stored with the decoder: a text encoder that trains

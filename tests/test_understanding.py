@@ -462,9 +462,13 @@ def test_object_tokens_take_no_gradient_from_the_caption_loss_into_the_detector(
     assert all(p.grad is None for p in model.head.parameters())
 
 
-def test_object_tokens_need_a_prompt(small_cfg):
+def test_object_tokens_need_a_prompt_and_enough_anchors(small_cfg):
     with pytest.raises(ValueError, match="caption_object_prompt"):
         small_cfg.replace(caption_objects=4)
+    anchors = sum(h * w for h, w in small_cfg.level_hw)
+    small_cfg.replace(caption_objects=anchors, caption_object_prompt="star.")
+    with pytest.raises(ValueError, match="number of anchors"):
+        small_cfg.replace(caption_objects=anchors + 1, caption_object_prompt="star.")
 
 
 def test_object_tokens_export_to_onnx_with_parity(objects_model, tmp_path):

@@ -205,8 +205,9 @@ class GLIPv2(nn.Module):
         the detector scores best for the object prompt (score as in `top_k`), each with its
         region embedding, appearance, box geometry, score and the input's colour at its box
         centre (4-pixel cells: an object's own colour, where the anchor's cell mixes in the
-        background). The grid memory alone named a present shape in the wrong colour or a
-        present colour on the wrong shape in 54 of 200 captions; the detector binds them.
+        background). With the grid memory alone, 54 of the pairs named in 200 val captions
+        were absent (a present shape in another colour, or a present colour on another
+        shape): the grid leaves the decoder to bind shape and colour, a token holds both.
 
         Not trained by the caption loss: the detector's outputs are inputs here."""
         dec = self.caption_decoder
