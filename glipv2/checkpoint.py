@@ -97,8 +97,7 @@ def load_model_weights(model: torch.nn.Module, cfg: ModelConfig, state: dict[str
 
 
 UNDERSTANDING_PREFIXES = ("vqa_head.", "caption_decoder.")
-CAPTION_DECODER_SIZES = ("caption_dim", "caption_layers", "caption_heads", "caption_max_len", "caption_objects",
-                         "caption_object_prompt")
+CAPTION_DECODER_SIZES = ("caption_dim", "caption_layers", "caption_heads", "caption_max_len")
 APPEARANCE_PREFIXES = ("appearance_embed.", "head.region_colour.", "head.region_geometry.",
                        "head.candidate_comparison.", "box_refiner.")
 

@@ -21,6 +21,12 @@ def _centre_size(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return b[..., 0] + 0.5 * w, b[..., 1] + 0.5 * h, w, h
 
 
+def per_anchor(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Per-level maps [B, C, h, w] -> [B, A, C], anchors level-major as the detector orders
+    them (one anchor per location)."""
+    return torch.cat([m.flatten(2) for m in maps], dim=2).transpose(1, 2)
+
+
 def box_geometry(boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
     """xyxy input pixels [..., 4] -> [..., 5] (cx, cy, w, h, sqrt area) as fractions of the
     image (clamped to it): a box's position and size for the heads that read them."""

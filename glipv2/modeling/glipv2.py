@@ -117,8 +117,13 @@ class GLIPv2(nn.Module):
         ([B, 3, h, w] per level)."""
         # Pool, then normalise the small maps (the normalisation is per-channel affine, so the
         # order does not matter and the full-size image is not normalised a second time).
+        return [self.pooled_colours(images, s) for s in self.cfg.strides]
+
+    def pooled_colours(self, images: torch.Tensor, stride: int) -> torch.Tensor:
+        """images RGB 0-255 -> mean colour of each stride x stride cell, normalised like the
+        input ([B, 3, h, w])."""
         x = images.to(self.pixel_mean.dtype)
-        return [self.normalize(nn.functional.avg_pool2d(x, s, s, ceil_mode=True)) for s in self.cfg.strides]
+        return self.normalize(nn.functional.avg_pool2d(x, stride, stride, ceil_mode=True))
 
     def appearance(self, images: torch.Tensor, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """FPN maps with the image's mean colour over each cell appended ([B, C + 3, h, w]).
@@ -148,7 +153,7 @@ class GLIPv2(nn.Module):
         if self.cfg.grounding_appearance:
             if colours is None:
                 raise ValueError("this model grounds with the cells' colours: pass colours=cell_colours(images)")
-            flat = torch.cat([c.flatten(2) for c in colours], dim=2).transpose(1, 2).to(out.regions.dtype)
+            flat = box_ops.per_anchor(colours).to(out.regions.dtype)
             out = replace(out, regions=out.regions + self.head.region_extras(flat, boxes))
         logits = self.head.align(out.regions, out.tokens, out.token_bias)
         if compare and self.head.candidate_comparison is not None:
@@ -202,7 +207,7 @@ class GLIPv2(nn.Module):
     def caption_objects(self, images: torch.Tensor, feats: list[torch.Tensor], looks: list[torch.Tensor]
                         ) -> torch.Tensor:
         """The caption decoder's object tokens' inputs [B, K, object_input_size]: the K anchors
-        the detector scores best for the object prompt (score as in `top_k`), each with its
+        the detector scores best for the object prompt (`anchor_scores`), each with its
         region embedding, appearance, box geometry, score and the input's colour at its box
         centre (4-pixel cells: an object's own colour, where the anchor's cell mixes in the
         background). With the grid memory alone, 54 of the pairs named in 200 val captions
@@ -217,15 +222,15 @@ class GLIPv2(nn.Module):
             mask = torch.ones(text.shape[:2], dtype=torch.int64, device=text.device)
             colours = [look[:, -3:] for look in looks] if self.cfg.grounding_appearance else None
             out = self.detect_features(feats, text, mask, colours)
-            score = out.logits.amax(-1).sigmoid() * out.centerness.sigmoid()  # [B, A]
+            score = self.anchor_scores(out, mask)  # [B, A]
             idx = score.topk(self.cfg.caption_objects, dim=1).indices  # [B, K], best first
-            visual = torch.cat([f.flatten(2) for f in looks], dim=2).transpose(1, 2)  # [B, A, C + 3]
+            visual = box_ops.per_anchor(looks)  # [B, A, C + 3]
 
             def pick(t: torch.Tensor) -> torch.Tensor:
                 return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
 
             geometry = box_ops.box_geometry(pick(out.boxes), self.cfg.image_hw)
-            fine = self.normalize(nn.functional.avg_pool2d(images.to(self.pixel_mean.dtype), 4, 4))
+            fine = self.pooled_colours(images, 4)
             h, w = fine.shape[-2:]
             col = (geometry[..., 0] * w).long().clamp(0, w - 1)
             row = (geometry[..., 1] * h).long().clamp(0, h - 1)
@@ -252,16 +257,22 @@ class GLIPv2(nn.Module):
         logprobs, past_k, past_v = dec.step(start, cross_k, cross_v)
         return logprobs, past_k, past_v, cross_k, cross_v
 
+    @staticmethod
+    def anchor_scores(out: DetectorOutput, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Each anchor's best token score [B, A]: max over real tokens of sigmoid(logit) *
+        sigmoid(centerness), an upper bound of every phrase score the postprocess can compute
+        from that anchor."""
+        pad = attention_mask[:, None, :] == 0
+        return out.logits.masked_fill(pad, -1e4).amax(-1).sigmoid() * out.centerness.sigmoid()
+
     def top_k(self, out: DetectorOutput, attention_mask: torch.Tensor, k: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keep the k anchors with the best token score, so only K x T leaves the graph;
         with a box refiner, their boxes are refined (only the K kept: it costs little).
 
-        Score = max over real tokens of sigmoid(logit) * sigmoid(centerness), an upper bound
-        of every phrase score the postprocess can compute from that anchor.
+        Score: `anchor_scores`.
         """
-        pad = attention_mask[:, None, :] == 0
-        best = out.logits.masked_fill(pad, -1e4).amax(-1).sigmoid() * out.centerness.sigmoid()  # [B, A]
+        best = self.anchor_scores(out, attention_mask)  # [B, A]
         k = min(k, best.shape[1])
         idx = best.topk(k, dim=1).indices  # [B, K]
         t = out.logits.shape[-1]

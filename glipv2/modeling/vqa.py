@@ -125,7 +125,7 @@ class VqaHead(nn.Module):
             (logits * real).sum(-1) / real.sum(-1).clamp(min=1),
             centerness,
         ], dim=-1)
-        visual = torch.cat([f.flatten(2) for f in looks], dim=2).transpose(1, 2)  # [B, A, C + 3]
+        visual = box_ops.per_anchor(looks)  # [B, A, C + 3]
         geometry = box_ops.box_geometry(boxes, self.image_hw)
         anchors = self.anchor_norm(self.region_proj(regions) + self.visual_proj(visual)
                                    + self.geometry_proj(geometry) + self.match_proj(match))
