@@ -269,7 +269,7 @@ def render_config(
     # both scale with the multiplier ([20, 40] for max batch 8 and 5 beams, not [4, 8])
     preferred = [b * spec.batch_multiplier for b in _preferred(settings.preferred_batch_sizes, max_batch_size)]
     max_batch_size *= spec.batch_multiplier
-    anchors = sum(h * w for h, w in model_cfg.level_hw)  # one per location
+    anchors = model_cfg.num_anchors
     if top_k > anchors:
         raise SettingsError(f"top_k={top_k} exceeds the {anchors} anchors of a {model_cfg.image_hw} input")
     # python backend pads token axes; engines need dense batches (the gateway pads to buckets)

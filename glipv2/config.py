@@ -134,9 +134,8 @@ class ModelConfig:
         need(all(isinstance(t, (int, float)) and 0 < t < 1 for t in self.vqa_count_thresholds),
              "vqa_count_thresholds", "must be scores in (0, 1)")
         need(2 < self.caption_max_len <= self.max_tokens, "caption_max_len", "must be in 3..max_tokens")
-        anchors = sum(h * w for h, w in self.level_hw)
-        need(isinstance(self.caption_objects, int) and 0 <= self.caption_objects <= anchors, "caption_objects",
-             f"must be an int from 0 to the number of anchors ({anchors})")
+        need(isinstance(self.caption_objects, int) and 0 <= self.caption_objects <= self.num_anchors,
+             "caption_objects", f"must be an int from 0 to the number of anchors ({self.num_anchors})")
         need(not self.caption_objects or bool(self.caption_object_prompt.strip()), "caption_objects",
              "needs caption_object_prompt, the object words the detector looks for")
         # The prompt's token features are stored with the decoder: a text encoder that trains
@@ -164,6 +163,11 @@ class ModelConfig:
         """(height, width) of each FPN level's map: one anchor per location."""
         h, w = self.image_hw
         return [(math.ceil(h / s), math.ceil(w / s)) for s in self.strides]
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchors per image: one per location of every level."""
+        return sum(h * w for h, w in self.level_hw)
 
     @property
     def caption_grid_length(self) -> int:

@@ -27,6 +27,11 @@ def per_anchor(maps: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([m.flatten(2) for m in maps], dim=2).transpose(1, 2)
 
 
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx [B, K] of t [B, A, C] -> [B, K, C] (e.g. the kept anchors' values)."""
+    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
 def box_geometry(boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
     """xyxy input pixels [..., 4] -> [..., 5] (cx, cy, w, h, sqrt area) as fractions of the
     image (clamped to it): a box's position and size for the heads that read them."""

@@ -227,14 +227,14 @@ class GLIPv2(nn.Module):
             visual = box_ops.per_anchor(looks)  # [B, A, C + 3]
 
             def pick(t: torch.Tensor) -> torch.Tensor:
-                return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+                return box_ops.gather_rows(t, idx)
 
             geometry = box_ops.box_geometry(pick(out.boxes), self.cfg.image_hw)
             fine = self.pooled_colours(images, 4)
             h, w = fine.shape[-2:]
             col = (geometry[..., 0] * w).long().clamp(0, w - 1)
             row = (geometry[..., 1] * h).long().clamp(0, h - 1)
-            centre = fine.flatten(2).transpose(1, 2).gather(1, (row * w + col)[..., None].expand(-1, -1, 3))
+            centre = box_ops.gather_rows(box_ops.per_anchor([fine]), row * w + col)
             parts = [pick(out.head.regions), pick(visual), geometry, score.gather(1, idx)[..., None], centre]
             return torch.cat([p.to(visual.dtype) for p in parts], dim=-1)
 
@@ -275,9 +275,8 @@ class GLIPv2(nn.Module):
         best = self.anchor_scores(out, attention_mask)  # [B, A]
         k = min(k, best.shape[1])
         idx = best.topk(k, dim=1).indices  # [B, K]
-        t = out.logits.shape[-1]
-        boxes = out.boxes.gather(1, idx[..., None].expand(-1, -1, 4))
-        logits = out.logits.gather(1, idx[..., None].expand(-1, -1, t))
+        boxes = box_ops.gather_rows(out.boxes, idx)
+        logits = box_ops.gather_rows(out.logits, idx)
         ctr = out.centerness.gather(1, idx)
         if self.box_refiner is not None:
             if out.edges is None:
