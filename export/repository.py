@@ -275,7 +275,8 @@ def render_config(
     # python backend pads token axes; engines need dense batches (the gateway pads to buckets)
     ragged = flavour == "cpu" and spec.ragged
     inputs = ",\n".join(
-        _tensor_block(n, dt, dims, "allow_ragged_batch: true" if ragged and -1 in dims else "")
+        _tensor_block(n, dt, dims, "allow_ragged_batch: true" if ragged and -1 in dims else
+                      "optional: true" if n in spec.optional else "")
         for n, (dt, dims) in spec.inputs.items()
     )
     outputs = ",\n".join(_tensor_block(n, dt, dims) for n, (dt, dims) in spec.outputs.items())
@@ -301,6 +302,8 @@ def render_config(
             # the shortlist's WordPiece strings: the decode rules (glipv2.captioning.MentionRules)
             "pieces": " ".join(caption_pieces(Tokenizer(), model_cfg.caption_tokens)),  # WordPieces hold no spaces
             "words": " ".join(model_cfg.caption_words),  # ModelConfig checks they hold no spaces
+            # the phrases a request's `found` input flags, in its order (PhraseCheck)
+            "checked_phrases": json.dumps(list(model_cfg.caption_checked_phrases)),
         })
     elif flavour == "cpu":
         platform_line = 'backend: "python"'
@@ -413,7 +416,8 @@ def manifest_of(
         answer_vocabulary=tuple(model_cfg.vqa_answers) or None,
         # a caption has at most caption_max_len - 1 tokens: position 0 is the start token
         caption=CaptionSpec(tuple(model_cfg.caption_tokens), model_cfg.caption_start_id, model_cfg.caption_end_id,
-                            model_cfg.caption_max_len - 1, CAPTION, tuple(model_cfg.caption_words))
+                            model_cfg.caption_max_len - 1, CAPTION, tuple(model_cfg.caption_words),
+                            tuple(model_cfg.caption_checked_phrases), model_cfg.caption_check_threshold)
         if model_cfg.caption_tokens else None,
     )
 

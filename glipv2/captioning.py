@@ -13,6 +13,11 @@ An engine may instead run the whole loop itself (CaptionLoop.decode): the Triton
 `caption` model runs this module's beam_search inside Triton, next to the graphs, so the
 caches never cross the network. `decode` picks the engine's loop when it has one. This file
 imports numpy only: `make export` copies it into that Triton model's folder as is.
+
+Decode rules (MentionRules) say what a hypothesis may become. Checked phrases
+(PhraseCheck, CheckedRules) add what the image holds: the caller grounds the model's
+checked phrases ("red circle", ...) with the detector first, and a caption names one only
+where the detector found it (glipv2.runtime.batch).
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ class CaptionEngine(Protocol):
 
 
 class CaptionLoop(Protocol):
-    def decode(self, images: np.ndarray, beam_size: int, max_len: Sequence[int]) -> list["Hypothesis"]:
-        """The whole decode (beam_search with this module's defaults) run by the engine."""
+    def decode(self, images: np.ndarray, beam_size: int, max_len: Sequence[int],
+               found: np.ndarray | None = None) -> list["Hypothesis"]:
+        """The whole decode (beam_search with this module's defaults and rules) run by the
+        engine; found: bool [B, C], which checked phrases each image holds (None: no check)."""
         ...
 
 
@@ -63,13 +70,19 @@ def _limits(max_len: int | Sequence[int], images: int, beam_size: int) -> list[i
 
 
 def decode(engine: CaptionEngine | CaptionLoop, images: np.ndarray, end_index: int, beam_size: int = 1,
-           max_len: int | Sequence[int] = DEFAULT_MAX_LEN, rules: DecodeRules | None = None) -> list[Hypothesis]:
-    """Best hypothesis per image: the engine's own loop when it has one, else beam_search
-    here over its start / step calls."""
+           max_len: int | Sequence[int] = DEFAULT_MAX_LEN, rules: DecodeRules | None = None,
+           check: "PhraseCheck | None" = None, found: np.ndarray | None = None) -> list[Hypothesis]:
+    """Best hypothesis per image: the engine's own loop when it has one (it holds the same
+    rules and check), else beam_search here over its start / step calls. found: bool
+    [B, len(check.phrases)], the checked phrases each image holds; None: no check."""
     limits = _limits(max_len, images.shape[0], beam_size)
     loop = getattr(engine, "decode", None)
     if loop is not None:
-        return loop(images, beam_size, limits)
+        return loop(images, beam_size, limits, found)
+    if found is not None:
+        if check is None or rules is None:
+            raise ValueError("found needs the decode rules and the phrase check")
+        return beam_search(engine, images, end_index, beam_size, limits, rules=check.rules_per_image(rules, found))
     return beam_search(engine, images, end_index, beam_size, limits, rules=rules)
 
 
@@ -138,15 +151,81 @@ class MentionRules:
         return self._whole_word_before(tokens) and self.ends_well(self.text(tokens))
 
 
+class PhraseCheck:
+    """Which of the model's checked phrases a caption's text ends on.
+
+    phrases: ModelConfig.caption_checked_phrases, e.g. "red circle"; a text ends on one
+    when its last words are the phrase's, the last one also as a plural made with "s" or
+    "es" ("two red circles", "a blue cross", "two blue crosses"): irregular plurals go
+    unchecked. The check fires as soon as the last word reads so, before it is known to be
+    whole: a word that merely starts with a checked noun ("red crossing" for "red cross")
+    is checked as that noun."""
+
+    def __init__(self, phrases: Sequence[str]) -> None:
+        self.phrases = tuple(phrases)
+        self._forms: dict[tuple[str, ...], int] = {}
+        for i, phrase in enumerate(self.phrases):
+            words = tuple(phrase.lower().split())
+            if not words:
+                raise ValueError("a checked phrase needs at least one word")
+            for suffix in ("", "s", "es"):
+                self._forms.setdefault(words[:-1] + (words[-1] + suffix,), i)
+        self._lengths = sorted({len(w) for w in self._forms})
+
+    def __len__(self) -> int:
+        return len(self.phrases)
+
+    def ending(self, text: str) -> int | None:
+        """Index of the checked phrase `text` ends on, None if it ends on none."""
+        words = text.lower().split()
+        for n in self._lengths:
+            if n <= len(words):
+                found = self._forms.get(tuple(words[-n:]))
+                if found is not None:
+                    return found
+        return None
+
+    def rules_per_image(self, rules: "MentionRules", found: np.ndarray) -> list["CheckedRules"]:
+        """rules with the check, for each image: found is bool [B, len(phrases)]."""
+        found = np.asarray(found)
+        if found.ndim != 2 or found.shape[1] != len(self.phrases):
+            raise ValueError(f"found must be [images, {len(self.phrases)}] (one flag per checked phrase), "
+                             f"got shape {list(found.shape)}")
+        return [CheckedRules(rules, self, row) for row in found.astype(bool)]
+
+
+class CheckedRules:
+    """MentionRules for one image, plus what the detector found on it: a token that would
+    complete a checked phrase the detector did not find ("a red circle" where no red circle
+    scored at least the model's check threshold) is not allowed, so the beam takes its next
+    best word, as it does for a repeated mention. Phrases outside the check are unaffected."""
+
+    def __init__(self, rules: "MentionRules", check: PhraseCheck, found: Sequence[bool]) -> None:
+        self.rules, self.check = rules, check
+        self.found = [bool(f) for f in found]
+
+    def allows(self, tokens: Sequence[int], token: int) -> bool:
+        if not self.rules.allows(tokens, token):
+            return False
+        phrase = self.check.ending(self.rules.text([*tokens, token]))
+        return phrase is None or self.found[phrase]
+
+    def complete(self, tokens: Sequence[int]) -> bool:
+        return self.rules.complete(tokens)
+
+
 def beam_search(engine: CaptionEngine, images: np.ndarray, end_index: int, beam_size: int = 1,
                 max_len: int | Sequence[int] = DEFAULT_MAX_LEN, length_penalty: float = 0.7,
-                rules: DecodeRules | None = None) -> list[Hypothesis]:
+                rules: DecodeRules | Sequence[DecodeRules] | None = None) -> list[Hypothesis]:
     """Best hypothesis per image. beam_size 1 is greedy decoding. max_len (tokens before the
-    end token) may differ per image. rules (e.g. MentionRules) skip the candidates they do
-    not allow and let a caption end only where it is complete; without rules every
-    candidate counts."""
+    end token) may differ per image. rules (e.g. MentionRules; a list: one per image, e.g.
+    CheckedRules) skip the candidates they do not allow and let a caption end only where it
+    is complete; without rules every candidate counts."""
     b = images.shape[0]
     limits = _limits(max_len, b, beam_size)
+    per_image = list(rules) if isinstance(rules, (list, tuple)) else [rules] * b
+    if len(per_image) != b:
+        raise ValueError(f"rules: one per image ({b}), got {len(per_image)}")
     k = beam_size
     logprobs, past_k, past_v, cross_k, cross_v = engine.start(images)
     rows = list(range(b))  # images still decoding; their beams hold consecutive cache rows
@@ -156,13 +235,14 @@ def beam_search(engine: CaptionEngine, images: np.ndarray, end_index: int, beam_
     # whether or not that ending ranked among the k best: what a row falls back on when
     # the length limit cuts its hypotheses inside a phrase.
     endings: list[list[Hypothesis]] = [[] for _ in range(b)]
-    allows = rules.allows if rules is not None else (lambda tokens, token: True)
-    complete = rules.complete if rules is not None else (lambda tokens: True)
     while True:
         next_rows: list[int] = []
         slots: list[int] = []  # cache row each surviving beam continues from
         offset = 0
         for r in rows:
+            ruled = per_image[r] is not None
+            allows = per_image[r].allows if ruled else (lambda tokens, token: True)
+            complete = per_image[r].complete if ruled else (lambda tokens: True)
             n = len(beams[r])
             total = np.asarray([h.logprob for h in beams[r]])[:, None] + logprobs[offset:offset + n]  # [n, V]
             alive: list[Hypothesis] = []
@@ -183,13 +263,13 @@ def beam_search(engine: CaptionEngine, images: np.ndarray, end_index: int, beam_
                     alive.append(Hypothesis(tokens + [tok], float(total[j, tok])))
                     slots.append(offset + j)
                 rank += 1
-            if rules is not None:
+            if ruled:
                 endings[r] += [Hypothesis(list(h.tokens), float(total[j, end_index]))
                                for j, h in enumerate(beams[r]) if h.tokens and complete(h.tokens)]
             offset += n
             # Done: k hypotheses ended, or the length limit is reached.
             if len(finished[r]) >= k or not alive or len(alive[0].tokens) >= limits[r]:
-                if rules is None:
+                if not ruled:
                     finished[r].extend(alive)  # cut by the limit: alive ones count as ended
                 elif len(finished[r]) < k:
                     # Cut by the limit (or no allowed token left): not where the model would

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from glipv2.config import ModelConfig
+from glipv2.config import SERVING_FIELDS, ModelConfig
 
 FORMAT = "glipv2-serve/1"
 
@@ -107,8 +107,9 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLi
     understanding heads, which start fresh where the checkpoint has none."""
     ckpt = read_checkpoint(path)
     theirs = ModelConfig.from_dict(ckpt["model_config"])
-    keep = ("vqa_answers", "vqa_extremes", "vqa_count_thresholds", "caption_tokens", "caption_words",
-            "grounding_appearance", "grounding_comparison", "box_refinement", "caption_objects", "caption_object_prompt")
+    keep = SERVING_FIELDS + ("vqa_answers", "vqa_extremes", "vqa_count_thresholds", "caption_tokens",
+                             "grounding_appearance", "grounding_comparison", "box_refinement", "caption_objects",
+                             "caption_object_prompt")
     if not theirs.caption_tokens:  # no caption decoder there (a stage-1 checkpoint): its sizes say nothing
         keep += CAPTION_DECODER_SIZES
     if theirs.replace(**{k: getattr(cfg, k) for k in keep}) != cfg:

@@ -15,6 +15,12 @@ from typing import Any
 MAX_TOKENS = 256
 # How a phrase's probability comes from its tokens' (glipv2.postprocess.phrase_probabilities).
 TOKEN_AGGREGATIONS = ("mean", "geometric")
+# ModelConfig fields that only serving reads (how detections are scored from the same
+# outputs, which words a caption may use, which phrases it checks): the weights do not
+# depend on them, so a release may change them (training.release) and a run may start from
+# weights that had others (glipv2.checkpoint.init_weights).
+SERVING_FIELDS = ("threshold_on", "token_aggregation", "caption_words", "caption_checked_phrases",
+                  "caption_check_threshold")
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,13 @@ class ModelConfig:
     # its box centre. See GLIPv2.caption_objects. 0 = the grid alone.
     caption_objects: int = 0
     caption_object_prompt: str = ""
+    # Detector-checked captions: before decoding, the detector grounds these phrases on the
+    # image, and a caption names one ("a red circle", "two red circles") only where one
+    # scored at least caption_check_threshold; elsewhere the beam takes its next best word
+    # (glipv2.captioning.CheckedRules, glipv2.runtime.batch). Serving reads them, the
+    # weights do not. Empty: no check.
+    caption_checked_phrases: tuple[str, ...] = ()
+    caption_check_threshold: float = 0.4
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, why: str) -> None:
@@ -129,6 +142,14 @@ class ModelConfig:
         need(isinstance(self.caption_words, tuple)
              and all(isinstance(w, str) and w and w == w.strip() and " " not in w for w in self.caption_words),
              "caption_words", "must be a list of words without spaces")
+        need(isinstance(self.caption_checked_phrases, tuple)
+             and all(isinstance(p, str) and p == " ".join(p.lower().split()) and p
+                     and all(w.isalnum() for w in p.split()) for p in self.caption_checked_phrases)
+             and len(set(self.caption_checked_phrases)) == len(self.caption_checked_phrases),
+             "caption_checked_phrases", "must be distinct lower-case phrases of words (letters and digits: "
+             "captions spell punctuation as words of its own) separated by single spaces")
+        need(isinstance(self.caption_check_threshold, (int, float)) and not isinstance(self.caption_check_threshold, bool)
+             and 0 < self.caption_check_threshold < 1, "caption_check_threshold", "must be a score in (0, 1)")
         need(self.caption_dim % self.caption_heads == 0, "caption_dim", "must be divisible by caption_heads")
         need(self.vqa_dim % 4 == 0, "vqa_dim", "must be divisible by 4 (attention heads)")
         need(all(isinstance(t, (int, float)) and 0 < t < 1 for t in self.vqa_count_thresholds),

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from glipv2.boxes import box_iou
-from glipv2.captioning import CaptionEngine, CaptionLoop, MentionRules, decode
+from glipv2.captioning import CaptionEngine, CaptionLoop, MentionRules, PhraseCheck, decode
 from glipv2.image import letterbox_batch
 from glipv2.phrases import ends_on_phrase, mention_count, noun_phrases, repeated_mention
 from glipv2.postprocess import Detections
@@ -40,6 +40,7 @@ class Caption:
     logprob: float  # summed token log-probability, end token included
     num_tokens: int
     phrases: list[GroundedPhrase] | None = None  # grounded captions only
+    checked: bool = False  # decoded with the detector check of the model's checked phrases
 
 
 # Grounded captions keep every candidate above GLIP's evaluation threshold: the caption
@@ -97,8 +98,11 @@ def caption_pieces(tokenizer: Tokenizer, caption_tokens: Sequence[int]) -> list[
 
 class CaptionPipeline:
     def __init__(self, engine: CaptionEngine | CaptionLoop, image_hw: tuple[int, int], caption_tokens: Sequence[int],
-                 max_positions: int, end_id: int, tokenizer: Tokenizer | None = None, words: Sequence[str] = ()) -> None:
-        """words: the whole words captions may use (ModelConfig.caption_words; empty: any)."""
+                 max_positions: int, end_id: int, tokenizer: Tokenizer | None = None, words: Sequence[str] = (),
+                 checked_phrases: Sequence[str] = ()) -> None:
+        """words: the whole words captions may use (ModelConfig.caption_words; empty: any);
+        checked_phrases: the phrases a caption may name only where the detector found them
+        (ModelConfig.caption_checked_phrases; the caller grounds them: see caption_pixels)."""
         if not caption_tokens:
             raise ValueError("the model has no caption decoder (it was trained without captions)")
         self.engine, self.image_hw = engine, tuple(image_hw)
@@ -109,18 +113,23 @@ class CaptionPipeline:
         # No object named twice, no caption ending inside a phrase or a word (glipv2.captioning).
         self.rules = MentionRules(caption_pieces(self.tokenizer, caption_tokens), repeated_mention, ends_on_phrase,
                                   words)
+        self.check = PhraseCheck(checked_phrases) if checked_phrases else None
 
     def caption(self, images: Sequence[np.ndarray], beam_size: int = 1,
                 max_len: int | Sequence[int] | None = None) -> list[Caption]:
         pixels, _ = letterbox_batch(images, self.image_hw)
         return self.caption_pixels(pixels, beam_size, max_len)
 
-    def caption_pixels(self, pixels: np.ndarray, beam_size: int = 1,
-                       max_len: int | Sequence[int] | None = None) -> list[Caption]:
+    def caption_pixels(self, pixels: np.ndarray, beam_size: int = 1, max_len: int | Sequence[int] | None = None,
+                       found: np.ndarray | None = None) -> list[Caption]:
         """Letterboxed uint8 images [B, 3, H, W] -> captions; max_len defaults to the
-        model's limit (longer than any training caption)."""
+        model's limit (longer than any training caption). found: bool [B, C], which of the
+        C checked phrases the detector found on each image (None: no check)."""
         max_len = self.max_len if max_len is None else max_len
         if max(np.atleast_1d(max_len)) > self.max_len:
             raise ValueError(f"max_len must be at most {self.max_len} tokens for this model")
-        hyps = decode(self.engine, pixels, self.end_index, beam_size, max_len, rules=self.rules)
+        if found is not None and self.check is None:
+            raise ValueError("this model has no checked phrases")
+        hyps = decode(self.engine, pixels, self.end_index, beam_size, max_len, rules=self.rules, check=self.check,
+                      found=found)
         return [Caption(self.tokenizer.decode(self.token_ids[h.tokens]), h.logprob, len(h.tokens)) for h in hyps]

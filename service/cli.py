@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-len", type=int, default=None, help="at most this many tokens (default: the model's limit)")
     c.add_argument("--grounded", action="store_true",
                    help="also ground the caption: each object phrase with its box and score")
+    c.add_argument("--unchecked", action="store_true",
+                   help="decode without the detector check of the model's checked phrases (by default a caption "
+                        "names one, e.g. 'red circle', only where the detector finds it)")
     common(c)
 
     s = sub.add_parser("serve", help="serve the HTTP gateway (like `python -m service`)")
@@ -308,13 +311,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
             raise CLIError(f"--max-len must be in 1..{limit} for this model")
         pixels, box = _letterbox(pixels_hwc, backend)
         ground = backend.manifest.postprocess_with(GROUNDING_SCORE_FLOOR) if args.grounded else None
-        caption = backend.run_caption_batch([CaptionBatchItem(pixels, args.beam_size, max_len, ground, box)])[0]
+        check = None if args.unchecked else backend.manifest.caption_check()
+        caption = backend.run_caption_batch([CaptionBatchItem(pixels, args.beam_size, max_len, ground, box, check)])[0]
     finally:
         backend.close()
     phrases = caption_phrases(caption.phrases)
     if args.json:
         record = {"image": str(args.image), "caption": caption.text, "logprob": round(caption.logprob, 4),
-                  "num_tokens": caption.num_tokens}
+                  "num_tokens": caption.num_tokens, "checked": caption.checked}
         if phrases is not None:
             record["phrases"] = [p.model_dump() for p in phrases]
         print(json.dumps(record, indent=2))

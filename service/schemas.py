@@ -218,6 +218,12 @@ class VqaResponse(BaseModel):
     timings: Timings
 
 
+CHECKED = ("name a phrase of the model's checked list (e.g. 'red circle'; /v1/models shows the list) only where "
+           "the detector finds it on the image, scored at least the model's check threshold: the caption then names "
+           "the object the detector sees instead of one it does not. Costs one detector call per 18 checked phrases "
+           "per batch; no effect for a model without checked phrases")
+
+
 class CaptionItem(_ImageSource):
     image: str = _image_field()
     url: str = _url_field()
@@ -236,6 +242,7 @@ class CaptionRequest(BaseModel):
                            "image's objects more completely and more correctly")
     grounded: bool = Field(False, description="also ground the caption: each of its object (noun) phrases with "
                            "its box and score, found by the detector on the same image with the caption as prompt")
+    checked: bool = Field(True, description=CHECKED)
 
 
 class ScoredBox(BaseModel):
@@ -262,6 +269,8 @@ class CaptionResult(BaseModel):
     num_tokens: int
     phrases: list[CaptionPhrase] | None = Field(None, description="grounded captions only: the caption's object "
                                                 "phrases in caption order, each with its box and score")
+    checked: bool = Field(description="whether the detector checked the caption's phrases (asked for, and the model "
+                          "has checked phrases)")
 
 
 class CaptionResponse(BaseModel):
@@ -292,6 +301,8 @@ class ModelsResponse(BaseModel):
     postprocess: dict
     tasks: list[str] = Field(description="what this model serves: detect, vqa, caption")
     answer_vocabulary: list[str] | None = None
+    caption: dict | None = Field(None, description="the caption decoder's settings (manifest.caption): its token "
+                                 "limit, words, checked_phrases and check_threshold; null without one")
     models: list[ModelInfo]
 
 

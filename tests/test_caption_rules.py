@@ -1,13 +1,14 @@
 """Captions that name each object once and stop on a complete phrase (decode-time rules,
-glipv2.captioning.MentionRules), the phrase helpers they rest on, and grounded captions'
-box assignment (glipv2.understanding.grounded_phrases)."""
+glipv2.captioning.MentionRules), name checked phrases only where the detector found them
+(PhraseCheck, CheckedRules), the phrase helpers they rest on, and grounded captions' box
+assignment (glipv2.understanding.grounded_phrases)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from glipv2.captioning import MentionRules as _Rules, beam_search
+from glipv2.captioning import MentionRules as _Rules, PhraseCheck, beam_search
 from glipv2.phrases import ends_on_phrase, mention_count, noun_phrases, repeated_mention
 from glipv2.postprocess import Detections
 from glipv2.understanding import caption_prompt, grounded_phrases
@@ -116,6 +117,41 @@ def test_word_rules_piece_by_piece():
     assert not rules.complete([a, red, he, xa]) and rules.complete([a, red, he, xa, gon])
     # without words, any piece may follow (the rules of a model trained before caption_words)
     assert MentionRules(HEX_PIECES).allows([a, red, he], and_)
+
+
+def test_phrase_check_reads_the_phrase_a_text_ends_on():
+    check = PhraseCheck(["red square", "blue cross", "star", "big red circle"])
+    assert check.ending("a red square") == 0 and check.ending("two red squares") == 0
+    assert check.ending("a blue cross") == 1 and check.ending("two blue crosses") == 1
+    assert check.ending("a star") == 2 and check.ending("three stars") == 2
+    assert check.ending("a big red circle") == 3 and check.ending("a red circle") is None  # all its words
+    assert check.ending("a red square and") is None  # only where the text ends
+    assert check.ending("a green square") is None and check.ending("") is None
+    assert check.ending("a Red Square") == 0
+    with pytest.raises(ValueError, match="one flag per checked phrase"):
+        check.rules_per_image(MentionRules(PIECES), np.ones((2, 3), bool))
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_checked_rules_name_only_found_phrases_each_image_its_own(beam):
+    """The toy decoder names a red square or a red circle; each image of a batch keeps its
+    own flags: everything found decodes as unchecked, and a phrase the detector did not
+    find is never named (the beam takes the other). Phrases outside the check are unaffected."""
+    images = np.zeros((4, 3, 4, 4), np.uint8)
+    check = PhraseCheck(["red square", "red circle"])
+    rules = check.rules_per_image(MentionRules(PIECES), np.array([[1, 1], [0, 1], [1, 0], [0, 0]], bool))
+    texts = [_text(h.tokens) for h in beam_search(_engine(), images, END, beam, max_len=12, rules=rules)]
+    plain = beam_search(_engine(), images[:1], END, beam, max_len=12, rules=MentionRules(PIECES))[0]
+    assert texts[0] == _text(plain.tokens)
+    assert texts[1] == "a red circle"
+    assert "red square" in texts[2] and "circle" not in texts[2]
+    assert "square" not in texts[3] and "circle" not in texts[3]  # nothing found, nothing named
+    assert not rules[1].allows([A, RED], SQUARE) and rules[1].allows([A, RED], CIRCLE)
+    assert rules[3].allows([A], RED)  # "a red" completes no checked phrase yet
+    unchecked = PhraseCheck(["blue square"]).rules_per_image(MentionRules(PIECES), np.zeros((1, 1), bool))[0]
+    assert unchecked.allows([A, RED], SQUARE)
+    with pytest.raises(ValueError, match="one per image"):
+        beam_search(_engine(), images, END, beam, max_len=12, rules=rules[:2])
 
 
 def test_phrase_helpers():

@@ -59,3 +59,19 @@ def test_release_sets_caption_words_and_refuses_a_bare_word(tmp_path, checkpoint
                  "--serving", "caption_words=red"]) == 2
     assert "caption_words: must be a list of words" in capsys.readouterr().err
     assert not (tmp_path / "y.pt").exists()
+
+
+def test_release_sets_the_checked_caption_phrases(tmp_path, checkpoint, capsys):
+    """caption_checked_phrases / caption_check_threshold (decoding only) are serving fields;
+    a phrase with punctuation (captions spell it as a word of its own) is refused."""
+    out = tmp_path / "tiny.pt"
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--serving",
+                 'caption_checked_phrases=["red circle","star"]', "--serving", "caption_check_threshold=0.3"]) == 0
+    cfg = load_model(out)[0].cfg
+    assert cfg.caption_checked_phrases == ("red circle", "star") and cfg.caption_check_threshold == 0.3
+    for bad, why in (('caption_checked_phrases=["red-circle"]', "caption_checked_phrases"),
+                     ('caption_checked_phrases=["Red circle"]', "caption_checked_phrases"),
+                     ("caption_check_threshold=1", "caption_check_threshold")):
+        assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "y.pt"), "--serving", bad]) == 2
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "y.pt").exists()

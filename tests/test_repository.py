@@ -167,6 +167,10 @@ def test_preferred_batch_sizes_scale_with_the_beams(flavour, demo_cfg):
     assert list(step.dynamic_batching.preferred_batch_size) == [10, 40]
 
 
+def params_of(cfg) -> dict[str, str]:
+    return {k: v.string_value for k, v in cfg.parameters.items()}
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_caption_loop_model_config(flavour, demo_cfg):
     """The `caption` model (the decode loop inside Triton) is a python model in every
@@ -177,11 +181,15 @@ def test_caption_loop_model_config(flavour, demo_cfg):
     cfg = parse(render_config("caption", flavour, demo_cfg, max_batch_size=8))
     assert cfg.backend == "python" and not cfg.platform and cfg.max_batch_size == 8
     assert mc.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == "KIND_CPU"
-    assert [(t.name, dtype(t), list(t.dims)) for t in cfg.input] == [
-        ("images", "TYPE_UINT8", [3, 256, 256]), ("beam_size", "TYPE_INT32", [1]), ("max_len", "TYPE_INT32", [1])]
+    assert [(t.name, dtype(t), list(t.dims), t.optional) for t in cfg.input] == [
+        ("images", "TYPE_UINT8", [3, 256, 256], False), ("beam_size", "TYPE_INT32", [1], False),
+        ("max_len", "TYPE_INT32", [1], False), ("found", "TYPE_UINT8", [36], True)]
+    # the phrases `found` flags, in its order, and the check those flags feed
+    assert json.loads(params_of(cfg)["checked_phrases"]) == list(demo_cfg.caption_checked_phrases)
+    assert len(demo_cfg.caption_checked_phrases) == 36
     assert [(t.name, dtype(t), list(t.dims)) for t in cfg.output] == [
         ("tokens", "TYPE_INT64", [-1]), ("num_tokens", "TYPE_INT32", [1]), ("logprob", "TYPE_FP64", [1])]
-    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    params = params_of(cfg)
     assert params["graphs"] == ("onnxruntime" if flavour == "cpu" else "triton")
     for graph, key in (("caption_start", "start"), ("caption_step", "step")):
         assert params[f"{key}_model"] == graph
@@ -292,8 +300,10 @@ def test_manifest():
     assert m["answer_vocabulary"] == list(cfg.vqa_answers) and "red" in m["answer_vocabulary"]
     assert m["caption"] == {"tokens": list(cfg.caption_tokens), "start_id": 101, "end_id": 102,
                             "max_len": cfg.caption_max_len - 1, "decoder": "caption",
-                            "words": list(cfg.caption_words)}
+                            "words": list(cfg.caption_words), "checked_phrases": list(cfg.caption_checked_phrases),
+                            "check_threshold": cfg.caption_check_threshold}
     assert {"hexagon", "red"} <= set(cfg.caption_words) and "he" not in cfg.caption_words
+    assert "purple hexagon" in cfg.caption_checked_phrases and cfg.caption_check_threshold == 0.4
     assert set(m["models"]) == {"text_encoder", "detector", "vqa", "caption_start", "caption_step"}
     assert m["models"]["caption_step"]["max_batch_size"] == 8 * 5  # every beam of every image
     assert m["models"]["caption_step"]["dynamic_axis"] == {"counts": "steps", "min": 1, "opt": 16,

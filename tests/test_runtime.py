@@ -76,6 +76,9 @@ def test_committed_manifest_round_trips():
     (lambda d: d["image"]["normalisation"].update(std=[1, 0, 1]), "std must be positive"),
     (lambda d: d["caption"].update(words="a red square"), "caption.words must be a list"),
     (lambda d: d["caption"].update(words=["red", ""]), "caption.words must be a list of non-empty strings"),
+    (lambda d: d["caption"].update(checked_phrases="red circle"), "caption.checked_phrases must be a list"),
+    (lambda d: d["caption"].update(check_threshold=1.5), r"check_threshold must be in \(0, 1\)"),
+    (lambda d: d["caption"].update(check_threshold="0.4"), "check_threshold must be a number"),
 ])
 def test_bad_manifests_fail_when_read(tmp_path, change, match):
     d = json.loads((REPO / "manifest.json").read_text())
@@ -93,6 +96,16 @@ def test_a_manifest_without_caption_words_decodes_without_the_word_rule():
     assert d["caption"]["words"]
     d["caption"].pop("words")
     assert Manifest.from_dict(d).caption.words == ()
+
+
+def test_a_manifest_without_checked_phrases_captions_unchecked():
+    """Repositories rendered before the caption check existed still load, and check nothing."""
+    d = json.loads((REPO / "manifest.json").read_text())
+    assert len(d["caption"]["checked_phrases"]) == 36 and Manifest.from_dict(d).caption_check().score_threshold == 0.4
+    d["caption"].pop("checked_phrases")
+    d["caption"].pop("check_threshold")
+    m = Manifest.from_dict(d)
+    assert m.caption.checked_phrases == () and m.caption_check() is None
 
 
 def test_official_image_layout_round_trips():

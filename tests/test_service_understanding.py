@@ -138,6 +138,48 @@ def test_beam_search_through_the_api(client):
     assert len(better) >= 4, better
 
 
+def test_checked_captions_name_only_pairs_the_detector_finds(client):
+    """By default a caption names a colour-shape pair only where the detector finds it
+    (GET /v1/models: the model's checked phrases and threshold); /v1/detect with those
+    phrases at that threshold sees every pair a checked caption names. On fresh scenes the
+    check turns captions away from pairs that are not there: more of the named pairs are
+    drawn than without it. `checked: false` decodes unchecked."""
+    caption = client.get("/v1/models").json()["caption"]
+    phrases, tau = caption["checked_phrases"], caption["check_threshold"]
+    assert len(phrases) == 36 and tau == 0.4
+    scenes = _scenes(24, seed=4242)
+    true_named = {True: 0, False: 0}
+    named = {True: 0, False: 0}
+    changed = 0
+    for start in range(0, len(scenes), 8):
+        chunk = scenes[start:start + 8]
+        items = [{"image": _b64(img)} for _, img in chunk]
+        results = {flag: client.post("/v1/caption", json={"images": items, **({} if flag else {"checked": False})})
+                   for flag in (True, False)}
+        assert all(r.status_code == 200 for r in results.values()), results
+        results = {flag: r.json()["results"] for flag, r in results.items()}
+        found = [set() for _ in chunk]
+        for half in (phrases[:18], phrases[18:]):
+            r = client.post("/v1/detect", json={"images": [{**it, "prompt": ". ".join(half)} for it in items],
+                                                "score_threshold": tau})
+            assert r.status_code == 200, r.text
+            for k, res in enumerate(r.json()["results"]):
+                found[k] |= {tuple(d["phrase"].split()) for d in res["detections"]}
+        for (scene, _), have, checked, plain in zip(chunk, found, results[True], results[False]):
+            assert checked["checked"] and not plain["checked"]
+            truth = {(o.colour, o.shape) for o in scene.objects}
+            for flag, res in ((True, checked), (False, plain)):
+                pairs = {(c, s) for c, s in named_objects(res["caption"]) if c is not None}
+                named[flag] += len(pairs)
+                true_named[flag] += len(pairs & truth)
+            assert {(c, s) for c, s in named_objects(checked["caption"]) if c is not None} <= have, checked
+            changed += checked["caption"] != plain["caption"]
+    print(f"checked captions: {true_named[True]} of {named[True]} named pairs drawn; unchecked "
+          f"{true_named[False]} of {named[False]}; {changed} of {len(scenes)} captions changed")
+    assert changed >= 1
+    assert true_named[True] / named[True] > true_named[False] / named[False]
+
+
 def _grounded_share(scene, phrases) -> tuple[int, int]:
     """(objects named by colour and shape, those whose box has IoU >= 0.5 with a drawn
     object of that colour and shape): the grounded-caption measure of the issue."""
@@ -212,7 +254,9 @@ def test_upload_routes(client):
     assert r.status_code == 200, r.text
     assert r.json()["results"][0]["answer"].isdigit()
     r = client.post("/v1/caption/upload", files={"image": ("s.png", png, "image/png")}, data={"beam_size": "2"})
-    assert r.status_code == 200 and r.json()["results"][0]["caption"]
+    assert r.status_code == 200 and r.json()["results"][0]["caption"] and r.json()["results"][0]["checked"]
+    r = client.post("/v1/caption/upload", files={"image": ("s.png", png, "image/png")}, data={"checked": "false"})
+    assert r.status_code == 200 and r.json()["results"][0]["checked"] is False, r.text
     r = client.post("/v1/caption/upload", files={"image": ("s.png", png, "image/png")}, data={"grounded": "true"})
     assert r.status_code == 200 and r.json()["results"][0]["phrases"], r.text
 

@@ -474,6 +474,46 @@ def test_caption_model_decodes_inside_triton_in_batches(graphs, request, reposit
     assert len({tuple(r["tokens"][0].tolist()) for r in results}) > 4  # captions of different scenes differ
 
 
+def test_caption_model_checks_each_request_by_its_found_flags(server, repository, ort, image_hw):
+    """Requests with and without `found` share one execution; each image decodes with its
+    own flags (glipv2.captioning.CheckedRules), equal to beam_search over ONNX Runtime with
+    the same rules, and flags that rule out phrases change the caption."""
+    from glipv2.captioning import MentionRules, PhraseCheck, beam_search
+    from glipv2.phrases import ends_on_phrase, repeated_mention
+    from glipv2.runtime.manifest import Manifest
+    from glipv2.text import Tokenizer
+    from glipv2.understanding import caption_pieces
+
+    caption = Manifest.load(repository).caption
+    check = PhraseCheck(caption.checked_phrases)
+    assert len(check) == 36
+    end = list(caption.tokens).index(caption.end_id)
+    rules = MentionRules(caption_pieces(Tokenizer(), caption.tokens), repeated_mention, ends_on_phrase, caption.words)
+    images = _images(4, image_hw, seed=31)
+    rng = np.random.default_rng(5)
+    flags = [None, np.zeros(36, np.uint8), rng.integers(0, 2, 36).astype(np.uint8), np.ones(36, np.uint8)]
+    requests = [{"images": img, "beam_size": np.array([[2]], np.int32), "max_len": np.array([[39]], np.int32),
+                 **({} if f is None else {"found": f[None]})} for img, f in zip(images, flags)]
+    before = {"caption": server.model_stats("caption")}
+    results = _infer_concurrently(server.url_grpc, "caption", requests, ["tokens", "num_tokens"])
+    assert not [r for r in results if isinstance(r, Exception)], results
+    changed = 0
+    for img, f, got in zip(images, flags, results):
+        row_rules = rules if f is None else check.rules_per_image(rules, f[None])
+        (want,) = beam_search(ort.captioner, img, end, 2, 39, rules=row_rules)
+        k = int(got["num_tokens"][0, 0])
+        assert got["tokens"][0, :k].tolist() == want.tokens
+        if f is not None:
+            changed += want.tokens != beam_search(ort.captioner, img, end, 2, 39, rules=rules)[0].tokens
+            assert f.all() or changed, "flags that rule out phrases must change the caption"
+    assert changed == 2  # all zeros and the random flags; all ones is the unchecked caption
+    delta = _stats_after(server, before, {"caption": 4})
+    assert delta["caption"]["executions"] < 4, delta  # checked and unchecked requests batch together
+    bad = _infer_concurrently(server.url_grpc, "caption", [{**requests[0], "found": np.full((1, 36), 2, np.uint8)}],
+                              ["tokens"])[0]
+    assert isinstance(bad, InferenceServerException) and "found must be 0 or 1" in str(bad)
+
+
 def test_caption_model_refuses_bad_requests(server):
     img = _images(1, (256, 256), seed=3)[0]
     bad = [{"images": img, "beam_size": np.array([[9]], np.int32), "max_len": np.array([[5]], np.int32)},

@@ -523,8 +523,9 @@ def format_precision_recall(rows: Sequence[dict[str, float]]) -> str:
 
 def evaluate_model_understanding(model, val_dir: str | os.PathLike, max_images: int | None, batch_size: int = 8,
                                  beam_size: int = DEFAULT_BEAM, progress: bool = True,
-                                 tasks: set[str] = frozenset({"vqa", "caption"})) -> dict:
-    """VQA / caption metrics of a torch model, for the heads it has."""
+                                 tasks: set[str] = frozenset({"vqa", "caption"}), caption_check: bool = True) -> dict:
+    """VQA / caption metrics of a torch model, for the heads it has. caption_check: captions
+    checked against the detector as served (for a model with checked phrases)."""
     from glipv2.predict import TorchUnderstanding
     from training.evaluate_understanding import evaluate_understanding
 
@@ -543,12 +544,13 @@ def evaluate_model_understanding(model, val_dir: str | os.PathLike, max_images: 
         cfg = model.cfg
         runner = BatchRunner(TorchEngine(model), u.captioner.tokenizer, cfg.image_hw, caption_tokens=cfg.caption_tokens,
                              caption_max_len=cfg.caption_max_len - 1, caption_end_id=cfg.caption_end_id,
-                             caption_words=cfg.caption_words)
+                             caption_words=cfg.caption_words, caption_checked_phrases=cfg.caption_checked_phrases)
         ground = PostprocessConfig.for_model(cfg, score_threshold=GROUNDING_SCORE_FLOOR)
+        check = PostprocessConfig.for_model(cfg, score_threshold=cfg.caption_check_threshold) if caption_check else None
 
         def caption_fn(images):
             boxed = [letterbox(im, cfg.image_hw) for im in images]
-            return runner.run_caption_batch([CaptionBatchItem(px, beam_size, runner.caption_max_len, ground, lb)
+            return runner.run_caption_batch([CaptionBatchItem(px, beam_size, runner.caption_max_len, ground, lb, check)
                                              for px, lb in boxed])
     return evaluate_understanding(answer_fn, caption_fn, val_dir, max_images, batch_size, progress)
 
@@ -568,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--beam-size", type=int, default=DEFAULT_BEAM,
                     help=f"caption beam size (default {DEFAULT_BEAM}, as served; 1 = greedy)")
+    ap.add_argument("--no-caption-check", action="store_true",
+                    help="decode captions without the detector check of the model's checked phrases "
+                         "(ModelConfig.caption_checked_phrases; served with it)")
     ap.add_argument("--tasks", default=_ALL_TASKS,
                     help="comma-separated subset of detection, vqa, caption (those the model has)")
     args = ap.parse_args(argv)
@@ -608,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = evaluate_detection(predictor.predict, args.data, max_images=args.max_images,
                                          batch_size=args.batch_size, progress=not args.no_progress)
         metrics.update(evaluate_model_understanding(model, args.data, args.max_images, args.batch_size,
-                                                    args.beam_size, not args.no_progress, tasks))
+                                                    args.beam_size, not args.no_progress, tasks,
+                                                    caption_check=not args.no_caption_check))
     except (CheckpointError, DatasetError) as e:
         return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except FileNotFoundError as e:  # e.g. the tokenizer package is not installed

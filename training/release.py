@@ -6,7 +6,8 @@ evaluation metrics for provenance, and verifies the result loads.
 
 `--serving token_aggregation=geometric` also changes a setting that only serving reads
 (SERVING_FIELDS: how detections are scored from the same outputs, which whole words a
-caption may use), never one the weights depend on.
+caption may use, which phrases a caption names only where the detector finds them), never
+one the weights depend on.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import sys
 from typing import Any, Sequence
 
 from glipv2.checkpoint import FORMAT, CheckpointError, atomic_save, load_model, read_checkpoint
-from glipv2.config import ModelConfig
+from glipv2.config import SERVING_FIELDS, ModelConfig
 from training.train import field_values
-
-SERVING_FIELDS = ("threshold_on", "token_aggregation", "caption_words")
 
 
 def release(checkpoint: str, out: str, serving: dict[str, Any] | None = None) -> dict:

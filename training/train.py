@@ -98,10 +98,14 @@ class TrainConfig:
             if self.train_data != "shapes":
                 raise ValueError("VQA and caption training read their labels from the shapes world; "
                                  "set loss.vqa and loss.caption to 0 for other training data")
+            from training.vocab import shapes_checked_phrases
+
             answers, tokens, words = _vocabularies(self.data_seed, cfg.max_tokens)
+            captions = self.loss.caption > 0
             cfg = cfg.replace(vqa_answers=answers if self.loss.vqa > 0 else (),
-                              caption_tokens=tokens if self.loss.caption > 0 else (),
-                              caption_words=words if self.loss.caption > 0 else ())
+                              caption_tokens=tokens if captions else (),
+                              caption_words=words if captions else (),
+                              caption_checked_phrases=shapes_checked_phrases() if captions else ())
         return cfg
 
     def to_dict(self) -> dict[str, Any]:

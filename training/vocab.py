@@ -6,6 +6,8 @@
   (start), [SEP] (end) and [UNK]; the decoder only ever emits these.
 - Caption words: the whole words those pieces spell in the training captions; decoding
   ends a word only where one of these ends (glipv2.captioning.MentionRules).
+- Checked phrases: every colour-shape phrase of the shapes world; a caption names one only
+  where the detector finds it (glipv2.captioning.CheckedRules).
 
 For the on-the-fly shapes world, the annotations of the first `scan` training scenes are
 read (scenes only, no images drawn, about a second for 4,000).
@@ -63,3 +65,9 @@ def shapes_vocabularies(seed: int, tokenizer: Tokenizer,
         captions.extend(caps)
     encoded = [tokenizer.encode(c).ids for c in captions]  # once, for both caption vocabularies
     return answer_vocabulary(answers), caption_vocabulary(encoded, tokenizer), caption_word_list(encoded, tokenizer)
+
+
+def shapes_checked_phrases() -> tuple[str, ...]:
+    """Every "colour shape" phrase of the shapes world, colour by colour:
+    ModelConfig.caption_checked_phrases. Its captions name each object so (glipv2.captioning)."""
+    return tuple(f"{c} {s}" for c in sw.COLOURS for s in sw.SHAPES)

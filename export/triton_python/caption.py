@@ -21,14 +21,18 @@ largest beam still fits one step request. A request with a bad beam size or leng
 gets an error response of its own; a failing graph call fails the requests of that batch.
 
 Inputs per image: images uint8 [3, H, W] (letterboxed), beam_size int32 [1], max_len int32
-[1] (tokens before the end token, at most the model's). Outputs per image: tokens int64 [T]
+[1] (tokens before the end token, at most the model's), and optionally found uint8 [C]: 1
+for each of the model's C checked phrases the detector found on the image (the gateway
+grounds them first); a request with it decodes with glipv2.captioning.CheckedRules, one per
+image, so checked and unchecked requests share a batch. Outputs per image: tokens int64 [T]
 (decoder shortlist indices, -1 after the caption's end: T is the longest of the request),
 num_tokens int32 [1], logprob fp64 [1] (summed, end token included).
 
 Config parameters (rendered from glipv2.runtime.graphs, the names' single source): graphs,
 start_model / start_inputs / start_outputs, step_model / step_inputs / step_outputs
 (comma-separated tensor names in call order), end_index (the end token's shortlist index),
-max_len, intra_op_thread_count (onnxruntime; 0 = its default). Dependencies: numpy,
+max_len, pieces / words (the decode rules), checked_phrases (JSON list, found's order),
+intra_op_thread_count (onnxruntime; 0 = its default). Dependencies: numpy,
 pb_tensors.py, glipv2_captioning.py, and onnxruntime for graphs "onnxruntime".
 """
 
@@ -42,7 +46,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the files rendered next to this one
-from glipv2_captioning import MAX_BEAM, MentionRules, beam_search  # noqa: E402
+from glipv2_captioning import MAX_BEAM, MentionRules, PhraseCheck, beam_search  # noqa: E402
 from glipv2_phrases import ends_on_phrase, repeated_mention  # noqa: E402
 from pb_tensors import as_numpy, error_response, to_tensor  # noqa: E402
 
@@ -136,23 +140,28 @@ class TritonPythonModel:
             # the same decode rules as the embedded backend (glipv2.understanding.CaptionPipeline)
             self.rules = MentionRules(params["pieces"].split(" "), repeated_mention, ends_on_phrase,
                                       params.get("words", "").split())
+            self.check = PhraseCheck(json.loads(params.get("checked_phrases") or "[]"))
         except (KeyError, ValueError) as exc:
             raise pb_utils.TritonModelException(f"{self.name}: bad or missing config parameter: {exc}") from None
         # tensor names in call order, as the config lists them (rendered from glipv2.runtime.graphs)
         self.input_names = [t["name"] for t in config.get("input", [])]
         self.output_names = [t["name"] for t in config.get("output", [])]
-        if len(self.input_names) != 3 or len(self.output_names) != 3:
-            raise pb_utils.TritonModelException(f"{self.name}: expected 3 inputs and 3 outputs in the config")
+        if len(self.input_names) != 4 or len(self.output_names) != 3:
+            raise pb_utils.TritonModelException(f"{self.name}: expected 4 inputs and 3 outputs in the config")
 
-    def _read(self, request) -> tuple[np.ndarray, list[int], list[int]]:
-        """(images, beam size per image, token limit per image) of one request."""
+    def _read(self, request) -> tuple[np.ndarray, list[int], list[int], list]:
+        """(images, beam size per image, token limit per image, decode rules per image) of
+        one request."""
         arrays = []
-        for name in self.input_names:  # images, beam_size, max_len
+        for name in self.input_names:  # images, beam_size, max_len, found (optional, last)
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
+                if name == self.input_names[-1]:
+                    arrays.append(None)
+                    continue
                 raise RequestError(f"{self.name}: missing input {name!r}")
             arrays.append(as_numpy(tensor))
-        images, beam_size, max_len = arrays
+        images, beam_size, max_len, found = arrays
         if images.ndim != 4 or images.dtype != np.uint8 or not images.shape[0]:
             raise RequestError(f"{self.name}: images must be uint8 [batch, 3, H, W], got "
                                f"{images.dtype} {list(images.shape)}")
@@ -165,28 +174,35 @@ class TritonPythonModel:
             raise RequestError(f"{self.name}: beam_size must be in 1..{MAX_BEAM}, got {beams}")
         if not all(1 <= n <= self.max_len for n in limits):
             raise RequestError(f"{self.name}: max_len must be in 1..{self.max_len}, got {limits}")
-        return images, beams, limits
+        if found is None:
+            return images, beams, limits, [self.rules] * b
+        if not len(self.check):
+            raise RequestError(f"{self.name}: this model has no checked phrases; leave out {self.input_names[-1]!r}")
+        if found.shape != (b, len(self.check)) or not np.isin(found, (0, 1)).all():
+            raise RequestError(f"{self.name}: {self.input_names[-1]} must be 0 or 1 for each of the "
+                               f"{len(self.check)} checked phrases of each image, got shape {list(found.shape)}")
+        return images, beams, limits, self.check.rules_per_image(self.rules, found)
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        rows = []  # (request index, row in request, image, beam, limit) of every valid image
+        rows = []  # (request index, row in request, image, beam, limit, rules) of every valid image
         for i, request in enumerate(requests):
             try:
-                images, beams, limits = self._read(request)
+                images, beams, limits, rules = self._read(request)
             except RequestError as exc:
                 responses[i] = error_response(str(exc))
                 continue
             except Exception as exc:  # noqa: BLE001 - a bad request must not fail the others
                 responses[i] = error_response(f"{self.name}: cannot read request: {exc}")
                 continue
-            rows += [(i, j, images[j], beams[j], limits[j]) for j in range(images.shape[0])]
+            rows += [(i, j, images[j], beams[j], limits[j], rules[j]) for j in range(images.shape[0])]
         results: dict[tuple[int, int], object] = {}
         failed: dict[int, str] = {}
         for beam in sorted({r[3] for r in rows}):  # one lockstep decode per beam size
             group = [r for r in rows if r[3] == beam]
             try:
                 hyps = beam_search(self.engine, np.ascontiguousarray(np.stack([r[2] for r in group])),
-                                   self.end_index, beam, [r[4] for r in group], rules=self.rules)
+                                   self.end_index, beam, [r[4] for r in group], rules=[r[5] for r in group])
             except Exception as exc:  # noqa: BLE001 - becomes the error of this group's requests
                 for r in group:
                     failed.setdefault(r[0], f"{self.name}: decoding failed: {exc}")

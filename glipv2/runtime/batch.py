@@ -11,7 +11,9 @@ the longest, with the attention mask zero on padding, and runs the detector once
 image is postprocessed with its own prompt's positive map and its own thresholds.
 Questions share the cache and the padding and run the vqa graph once per batch; captions
 are decoded by glipv2.captioning's beam search over the caption_start / caption_step
-graphs, one lockstep decode per batch (per beam size).
+graphs, one lockstep decode per batch (per beam size). Checked captions first ground the
+model's checked phrases on the batch's images (one detector call per prompt of them), and
+the decode names only the phrases found (glipv2.captioning.CheckedRules).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import numpy as np
 from glipv2.boxes import Letterbox
 from glipv2.captioning import CaptionEngine, CaptionLoop, Hypothesis
 from glipv2.postprocess import Detections, PostprocessConfig, postprocess
-from glipv2.text import DEFAULT_BUCKETS, TokenizedPrompt, Tokenizer, bucket_length, tokenize
+from glipv2.text import (DEFAULT_BUCKETS, PromptTooLongError, TokenizedPrompt, Tokenizer, bucket_length, build_prompt,
+                         tokenize)
 from glipv2.understanding import Answer, Caption, CaptionPipeline, caption_prompt, grounded_phrases, rank_answers
 
 
@@ -108,6 +111,31 @@ class CaptionBatchItem:
     # maps their boxes back to the original image.
     ground: PostprocessConfig | None = None
     letterbox: Letterbox | None = None
+    # Checked captions: the model's checked phrases are grounded on the image first, with
+    # these settings (score_threshold: the model's caption_check_threshold); the caption
+    # names only those with a detection. None: no check.
+    check: PostprocessConfig | None = None
+
+
+# Training prompts hold an image's objects and about as many absent phrases (6 to 20
+# phrases); the check grounds its phrases in prompts of at most this many so that they
+# look like those. Measured on the demo model with 18 (README, "Detector-checked captions").
+CHECK_PROMPT_PHRASES = 18
+
+
+def check_prompts(tokenizer: Tokenizer, phrases: Sequence[str],
+                  most: int = CHECK_PROMPT_PHRASES) -> list[tuple[list[int], TokenizedPrompt]]:
+    """The checked phrases as the fewest prompts of at most `most` phrases (and the
+    tokenizer's token limit), split evenly and in order: (phrase indices, prompt) each."""
+    n = len(phrases)
+    for count in range(-(-n // most), n + 1) if n else ():
+        size = -(-n // count)
+        chunks = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        try:
+            return [(c, tokenize(tokenizer, build_prompt([phrases[i] for i in c]))) for c in chunks]
+        except PromptTooLongError:
+            continue
+    return []
 
 
 class FeatureCache:
@@ -158,9 +186,10 @@ class _CountedLoop:
     def __init__(self, runner: "BatchRunner") -> None:
         self.runner = runner
 
-    def decode(self, images: np.ndarray, beam_size: int, max_len: Sequence[int]) -> list[Hypothesis]:
+    def decode(self, images: np.ndarray, beam_size: int, max_len: Sequence[int],
+               found: np.ndarray | None = None) -> list[Hypothesis]:
         self.runner.caption_steps += 1
-        return self.runner.engine.captioner.decode(images, beam_size, max_len)
+        return self.runner.engine.captioner.decode(images, beam_size, max_len, found)
 
 
 class BatchRunner:
@@ -170,8 +199,10 @@ class BatchRunner:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, image_hw: tuple[int, int],
                  buckets: Sequence[int] | None = DEFAULT_BUCKETS, answers: Sequence[str] | None = None,
                  caption_tokens: Sequence[int] | None = None, caption_max_len: int = 0, caption_end_id: int = 0,
-                 caption_words: Sequence[str] = (), cache_size: int = 0, cache_bytes: int = 64 * 1024 * 1024) -> None:
-        """caption_max_len: the most tokens a caption may have (positions minus the start)."""
+                 caption_words: Sequence[str] = (), caption_checked_phrases: Sequence[str] = (), cache_size: int = 0,
+                 cache_bytes: int = 64 * 1024 * 1024) -> None:
+        """caption_max_len: the most tokens a caption may have (positions minus the start);
+        caption_checked_phrases: ModelConfig.caption_checked_phrases (see CaptionBatchItem.check)."""
         self.engine = as_engine(engine)
         self.tokenizer = tokenizer
         self.image_hw = tuple(image_hw)
@@ -188,7 +219,11 @@ class BatchRunner:
         loop = hasattr(getattr(self.engine, "captioner", None), "decode")
         self.captioner = CaptionPipeline(_CountedLoop(self) if loop else self, self.image_hw, caption_tokens,
                                          self.caption_max_len + 1, caption_end_id, tokenizer,
-                                         caption_words) if caption_tokens else None
+                                         caption_words, caption_checked_phrases) if caption_tokens else None
+        phrases = list(caption_checked_phrases) if self.captioner is not None else []
+        self.check_prompts = check_prompts(tokenizer, phrases)
+        if phrases and not self.check_prompts:
+            raise ValueError("a checked caption phrase does not fit the tokenizer's token limit alone")
 
     # prompts -------------------------------------------------------------------
     def features(self, input_ids: np.ndarray) -> np.ndarray:
@@ -263,13 +298,35 @@ class BatchRunner:
         groups: dict[int, list[int]] = defaultdict(list)
         for i, it in enumerate(items):
             groups[it.beam_size].append(i)
+        found = self._found_phrases(items)
         out: list[Caption | None] = [None] * len(items)
         for beam, idx in groups.items():
             pixels = self._stack([items[i].pixels for i in idx])
-            for i, caption in zip(idx, self.captioner.caption_pixels(pixels, beam, [items[i].max_len for i in idx])):
+            captions = self.captioner.caption_pixels(pixels, beam, [items[i].max_len for i in idx],
+                                                     None if found is None else found[idx])
+            for i, caption in zip(idx, captions):
+                caption.checked = found is not None and items[i].check is not None
                 out[i] = caption
         self._ground_captions(items, out)
         return out
+
+    def _found_phrases(self, items: Sequence[CaptionBatchItem]) -> np.ndarray | None:
+        """bool [len(items), checked phrases]: which of them the detector finds on each
+        checked item's image (one detector call per check prompt, the checked items as its
+        batch); every phrase counts as found for an unchecked item. None when no item is
+        checked or the model has no checked phrases."""
+        checked = [i for i, it in enumerate(items) if it.check is not None]
+        if not checked or not self.check_prompts:
+            return None
+        found = np.ones((len(items), len(self.captioner.check)), dtype=bool)
+        found[checked] = False
+        model_input = Letterbox(1.0, self.image_hw, self.image_hw)  # for an item without one: only scores are read
+        for phrase_idx, prompt in self.check_prompts:
+            dets = self.run_batch([BatchItem(items[i].pixels, items[i].letterbox or model_input, prompt, items[i].check)
+                                   for i in checked])
+            for i, det in zip(checked, dets):
+                found[i, [phrase_idx[int(p)] for p in det.phrase_ids]] = True
+        return found
 
     def _ground_captions(self, items: Sequence[CaptionBatchItem], captions: list[Caption]) -> None:
         """Grounded items: their captions' noun phrases as one prompt each, through the

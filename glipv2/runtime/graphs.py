@@ -37,9 +37,10 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     VQA: (("images", "token_features", "attention_mask"), ("answer_logits",)),
     CAPTION_START: (("images",), ("logprobs", "present_k", "present_v", "cross_k", "cross_v")),
     CAPTION_STEP: (("tokens", "past_k", "past_v", "cross_k", "cross_v"), ("logprobs", "present_k", "present_v")),
-    # per image: beam size and token limit in; the best hypothesis out (shortlist indices
-    # padded with -1 to the longest of the request, its length, its summed log-probability)
-    CAPTION: (("images", "beam_size", "max_len"), ("tokens", "num_tokens", "logprob")),
+    # per image: beam size and token limit in, and (optional) which of the model's checked
+    # phrases the detector found on it; the best hypothesis out (shortlist indices padded
+    # with -1 to the longest of the request, its length, its summed log-probability)
+    CAPTION: (("images", "beam_size", "max_len", "found"), ("tokens", "num_tokens", "logprob")),
 }
 
 # name -> (dtype as in Triton, dims without the batch axis; -1 = the graph's dynamic axis)
@@ -64,13 +65,17 @@ class GraphSpec:
     dynamic_range: tuple[int, int, int]  # min, typical, max of that axis (TensorRT profiles)
     ragged: bool  # requests with different lengths may share a batch (zero padding is masked)
     batch_multiplier: int = 1  # batch limit = max_batch_size x this (caption steps carry every beam)
+    optional: tuple[str, ...] = ()  # inputs a request may leave out (always the last ones)
 
 
 def _spec(name: str, types: list[tuple[str, list[int]]], out_types: list[tuple[str, list[int]]], dynamic: str,
-          dynamic_range: tuple[int, int, int], ragged: bool, batch_multiplier: int = 1) -> GraphSpec:
+          dynamic_range: tuple[int, int, int], ragged: bool, batch_multiplier: int = 1,
+          optional: tuple[str, ...] = ()) -> GraphSpec:
     ins, outs = GRAPH_IO[name]
+    if tuple(ins[len(ins) - len(optional):]) != tuple(optional):
+        raise ValueError(f"{name}: optional inputs must be the last ones")
     return GraphSpec(name, dict(zip(ins, types, strict=True)), dict(zip(outs, out_types, strict=True)), dynamic,
-                     dynamic_range, ragged, batch_multiplier)
+                     dynamic_range, ragged, batch_multiplier, optional)
 
 
 def graph_specs(cfg: ModelConfig, top_k: int) -> dict[str, GraphSpec]:
@@ -107,13 +112,17 @@ def graph_specs(cfg: ModelConfig, top_k: int) -> dict[str, GraphSpec]:
 
 def caption_loop_spec(cfg: ModelConfig) -> GraphSpec | None:
     """The `caption` loop model's signature (None for a model without a caption decoder).
-    Its batch is images (max_batch_size, like caption_start); tokens is ragged per request."""
+    Its batch is images (max_batch_size, like caption_start); tokens is ragged per request.
+    found (uint8 0/1, one per checked phrase of the model: uint8 crosses the python
+    backend's boundary as the images do) is optional: a request without it decodes
+    unchecked."""
     if not cfg.caption_tokens:
         return None
     h, w = cfg.image_hw
-    return _spec(CAPTION, [("TYPE_UINT8", [3, h, w]), ("TYPE_INT32", [1]), ("TYPE_INT32", [1])],
+    found = ("TYPE_UINT8", [max(1, len(cfg.caption_checked_phrases))])  # Triton dims are positive
+    return _spec(CAPTION, [("TYPE_UINT8", [3, h, w]), ("TYPE_INT32", [1]), ("TYPE_INT32", [1]), found],
                  [("TYPE_INT64", [-1]), ("TYPE_INT32", [1]), ("TYPE_FP64", [1])], "steps",
-                 (1, 16, cfg.caption_max_len - 1), ragged=False)
+                 (1, 16, cfg.caption_max_len - 1), ragged=False, optional=("found",))
 
 
 def opt_batch(max_batch_size: int) -> int:

@@ -12,6 +12,8 @@ when the layout of the file does (a reader refuses other versions and says to re
         official probability rule) are written, for models converted from official GLIP;
         caption.decoder (optional: absent or null in a repository without it) names the
         Triton model that runs the whole caption decode loop
+        (later, optional keys of /2: caption.words, caption.checked_phrases and
+        caption.check_threshold; a reader defaults them to no word rule and no check)
 """
 
 from __future__ import annotations
@@ -191,6 +193,10 @@ class CaptionSpec:
     # None in a repository rendered before it existed: clients then drive caption_start/step
     decoder: str | None = None
     words: tuple[str, ...] = ()  # ModelConfig.caption_words: the whole words captions may use (empty: any)
+    # ModelConfig.caption_checked_phrases / caption_check_threshold: a caption names one of
+    # these phrases only where the detector scores it at least check_threshold (empty: no check)
+    checked_phrases: tuple[str, ...] = ()
+    check_threshold: float = 0.4
 
     @property
     def max_positions(self) -> int:
@@ -238,6 +244,14 @@ class Manifest:
             changes["max_detections"] = int(max_detections)
         return replace(self.postprocess, **changes)
 
+    def caption_check(self) -> PostprocessConfig | None:
+        """The settings that ground the model's checked caption phrases (a phrase is found
+        where it has a detection: the score threshold is the model's check threshold);
+        None when the model checks no phrases."""
+        if self.caption is None or not self.caption.checked_phrases:
+            return None
+        return self.postprocess_with(self.caption.check_threshold)
+
     # ------------------------------------------------------------------ (de)serialise
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
@@ -258,15 +272,22 @@ class Manifest:
             raise ManifestError(f"manifest.postprocess: {exc}") from None
         caption = d.get("caption")
         if caption is not None:
-            _require(caption, "manifest.caption", ("tokens", "start_id", "end_id", "max_len"), ("decoder", "words"))
+            _require(caption, "manifest.caption", ("tokens", "start_id", "end_id", "max_len"),
+                     ("decoder", "words", "checked_phrases", "check_threshold"))
             decoder = caption.get("decoder")
-            words = caption.get("words") or []
-            if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
-                raise ManifestError("manifest.caption.words must be a list of non-empty strings")
+            words, checked = caption.get("words") or [], caption.get("checked_phrases") or []
+            for key, value in (("words", words), ("checked_phrases", checked)):
+                if not isinstance(value, list) or not all(isinstance(w, str) and w.strip() for w in value):
+                    raise ManifestError(f"manifest.caption.{key} must be a list of non-empty strings")
+            threshold = _float(caption.get("check_threshold", CaptionSpec.check_threshold),
+                               "manifest.caption.check_threshold")
+            if not 0 < threshold < 1:
+                raise ManifestError(f"manifest.caption.check_threshold must be in (0, 1), got {threshold!r}")
             caption = CaptionSpec(_ints(caption["tokens"], "manifest.caption.tokens"),
                                   *(_int(caption[k], f"manifest.caption.{k}", 0) for k in ("start_id", "end_id")),
                                   _int(caption["max_len"], "manifest.caption.max_len", 1),
-                                  None if decoder is None else _str(decoder, "manifest.caption.decoder"), tuple(words))
+                                  None if decoder is None else _str(decoder, "manifest.caption.decoder"), tuple(words),
+                                  tuple(checked), threshold)
         answers = d.get("answer_vocabulary")
         if answers is not None and (not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
             raise ManifestError("manifest.answer_vocabulary must be a list of strings or null")

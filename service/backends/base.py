@@ -70,7 +70,8 @@ class EngineBackend(BatchRunner):
                          caption_tokens=caption.tokens if caption else None,
                          caption_max_len=caption.max_len if caption else 0,
                          caption_end_id=caption.end_id if caption else 0,
-                         caption_words=caption.words if caption else (), cache_size=cache_size,
+                         caption_words=caption.words if caption else (),
+                         caption_checked_phrases=caption.checked_phrases if caption else (), cache_size=cache_size,
                          cache_bytes=cache_bytes)
 
     @property

@@ -204,8 +204,10 @@ class TritonEngine:
             raise ConnectionError("; ".join(errors))
 
     def _infer(self, model: str, *arrays: np.ndarray) -> list[np.ndarray]:
+        """arrays: the model's inputs in order; optional last ones may be left out."""
         p = self._active or self._select()
-        return p.infer(model, dict(zip(inputs_of(model), arrays, strict=True)), list(outputs_of(model)))
+        names = inputs_of(model)[:len(arrays)]
+        return p.infer(model, dict(zip(names, arrays, strict=True)), list(outputs_of(model)))
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self._infer(TEXT_ENCODER, input_ids, attention_mask)[0]
@@ -248,11 +250,12 @@ class _TritonCaptionLoop:
     def __init__(self, engine: TritonEngine) -> None:
         self.engine = engine
 
-    def decode(self, images: np.ndarray, beam_size: int, max_len) -> list[Hypothesis]:
+    def decode(self, images: np.ndarray, beam_size: int, max_len, found: np.ndarray | None = None) -> list[Hypothesis]:
         b = images.shape[0]
         beams = np.full((b, 1), beam_size, dtype=np.int32)
         limits = np.asarray(max_len, dtype=np.int32).reshape(b, 1)
-        tokens, lengths, logprobs = self.engine._infer(CAPTION, images, beams, limits)
+        checked = () if found is None else (np.asarray(found, dtype=np.uint8).reshape(b, -1),)
+        tokens, lengths, logprobs = self.engine._infer(CAPTION, images, beams, limits, *checked)
         return [Hypothesis([int(t) for t in tokens[i, :int(lengths[i, 0])]], float(logprobs[i, 0])) for i in range(b)]
 
 

@@ -20,6 +20,8 @@ async def models(backend: BackendDep) -> ModelsResponse:
         providers=getattr(backend, "providers", None), image_hw=m["image"]["hw"], max_tokens=m["max_tokens"],
         token_buckets=m["token_buckets"], top_k=m["top_k"], postprocess=m["postprocess"],
         tasks=backend.tasks, answer_vocabulary=m["answer_vocabulary"],
+        caption={k: m["caption"][k] for k in ("max_len", "words", "checked_phrases", "check_threshold")}
+        if m["caption"] else None,
         models=[ModelInfo(name=name, inputs=spec["inputs"], outputs=spec["outputs"])
                 for name, spec in m["models"].items()],
     )

@@ -20,8 +20,9 @@ from service.deps import BackendDep, CaptionBatcherDep, LoaderDep, SettingsDep, 
 from service.errors import InvalidInput
 from service.routes.inputs import (ImageLoader, Source, check_image_count, error_responses, read_upload, source_of,
                                    timings, within_deadline)
-from service.schemas import (MAX_QUESTION_CHARS, MAX_TOP_ANSWERS, CaptionPhrase, CaptionRequest, CaptionResponse,
-                             CaptionResult, ScoredAnswer, ScoredBox, VQA_SCOPE, VqaRequest, VqaResponse, VqaResult)
+from service.schemas import (CHECKED, MAX_QUESTION_CHARS, MAX_TOP_ANSWERS, CaptionPhrase, CaptionRequest,
+                             CaptionResponse, CaptionResult, ScoredAnswer, ScoredBox, VQA_SCOPE, VqaRequest,
+                             VqaResponse, VqaResult)
 
 router = APIRouter(prefix="/v1", tags=["understanding"], dependencies=[Depends(require_api_key)])
 
@@ -63,7 +64,7 @@ def caption_phrases(phrases: list[GroundedPhrase] | None) -> list[CaptionPhrase]
 
 
 async def _caption(settings, backend, batcher: MicroBatcher, loader: ImageLoader, images: list[Source],
-                   max_len: int | None, beam_size: int, grounded: bool = False) -> CaptionResponse:
+                   max_len: int | None, beam_size: int, grounded: bool = False, checked: bool = True) -> CaptionResponse:
     started = time.perf_counter()
     check_image_count(settings, len(images))
     length = _max_len(backend, max_len)
@@ -71,12 +72,14 @@ async def _caption(settings, backend, batcher: MicroBatcher, loader: ImageLoader
     # Grounding: the detector on the same image, through the caption batcher (one detector
     # call for the batch's grounded captions), every candidate above GLIP's evaluation floor.
     ground = backend.manifest.postprocess_with(GROUNDING_SCORE_FLOOR) if grounded else None
-    items = [CaptionBatchItem(im.pixels, beam_size, length, ground, im.letterbox) for im in loaded]
+    # Checked captions: the model's checked phrases grounded first, in the same batch call.
+    check = backend.manifest.caption_check() if checked else None
+    items = [CaptionBatchItem(im.pixels, beam_size, length, ground, im.letterbox, check) for im in loaded]
     decoded = time.perf_counter()
     timed = await batcher.submit_many(items)
     results = [CaptionResult(width=im.size[0], height=im.size[1], caption=t.value.text,
                              logprob=round(t.value.logprob, 4), num_tokens=t.value.num_tokens,
-                             phrases=caption_phrases(t.value.phrases))
+                             phrases=caption_phrases(t.value.phrases), checked=t.value.checked)
                for im, t in zip(loaded, timed)]
     return CaptionResponse(model=backend.manifest.preset, results=results,
                            timings=timings(started, decoded, time.perf_counter(), timed))
@@ -109,7 +112,7 @@ async def caption(req: CaptionRequest, settings: SettingsDep, backend: BackendDe
                   batcher: CaptionBatcherDep, loader: LoaderDep) -> CaptionResponse:
     return await within_deadline(settings, _caption(settings, backend, batcher, loader,
                                                     [source_of(it) for it in req.images], req.max_len, req.beam_size,
-                                                    req.grounded))
+                                                    req.grounded, req.checked))
 
 
 @router.post("/caption/upload", response_model=CaptionResponse,
@@ -121,6 +124,7 @@ async def caption_upload(
     max_len: Annotated[int | None, Form(ge=1, le=255)] = None,
     beam_size: Annotated[int, Form(ge=1, le=MAX_BEAM)] = DEFAULT_BEAM,
     grounded: Annotated[bool, Form(description="also return each object phrase with its box and score")] = False,
+    checked: Annotated[bool, Form(description=CHECKED)] = True,
 ) -> CaptionResponse:
     return await within_deadline(settings, _caption(settings, backend, batcher, loader, [await read_upload(image)],
-                                                    max_len, beam_size, grounded))
+                                                    max_len, beam_size, grounded, checked))
