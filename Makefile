@@ -117,6 +117,7 @@ bench: setup repository triton-server
 	$(PY) -m bench.export_latency --checkpoint $(CHECKPOINT) $(BENCH_FLAGS)
 	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 1 --backends embedded,triton,triton-steps $(BENCH_FLAGS)
 	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 1,3 --backends embedded,triton $(BENCH_FLAGS)
+	$(PY) -m bench.caption_throughput --repository $(REPOSITORY) --beam-size 3 --checked off,on --backends embedded,triton $(BENCH_FLAGS)
 	$(PY) -m bench.gateway --repository $(REPOSITORY) $(BENCH_FLAGS)
 	$(PY) -m bench.official_latency $(BENCH_FLAGS)
 

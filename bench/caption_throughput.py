@@ -16,10 +16,12 @@ For each backend:
 - batched: run_caption_batch on batches of --batch images (what the micro-batcher forms
   under concurrent load: every row decodes in lockstep, finished rows leave the batch).
 `--beam-size 1,3` measures beam sizes side by side the same way (the API decodes with beam
-3 unless asked otherwise). All of them alternate --rounds times (so machine noise hits
+3 unless asked otherwise), and `--checked off,on` captions without and with the detector
+check of the model's checked phrases (the API checks unless asked not to: one detector
+call per 18 checked phrases per batch before decoding). All of them alternate --rounds times (so machine noise hits
 each alike); medians, images/s, the batched/sequential ratio, each backend's batched
 throughput over the first one's and each beam's over the first beam's are printed, and one
-row per backend and beam size is appended to runs/bench/caption_throughput.jsonl (the
+row per backend, beam size and check is appended to runs/bench/caption_throughput.jsonl (the
 committed bench/results/ with --record; see bench/output.py).
 """
 
@@ -64,6 +66,13 @@ def _beams(value: str) -> list[int]:
     return beams
 
 
+def _checked(value: str) -> list[bool]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names or not set(names) <= {"off", "on"} or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError("off, on, or both side by side: off,on")
+    return [n == "on" for n in names]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.caption_throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--beam-size", type=_beams, default=[1], help="beam size, or several side by side: 1,3")
+    p.add_argument("--checked", type=_checked, default=[False],
+                   help="decode without (off) or with (on) the detector check, or both side by side: off,on")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads of the embedded backend")
     p.add_argument("--backends", type=_backends, default=["embedded"],
@@ -110,57 +121,68 @@ def _run(args: argparse.Namespace, backends: dict) -> int:
     rng = np.random.default_rng(2026)
     images = [letterbox(sw.render(scene, rng), first.image_hw)[0] for scene in
               (sw.sample_scene(rng) for _ in range(args.images))]
+    check = first.manifest.caption_check()
+    if any(args.checked) and check is None:
+        print(f"error: {args.repository}'s model has no checked caption phrases (--checked on)", file=sys.stderr)
+        return 2
     # the served default length limit: the model's (glipv2.understanding.CaptionPipeline)
-    items = {beam: [CaptionBatchItem(px, beam, first.caption_max_len) for px in images] for beam in args.beam_size}
+    variants = [(beam, checked) for beam in args.beam_size for checked in args.checked]
+    items = {(beam, checked): [CaptionBatchItem(px, beam, first.caption_max_len, check=check if checked else None)
+                               for px in images] for beam, checked in variants}
 
-    def sequential(backend, beam: int) -> list[str]:
-        return [backend.run_caption_batch([it])[0].text for it in items[beam]]
+    def sequential(backend, variant: tuple[int, bool]) -> list[str]:
+        return [backend.run_caption_batch([it])[0].text for it in items[variant]]
 
-    def batched(backend, beam: int) -> list[str]:
+    def batched(backend, variant: tuple[int, bool]) -> list[str]:
         return [c.text for i in range(0, args.images, args.batch)
-                for c in backend.run_caption_batch(items[beam][i:i + args.batch])]
+                for c in backend.run_caption_batch(items[variant][i:i + args.batch])]
 
-    for beam in args.beam_size:
+    for variant in variants:
         reference = None
         for name, backend in backends.items():  # also warms every path up
-            captions = sequential(backend, beam)
-            assert captions == batched(backend, beam), f"{name}: batched decoding changed a caption (beam {beam})"
+            captions = sequential(backend, variant)
+            assert captions == batched(backend, variant), f"{name}: batched decoding changed a caption {variant}"
             assert reference is None or captions == reference, \
-                f"{name} gives other captions than {args.backends[0]} (beam {beam})"
+                f"{name} gives other captions than {args.backends[0]} (beam, checked: {variant})"
             reference = captions
-    times: dict[tuple[str, int, str], list[float]] = {}
+    times: dict[tuple[str, tuple[int, bool], str], list[float]] = {}
     for _ in range(args.rounds):
-        for beam in args.beam_size:
+        for variant in variants:
             for name, backend in backends.items():
                 for mode, fn in (("sequential", sequential), ("batched", batched)):
                     t = time.perf_counter()
-                    fn(backend, beam)
-                    times.setdefault((name, beam, mode), []).append(time.perf_counter() - t)
+                    fn(backend, variant)
+                    times.setdefault((name, variant, mode), []).append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load = os.getloadavg()[0]
-    first_backend, first_beam = args.backends[0], args.beam_size[0]
+    first_backend, first_beam, first_check = args.backends[0], args.beam_size[0], args.checked[0]
+    check_name = {False: "unchecked", True: "checked"}
     rows = []
-    for beam in args.beam_size:
+    for beam, checked in variants:
         for name in backends:
-            seq, bat = med[(name, beam, "sequential")], med[(name, beam, "batched")]
+            v = (beam, checked)
+            seq, bat = med[(name, v, "sequential")], med[(name, v, "batched")]
             row = {
                 "when": when, "machine": platform.machine(), "device": "cpu", "backend": name,
                 "threads": args.threads, "repository": str(args.repository), "images": args.images,
-                "batch": args.batch, "beam_size": beam, "max_len": first.caption_max_len,
+                "batch": args.batch, "beam_size": beam, "checked": checked, "max_len": first.caption_max_len,
                 "load_average_1m": round(load, 2), "sequential_s": seq, "batched_s": bat,
                 "sequential_images_per_s": args.images / seq, "batched_images_per_s": args.images / bat,
                 "speedup_batched_over_sequential": seq / bat,
-                f"batched_over_{first_backend}": med[(first_backend, beam, "batched")] / bat,
-                f"batched_over_beam_{first_beam}": med[(name, first_beam, "batched")] / bat,
+                f"batched_over_{first_backend}": med[(first_backend, v, "batched")] / bat,
+                f"batched_over_beam_{first_beam}": med[(name, (first_beam, checked), "batched")] / bat,
+                f"batched_over_{check_name[first_check]}": med[(name, (beam, first_check), "batched")] / bat,
             }
             rows.append(row)
-            print(f"captions of {args.images} images, {name}, beam {beam}: sequential "
+            print(f"captions of {args.images} images, {name}, beam {beam}, {check_name[checked]}: sequential "
                   f"{row['sequential_images_per_s']:.1f} img/s, batch {args.batch} {row['batched_images_per_s']:.1f} "
                   f"img/s ({row['speedup_batched_over_sequential']:.2f}x)"
                   + (f"; {row[f'batched_over_{first_backend}']:.2f}x {first_backend}" if len(backends) > 1 else "")
                   + (f"; {row[f'batched_over_beam_{first_beam}']:.2f}x beam {first_beam}"
-                     if len(args.beam_size) > 1 else ""))
+                     if len(args.beam_size) > 1 else "")
+                  + (f"; {row[f'batched_over_{check_name[first_check]}']:.2f}x {check_name[first_check]}"
+                     if len(args.checked) > 1 else ""))
     print(f"(load average {load:.2f} over the last minute)")
     if not args.no_save:
         append_records("caption_throughput.jsonl", rows, args.record)

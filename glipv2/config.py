@@ -15,11 +15,12 @@ from typing import Any
 MAX_TOKENS = 256
 # How a phrase's probability comes from its tokens' (glipv2.postprocess.phrase_probabilities).
 TOKEN_AGGREGATIONS = ("mean", "geometric")
+PHRASE_TOKENS = ("all", "head")  # see glipv2.postprocess.PostprocessConfig
 # ModelConfig fields that only serving reads (how detections are scored from the same
 # outputs, which words a caption may use, which phrases it checks): the weights do not
 # depend on them, so a release may change them (training.release) and a run may start from
 # weights that had others (glipv2.checkpoint.init_weights).
-SERVING_FIELDS = ("threshold_on", "token_aggregation", "caption_words", "caption_checked_phrases",
+SERVING_FIELDS = ("threshold_on", "token_aggregation", "phrase_tokens", "caption_words", "caption_checked_phrases",
                   "caption_check_threshold")
 
 
@@ -65,6 +66,7 @@ class ModelConfig:
     pad_with_mean: bool = False
     threshold_on: str = "score"  # see glipv2.postprocess.PostprocessConfig
     token_aggregation: str = "mean"  # a phrase's probability from its tokens': see PostprocessConfig
+    phrase_tokens: str = "all"  # which of a phrase's tokens score it: see PostprocessConfig
     fusion_norm_residual: bool = False  # GLIP adds the fusion update to the normed input
     # Grounding reads each cell's mean colour and position (added to the FPN maps before
     # fusion) and each anchor's colour and predicted box (added to its region embedding):
@@ -133,6 +135,7 @@ class ModelConfig:
         need(self.tower in ("conv", "dyhead"), "tower", "must be 'conv' or 'dyhead'")
         need(self.threshold_on in ("score", "probability"), "threshold_on", "must be 'score' or 'probability'")
         need(self.token_aggregation in TOKEN_AGGREGATIONS, "token_aggregation", f"must be one of {TOKEN_AGGREGATIONS}")
+        need(self.phrase_tokens in PHRASE_TOKENS, "phrase_tokens", f"must be one of {PHRASE_TOKENS}")
         need(self.resize_max_side >= 0, "resize_max_side", "must be >= 0")
         need(len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean", "mean and std need 3 values")
         need(len(set(self.vqa_answers)) == len(self.vqa_answers), "vqa_answers", "must be distinct")
@@ -248,6 +251,7 @@ PRESETS: dict[str, ModelConfig] = {
         proj_dim=64,
         grounding_appearance=True,
         token_aggregation="geometric",
+        phrase_tokens="head",
         vqa_extremes=True,
         vqa_count_thresholds=(0.15, 0.2, 0.3),
     ),

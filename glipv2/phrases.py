@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["noun_phrases", "phrases_of", "mention_count", "repeated_mention", "ends_on_phrase"]
+__all__ = ["noun_phrases", "phrases_of", "head_phrase", "mention_count", "repeated_mention", "ends_on_phrase"]
 
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['\u2019-][A-Za-z0-9]+)*")
 
@@ -141,6 +141,22 @@ def noun_phrases(caption: str) -> list[tuple[int, int]]:
 def phrases_of(caption: str) -> list[str]:
     """The text of noun_phrases(caption)."""
     return [caption[s:e] for s, e in noun_phrases(caption)]
+
+
+def head_phrase(phrase: str) -> tuple[int, int] | None:
+    """The span of the noun phrase a referring expression is about, when the phrase relates
+    it to others: "the yellow circle above the green star" -> "yellow circle", "man riding a
+    horse" -> "man" (its first noun phrase, as MDETR's referring-expression annotations mark
+    the root noun phrase, which GLIP trains and evaluates on). None when the phrase has one
+    noun phrase, or lists several ("red circle and blue star", "cats, dogs"): all of it is
+    then the object."""
+    spans = noun_phrases(phrase)
+    if len(spans) < 2:
+        return None
+    gap = phrase[spans[0][1]:spans[1][0]]
+    if "," in gap or any(w.lower() in CONJUNCTIONS for w in _WORD.findall(gap)):
+        return None
+    return spans[0]
 
 
 # Determiners that introduce a second object of a kind already named ("a red square left

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from glipv2.boxes import Letterbox, batched_nms
-from glipv2.config import TOKEN_AGGREGATIONS, ModelConfig
+from glipv2.config import PHRASE_TOKENS, TOKEN_AGGREGATIONS, ModelConfig
 from glipv2.text import normalize_positive_map
 
 __all__ = ["PostprocessConfig", "Detections", "phrase_scores", "postprocess", "postprocess_batch",
@@ -46,7 +46,15 @@ class PostprocessConfig:
     token_aggregation: how a phrase's probability comes from its tokens' sigmoids (see
     phrase_probabilities): "mean" is GLIP's SCORE_AGG "MEAN"; "geometric" is their
     geometric mean, a soft AND. Each model's choice is in its config (ModelConfig), and
-    `for_model` reads it."""
+    `for_model` reads it.
+
+    phrase_tokens: which of a phrase's tokens it is scored by (its positive map, built when
+    the prompt is tokenized: glipv2.text.tokenize). "all": every token of its spans (GLIP's
+    detection prompts); "head": for a phrase that relates its object to others ("the yellow
+    circle above the green star"), the tokens of the noun phrase it is about
+    (glipv2.phrases.head_phrase), as MDETR's referring-expression annotations mark it; the
+    rest of the phrase is still in the prompt, read by the fusion layers. Scored by all its
+    tokens, such a phrase also scores the other objects it names (the green star)."""
 
     score_threshold: float = 0.05
     pre_nms_topk: int = 1000
@@ -54,13 +62,14 @@ class PostprocessConfig:
     max_detections: int = 100
     threshold_on: str = "score"
     token_aggregation: str = "mean"
+    phrase_tokens: str = "all"
 
     @classmethod
     def for_model(cls, model_cfg: ModelConfig, **overrides: Any) -> "PostprocessConfig":
         """The settings a model was made for (its ModelConfig's threshold_on and
         token_aggregation), with `overrides` on top."""
         return cls(**{"threshold_on": model_cfg.threshold_on, "token_aggregation": model_cfg.token_aggregation,
-                      **overrides})
+                      "phrase_tokens": model_cfg.phrase_tokens, **overrides})
 
     def __post_init__(self) -> None:
         for name in ("score_threshold", "nms_iou"):
@@ -75,6 +84,8 @@ class PostprocessConfig:
             raise ValueError(f"threshold_on must be 'score' or 'probability', got {self.threshold_on!r}")
         if self.token_aggregation not in TOKEN_AGGREGATIONS:
             raise ValueError(f"token_aggregation must be one of {TOKEN_AGGREGATIONS}, got {self.token_aggregation!r}")
+        if self.phrase_tokens not in PHRASE_TOKENS:
+            raise ValueError(f"phrase_tokens must be one of {PHRASE_TOKENS}, got {self.phrase_tokens!r}")
 
 
 @dataclass

@@ -19,6 +19,8 @@ from typing import Sequence
 import numpy as np
 import tokenizers
 
+from glipv2.phrases import head_phrase
+
 __all__ = [
     "MAX_TOKENS",
     "DEFAULT_BUCKETS",
@@ -343,9 +345,24 @@ class TokenizedPrompt:
         return int(self.positive_map.shape[0])
 
 
-def tokenize(tokenizer: Tokenizer, prompt: Prompt) -> TokenizedPrompt:
+def scored_spans(prompt: Prompt, phrase_tokens: str = "all") -> tuple[tuple[Span, ...], ...]:
+    """The spans whose tokens score each phrase (PostprocessConfig.phrase_tokens): the
+    phrase's own, or with "head" the noun phrase a one-span phrase that relates several is
+    about (glipv2.phrases.head_phrase)."""
+    if phrase_tokens == "all":
+        return prompt.phrase_spans
+    out = []
+    for spans in prompt.phrase_spans:
+        head = head_phrase(prompt.text[spans[0][0]:spans[0][1]]) if len(spans) == 1 else None
+        out.append(spans if head is None else ((spans[0][0] + head[0], spans[0][0] + head[1]),))
+    return tuple(out)
+
+
+def tokenize(tokenizer: Tokenizer, prompt: Prompt, phrase_tokens: str = "all") -> TokenizedPrompt:
+    """The prompt's ids and positive map; phrase_tokens: see scored_spans. The returned
+    prompt is the one given (its phrases and spans as the caller wrote them)."""
     enc = tokenizer.encode(prompt.text)
-    pm = positive_map(enc.offsets, prompt.phrase_spans, len(enc), phrases=prompt.phrases)
+    pm = positive_map(enc.offsets, scored_spans(prompt, phrase_tokens), len(enc), phrases=prompt.phrases)
     return TokenizedPrompt(
         prompt=prompt,
         input_ids=enc.ids,

@@ -154,6 +154,23 @@ def test_checked_rules_name_only_found_phrases_each_image_its_own(beam):
         beam_search(_engine(), images, END, beam, max_len=12, rules=rules[:2])
 
 
+def test_check_prompts_split_the_phrases_evenly_within_the_limits():
+    from glipv2.runtime.batch import check_prompts
+    from glipv2.text import Tokenizer
+
+    phrases = [f"{c} {s}" for c in ("red", "green", "blue", "yellow", "purple", "orange")
+               for s in ("circle", "square", "triangle", "star", "hexagon", "cross")]
+    prompts = check_prompts(Tokenizer(), phrases)
+    assert [idx for idx, _ in prompts] == [list(range(18)), list(range(18, 36))]
+    assert list(prompts[1][1].prompt.phrases) == phrases[18:] and prompts[1][1].num_phrases == 18
+    assert [len(idx) for idx, _ in check_prompts(Tokenizer(), phrases[:20])] == [10, 10]  # even, not 18 + 2
+    # a token limit that 18 phrases exceed: more prompts, each within it, sizes still even
+    small = check_prompts(Tokenizer(max_tokens=30), phrases)
+    assert len(small) > 2 and all(p.num_tokens <= 30 for _, p in small)
+    assert [i for idx, _ in small for i in idx] == list(range(36)) and len({len(i) for i, _ in small}) <= 2
+    assert check_prompts(Tokenizer(), []) == []
+
+
 def test_phrase_helpers():
     assert repeated_mention("a red square and a red square")
     assert repeated_mention("A red square, a Red  square")

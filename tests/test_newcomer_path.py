@@ -56,11 +56,14 @@ def test_benchmarks_write_user_results_to_an_ignored_place(tmp_path, monkeypatch
     monkeypatch.setattr(output, "USER_RESULTS", user)
     monkeypatch.setattr(output, "REFERENCE_RESULTS", reference)
     args = ["--repository", str(repo), "--images", "2", "--batch", "2", "--rounds", "1", "--threads", "1",
-            "--beam-size", "1,2"]
+            "--beam-size", "1,2", "--checked", "off,on"]
     assert caption_throughput.main(args) == 0
     rows = [json.loads(r) for r in (user / "caption_throughput.jsonl").read_text().splitlines()]
-    assert [r["beam_size"] for r in rows] == [1, 2] and not reference.exists()  # one row per beam size
-    assert rows[0]["batched_over_beam_1"] == 1.0 and rows[1]["batched_over_beam_1"] > 0
+    # one row per beam size and check
+    assert [(r["beam_size"], r["checked"]) for r in rows] == [(1, False), (1, True), (2, False), (2, True)]
+    assert not reference.exists()
+    assert rows[0]["batched_over_beam_1"] == 1.0 and rows[2]["batched_over_beam_1"] > 0
+    assert rows[0]["batched_over_unchecked"] == 1.0 and rows[1]["batched_over_unchecked"] > 0
     assert caption_throughput.main([*args, "--record"]) == 0
     assert (reference / "caption_throughput.jsonl").is_file()
 

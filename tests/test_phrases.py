@@ -122,3 +122,71 @@ def test_ground_caption_without_noun_phrase_422(client):
     r = client.post("/v1/ground", json={"images": [{"image": _b64(img), "caption": "it is on the left"}]})
     assert r.status_code == 422
     assert "no noun phrase" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("phrase, head", [
+    ("the yellow circle above the green star", "yellow circle"),
+    ("a man riding a red bike next to the old bridge", "man"),
+    ("circle left of the star", "circle"),
+    ("large red circle", None),  # one noun phrase: all of it is the object
+    ("red circle and blue star", None),  # a list of objects, not a relation
+    ("cats, dogs", None),
+    ("left of", None),
+])
+def test_head_phrase(phrase, head):
+    from glipv2.phrases import head_phrase
+
+    span = head_phrase(phrase)
+    assert (phrase[span[0]:span[1]] if span else None) == head
+
+
+def test_head_tokens_score_a_relation_phrase():
+    """phrase_tokens "head": a relation phrase's positive map covers its head noun phrase's
+    tokens only; other phrases, and phrases in several spans, keep all theirs."""
+    from glipv2.text import Tokenizer, prompt_from_spans, tokenize
+
+    text = "the yellow circle above the green star. large red circle. red circle and blue star."
+    prompt = prompt_from_spans(text, [[[0, 38]], [[40, 56]], [[58, 82]], [[4, 10], [28, 33]]])
+    every, head = (tokenize(Tokenizer(), prompt, which) for which in ("all", "head"))
+    tok = Tokenizer()
+
+    def words(pm_row, tp):
+        return tok.decode(tp.input_ids[pm_row.astype(bool)])
+
+    assert words(every.positive_map[0], every) == "the yellow circle above the green star"
+    assert words(head.positive_map[0], head) == "yellow circle"
+    assert (head.positive_map[1:] == every.positive_map[1:]).all()
+    assert head.prompt is prompt  # the caller's spans are what responses report
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="model_repository has no ONNX files: run `make export`")
+def test_relation_phrases_box_the_object_they_are_about(client):
+    """/v1/ground with a relation phrase as one span ("the yellow circle above the green
+    star", the shapes world's relation phrases on fresh scenes): the served demo model
+    scores it by its head noun phrase (phrase_tokens "head"), so its top box is the same as
+    for the head's span alone, and it is the object the phrase denotes."""
+    from glipv2.boxes import box_iou
+    from glipv2.phrases import head_phrase
+    from training.shapes_world import relation_phrases, render, sample_scene
+
+    hits = total = 0
+    for i in range(40):
+        rng = np.random.default_rng([2033, i])
+        scene = sample_scene(rng)
+        phrases = [p for p in relation_phrases(scene, rng, 2) if p.objects]
+        if not phrases:
+            continue
+        text = phrases[0].text
+        s, e = head_phrase(text)
+        img = _b64(render(scene, rng))
+        whole, head = (client.post("/v1/ground", json={"images": [{"image": img, "caption": text,
+                                                                    "phrases": [span]}]}).json()["results"][0]
+                       for span in ([0, len(text)], [s, e]))
+        assert whole["phrase_spans"] == [[[0, len(text)]]]
+        assert [d["box"] for d in whole["detections"][:1]] == [d["box"] for d in head["detections"][:1]], text
+        total += 1
+        top = whole["detections"][:1]
+        gt = np.array([scene.objects[k].box for k in phrases[0].objects], np.float32)
+        hits += bool(top) and box_iou(np.array([top[0]["box"]], np.float32), gt).max() >= 0.5
+    print(f"relation phrases: {hits} of {total} boxed on the object they denote")
+    assert total >= 20 and hits / total >= 0.85, f"{hits} of {total}"

@@ -35,9 +35,15 @@ def test_config_validation():
         ("max_detections", -3),
         ("max_detections", 2.5),
         ("token_aggregation", "max"),
+        ("phrase_tokens", "root"),
     ]:
         with pytest.raises(ValueError, match=field):
             PostprocessConfig(**{field: bad})
+    from glipv2.config import get_preset
+
+    # the settings a model was made for: the demo preset scores relation phrases by their head
+    assert PostprocessConfig.for_model(get_preset("tiny")).phrase_tokens == "head"
+    assert PostprocessConfig.for_model(get_preset("glip-t")).phrase_tokens == "all"  # official GLIP's
 
 
 def test_phrase_scores_formula():

@@ -150,16 +150,20 @@ def test_parity_path_is_the_gateway_path():
 
     backend = EmbeddedBackend(REPO, cache_size=16, threads=1)
     assert type(backend).run_batch is BatchRunner.run_batch
-    pipe = DetectionPipeline(backend.engine, backend.image_hw, backend.tokenizer)
+    # the served settings at a low threshold: relation phrases scored by their head, as served
+    pipe = DetectionPipeline(backend.engine, backend.image_hw, backend.tokenizer,
+                             backend.manifest.postprocess_with(0.05))
+    assert pipe.postprocess.phrase_tokens == "head"
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (90 + 30 * i, 120, 3), dtype=np.uint8) for i in range(3)]
-    prompts = ["circle. square.", "red star. blue hexagon. cross.", "circle. square."]
+    prompts = ["circle. square.", "the red star left of the blue hexagon. cross.", "circle. square."]
     ours = pipe.predict(images, [build_prompt(p) for p in prompts])
     items = []
     for im, p in zip(images, prompts):
         pixels, lb = letterbox(im, backend.image_hw)
         items.append(BatchItem(pixels, lb, backend.tokenize(p), pipe.postprocess))
     theirs = backend.run_batch(items)
+    assert (ours[1].phrase_ids == 0).any()  # the relation phrase has candidates to compare
     for a, b in zip(ours, theirs):
         np.testing.assert_array_equal(a.boxes, b.boxes)
         np.testing.assert_array_equal(a.scores, b.scores)

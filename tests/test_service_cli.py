@@ -173,7 +173,9 @@ def test_vqa_and_caption_commands(scene_png, capsys):
     assert main(["caption", str(path), "-r", str(REPO), "--grounded", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["phrases"] and all(out["caption"][p["span"][0]:p["span"][1]] == p["phrase"] for p in out["phrases"])
-    assert any(p["box"] is not None for p in out["phrases"])
+    assert any(p["box"] is not None for p in out["phrases"]) and out["checked"] is True
+    assert main(["caption", str(path), "-r", str(REPO), "--unchecked", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["checked"] is False
     assert "question is empty" in _error(capsys, ["vqa", str(path), "-q", " ", "-r", str(REPO)])
     assert "tokens" in _error(capsys, ["vqa", str(path), "-q", "why " * 300, "-r", str(REPO)])
     assert "--beam-size" in _error(capsys, ["caption", str(path), "--beam-size", "9", "-r", str(REPO)])

@@ -129,8 +129,8 @@ def check_prompts(tokenizer: Tokenizer, phrases: Sequence[str],
     tokenizer's token limit), split evenly and in order: (phrase indices, prompt) each."""
     n = len(phrases)
     for count in range(-(-n // most), n + 1) if n else ():
-        size = -(-n // count)
-        chunks = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        bounds = [n * k // count for k in range(count + 1)]  # sizes differ by at most one
+        chunks = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
         try:
             return [(c, tokenize(tokenizer, build_prompt([phrases[i] for i in c]))) for c in chunks]
         except PromptTooLongError:

@@ -44,7 +44,8 @@ class DetectionPipeline:
         items = []
         for image, prompt in zip(images, prompts):
             pixels, lb = letterbox(image, self.image_hw)
-            items.append(BatchItem(pixels, lb, tokenize(self.tokenizer, prompt), self.postprocess))
+            items.append(BatchItem(pixels, lb, tokenize(self.tokenizer, prompt, self.postprocess.phrase_tokens),
+                                   self.postprocess))
         return self.runner.run_batch(items)
 
 

@@ -87,7 +87,8 @@ class EngineBackend(BatchRunner):
         """A detection prompt ("red circle. star." or a list of phrases) or a built Prompt
         (a caption with phrase spans). PromptError (-> 422) for empty prompts, phrases
         without tokens, more than max_tokens tokens."""
-        return tokenize(self.tokenizer, prompt if isinstance(prompt, Prompt) else build_prompt(prompt))
+        return tokenize(self.tokenizer, prompt if isinstance(prompt, Prompt) else build_prompt(prompt),
+                        self.manifest.postprocess.phrase_tokens)
 
     def encode_question(self, question: str):
         """Question -> token ids; PromptError (-> 422) when empty or over max_tokens."""

@@ -156,7 +156,7 @@ function ask() {
 function caption() {
   return runTask($("caption-button"), $("caption"), "Captioning…", async () => {
     const grounded = $("grounded").checked;
-    const fields = { grounded: String(grounded) };
+    const fields = { grounded: String(grounded), checked: String($("checked").checked) };
     if ($("beam").value) fields.beam_size = $("beam").value;  // empty: the API's default
     const body = await upload("/v1/caption/upload", fields);
     const r = body.results[0];
