@@ -313,7 +313,7 @@ def test_manifest():
     assert m["models"]["detector"]["outputs"]["logits"] == {"dtype": "FP32", "dims": [100, -1]}
     assert m["postprocess"] == {"score_threshold": SERVING_SCORE_THRESHOLD, "pre_nms_topk": 1000, "nms_iou": 0.6,
                                 "max_detections": 100, "threshold_on": "score",
-                                "token_aggregation": cfg.token_aggregation}
+                                "token_aggregation": cfg.token_aggregation, "phrase_tokens": "head"}
     json.dumps(m)
 
 

@@ -305,7 +305,8 @@ def test_concurrent_questions_and_captions_are_batched(settings):
     for task in ("vqa", "caption"):
         b = stats["batchers"][task]
         assert b["items"] == 8 and b["max_batch_seen"] > 1, (task, b)
-    assert stats["backend"]["text_encoder_calls"] == 1  # one distinct question
+    # one distinct question, and the two prompts of the checked caption phrases (cached after)
+    assert stats["backend"]["text_encoder_calls"] == 1 + 2
 
 
 def test_a_detection_only_model_says_501(tmp_path):
