@@ -48,12 +48,16 @@ from training import shapes_world as sw
 BACKENDS = ("embedded", "triton", "triton-steps")
 
 
-def _backends(value: str) -> list[str]:
+def _distinct_choices(value: str, allowed, message: str) -> list[str]:
+    """A comma-separated list of distinct names among `allowed`; else `message` as the error."""
     names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in BACKENDS]
-    if not names or unknown or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"a comma-separated list of distinct backends among {list(BACKENDS)}")
+    if not names or not set(names) <= set(allowed) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(message)
     return names
+
+
+def _backends(value: str) -> list[str]:
+    return _distinct_choices(value, BACKENDS, f"a comma-separated list of distinct backends among {list(BACKENDS)}")
 
 
 def _beams(value: str) -> list[int]:
@@ -67,10 +71,7 @@ def _beams(value: str) -> list[int]:
 
 
 def _checked(value: str) -> list[bool]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    if not names or not set(names) <= {"off", "on"} or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError("off, on, or both side by side: off,on")
-    return [n == "on" for n in names]
+    return [n == "on" for n in _distinct_choices(value, ("off", "on"), "off, on, or both side by side: off,on")]
 
 
 def main(argv: list[str] | None = None) -> int:

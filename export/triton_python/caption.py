@@ -145,6 +145,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{self.name}: bad or missing config parameter: {exc}") from None
         # tensor names in call order, as the config lists them (rendered from glipv2.runtime.graphs)
         self.input_names = [t["name"] for t in config.get("input", [])]
+        # found, which the config marks optional: a request without it decodes unchecked
+        self.optional_inputs = {t["name"] for t in config.get("input", []) if t.get("optional")}
         self.output_names = [t["name"] for t in config.get("output", [])]
         if len(self.input_names) != 4 or len(self.output_names) != 3:
             raise pb_utils.TritonModelException(f"{self.name}: expected 4 inputs and 3 outputs in the config")
@@ -156,7 +158,7 @@ class TritonPythonModel:
         for name in self.input_names:  # images, beam_size, max_len, found (optional, last)
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
-                if name == self.input_names[-1]:
+                if name in self.optional_inputs:
                     arrays.append(None)
                     continue
                 raise RequestError(f"{self.name}: missing input {name!r}")
